@@ -1,0 +1,116 @@
+"""Startup recovery: streaming scan of unfinished messages, quarantine of damaged rows, and
+moving a database that cannot be opened out of the way."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from relay.spool.schema import MESSAGE_COLUMNS, DamagedRow, connect, decode_message
+from relay.spool.types import RcptStatus, SpoolMessage
+
+log = logging.getLogger("relay.spool")
+
+PAGE_ROWS = 1000  # rows per read transaction: bounded memory, no long-held WAL snapshot
+
+
+def scan_pending(db_path: Path) -> Iterator[SpoolMessage]:
+    """Every stored message with a PENDING recipient, oldest row first, one page at a time.
+
+    A row that does not decode is not yielded: it is moved to the `quarantine` table (with
+    its body) and reported with a warning, so one bad row never stops recovery of the rest.
+    """
+    conn = connect(db_path)
+    damaged: list[tuple[int, str]] = []
+    try:
+        last = 0
+        while True:
+            try:
+                rows = conn.execute(
+                    f"SELECT id, {MESSAGE_COLUMNS} FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                    (last, PAGE_ROWS),
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                # Page-level damage: keep what was recovered so far and let the relay start.
+                log.error(
+                    "spool recovery stopped after row %d: %s; the rest of %s needs "
+                    "`sqlite3 %s .recover`",
+                    last,
+                    exc,
+                    db_path,
+                    db_path,
+                )
+                return
+            if not rows:
+                return
+            for row in rows:
+                last = row[0]
+                try:
+                    message = decode_message(row[1:])
+                except DamagedRow as exc:
+                    damaged.append((row[0], str(exc)))
+                    continue
+                if any(r.status is RcptStatus.PENDING for r in message.recipients):
+                    yield message
+    finally:
+        if damaged:
+            quarantine(conn, damaged)
+        conn.close()
+
+
+def quarantine(conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
+    """Move damaged message rows (and their bodies) into the quarantine table, in one
+    transaction; logged one warning per row."""
+    now = time.time()
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for rowid, reason in rows:
+            conn.execute(
+                "INSERT INTO quarantine (moved_at, reason, id, queue_id, received_at, sender,"
+                " client, org, account, upstream, size, held, is_dsn, pending, recipients, body)"
+                " SELECT ?, ?, m.id, m.queue_id, m.received_at, m.sender, m.client, m.org,"
+                " m.account, m.upstream, m.size, m.held, m.is_dsn, m.pending, m.recipients,"
+                " b.data FROM messages AS m LEFT JOIN bodies AS b ON b.id = m.id WHERE m.id = ?",
+                (now, reason, rowid),
+            )
+            conn.execute("DELETE FROM messages WHERE id = ?", (rowid,))
+            conn.execute("DELETE FROM bodies WHERE id = ?", (rowid,))
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        log.error("spool: could not quarantine %d damaged row(s): %s", len(rows), exc)
+        return
+    for rowid, reason in rows:
+        log.warning("spool: damaged row %d moved to quarantine: %s", rowid, reason)
+
+
+def is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """True for 'this file is not a (healthy) database', as opposed to I/O or permissions."""
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)
+
+
+def move_aside(db_path: Path) -> Path:
+    """Rename a damaged database (and its WAL and shared-memory files) to *.damaged-<time>
+    so a fresh spool can start; the old files stay for `sqlite3 … .recover`."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = db_path.with_name(f"{db_path.name}.damaged-{stamp}-{os.getpid()}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{db_path}{suffix}")
+        if src.exists():
+            src.rename(Path(f"{target}{suffix}"))
+    fsync_dir(db_path.parent)
+    return target
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and file creations in a directory durable (POSIX: fsync the directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,178 @@
+"""The spool's SQLite schema, connection settings, and the row <-> SpoolMessage codec."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from relay.spool.types import RcptStatus, SpoolMessage, SpoolRecipient
+
+DB_NAME = "spool.db"
+SCHEMA_VERSION = 1
+
+# messages holds metadata only; `pending` (count of PENDING recipients) is kept so summaries
+# never parse recipient lists. Recipients are one JSON array per message: a message is read
+# and rewritten as a whole by every update, and recovery reads one row per message.
+# Bodies live in their own table keyed by the same rowid, so scans of `messages` (summary,
+# list, recovery) never page through message bodies.
+DDL = """
+CREATE TABLE IF NOT EXISTS messages (
+    id          INTEGER PRIMARY KEY,
+    queue_id    TEXT    NOT NULL UNIQUE,
+    received_at REAL    NOT NULL,
+    sender      TEXT    NOT NULL,
+    client      TEXT    NOT NULL,
+    org         TEXT    NOT NULL,
+    account     TEXT    NOT NULL,
+    upstream    TEXT    NOT NULL,
+    size        INTEGER NOT NULL,
+    held        INTEGER NOT NULL DEFAULT 0,
+    is_dsn      INTEGER NOT NULL DEFAULT 0,
+    pending     INTEGER NOT NULL,
+    recipients  TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS bodies (
+    id   INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
+);
+-- Covering indexes: summary() groups by upstream / org reading only the index.
+CREATE INDEX IF NOT EXISTS messages_upstream ON messages (upstream, received_at, pending, held);
+CREATE INDEX IF NOT EXISTS messages_org ON messages (org, received_at, pending, held);
+CREATE INDEX IF NOT EXISTS messages_account ON messages (account, received_at);
+CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at);
+-- Rows that failed to decode at recovery, moved aside verbatim (no types or constraints),
+-- so an operator can inspect or repair them; they are never delivered automatically.
+CREATE TABLE IF NOT EXISTS quarantine (
+    qid         INTEGER PRIMARY KEY,
+    moved_at    REAL,
+    reason      TEXT,
+    id, queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn,
+    pending, recipients, body
+);
+"""
+
+MESSAGE_COLUMNS = (
+    "queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn, recipients"
+)
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the spool's settings. Autocommit mode: transactions are explicit."""
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        check_same_thread=False,  # callers serialise use of a connection themselves
+        timeout=10.0,  # busy timeout; WAL readers never block the writer, only checkpoints
+    )
+    # synchronous=FULL in WAL mode fsyncs the WAL at every COMMIT: a returned COMMIT is on
+    # disk. NORMAL would only sync at checkpoints and could lose acknowledged mail.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    conn.execute("PRAGMA cache_size=-16384")  # 16 MiB
+    if readonly:
+        conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
+def init_schema(conn: sqlite3.Connection) -> None:
+    """Create or check the schema; raises sqlite3.DatabaseError on a file that is not a DB."""
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"cannot switch spool to WAL mode (got {mode!r})")
+    # Keep the WAL from staying huge after a burst: truncate it to 64 MiB at checkpoints.
+    conn.execute("PRAGMA journal_size_limit=67108864")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version not in (0, SCHEMA_VERSION):
+        raise sqlite3.DatabaseError(f"spool schema version {version} is not supported")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in DDL.split(";\n"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+class DamagedRow(ValueError):
+    """A stored row whose columns do not decode into a SpoolMessage."""
+
+
+def encode_recipients(recipients: Sequence[SpoolRecipient]) -> str:
+    return json.dumps(
+        [[r.rcpt, r.status.value, r.attempts, r.next_attempt, r.last_reply] for r in recipients],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise DamagedRow(f"{name} is {type(value).__name__}, not text")
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DamagedRow(f"{name} is {type(value).__name__}, not a number")
+    return float(value)
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DamagedRow(f"{name} is {type(value).__name__}, not an integer")
+    return value
+
+
+def decode_recipients(raw: Any) -> list[SpoolRecipient]:
+    text = _text(raw, "recipients")
+    try:
+        items = json.loads(text)
+    except ValueError as exc:
+        raise DamagedRow(f"recipients are not JSON: {exc}") from None
+    if not isinstance(items, list) or not items:
+        raise DamagedRow("recipients are not a non-empty list")
+    out = []
+    for item in items:
+        if not isinstance(item, list) or len(item) != 5:
+            raise DamagedRow("a recipient entry has the wrong shape")
+        rcpt, status, attempts, next_attempt, last_reply = item
+        try:
+            parsed = RcptStatus(status)
+        except ValueError:
+            raise DamagedRow(f"unknown recipient status {status!r}") from None
+        out.append(
+            SpoolRecipient(
+                rcpt=_text(rcpt, "rcpt"),
+                status=parsed,
+                attempts=_integer(attempts, "attempts"),
+                next_attempt=_number(next_attempt, "next_attempt"),
+                last_reply=_text(last_reply, "last_reply"),
+            )
+        )
+    return out
+
+
+def decode_message(row: Sequence[Any]) -> SpoolMessage:
+    """A row of MESSAGE_COLUMNS → SpoolMessage; DamagedRow when any column is not what we wrote."""
+    if len(row) != 11:
+        raise DamagedRow("row has the wrong number of columns")
+    queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn, rcpts = row
+    return SpoolMessage(
+        queue_id=_text(queue_id, "queue_id"),
+        received_at=_number(received_at, "received_at"),
+        sender=_text(sender, "sender"),
+        client=_text(client, "client"),
+        org=_text(org, "org"),
+        account=_text(account, "account"),
+        upstream=_text(upstream, "upstream"),
+        size=_integer(size, "size"),
+        held=bool(_integer(held, "held")),
+        is_dsn=bool(_integer(is_dsn, "is_dsn")),
+        recipients=decode_recipients(rcpts),
+    )

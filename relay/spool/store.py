@@ -1,0 +1,394 @@
+"""The Spool: the relay's durable store of accepted messages and their per-recipient state."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay.errors import SpoolError
+from relay.spool import recovery
+from relay.spool.queue_id import new_queue_id
+from relay.spool.schema import (
+    DB_NAME,
+    MESSAGE_COLUMNS,
+    DamagedRow,
+    connect,
+    decode_message,
+    decode_recipients,
+    encode_recipients,
+    init_schema,
+)
+from relay.spool.types import RcptStatus, RecipientUpdate, SpoolMessage, SpoolRecipient
+from relay.spool.writer import Writer, WriterStats
+
+log = logging.getLogger("relay.spool")
+
+T = TypeVar("T")
+LOCK_NAME = "spool.lock"
+
+
+def _open_database(db_path: Path, max_bytes: int | None) -> sqlite3.Connection:
+    """The write connection, schema ready. A file that is not a healthy database is moved
+    aside (and reported) so the relay starts with an empty spool rather than not at all."""
+    try:
+        conn = connect(db_path)
+        try:
+            init_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+    except sqlite3.DatabaseError as exc:
+        if not recovery.is_damage(exc):
+            raise
+        target = recovery.move_aside(db_path)
+        log.error(
+            "spool database %s cannot be opened (%s); moved aside to %s, starting empty. "
+            "Recover its messages with `sqlite3 %s .recover`",
+            db_path,
+            exc,
+            target,
+            target,
+        )
+        conn = connect(db_path)
+        init_schema(conn)
+    if max_bytes is not None:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count={max(1, max_bytes // page_size)}")
+    # The database and WAL files now exist: make their directory entries durable too.
+    recovery.fsync_dir(db_path.parent)
+    return conn
+
+
+def _lock_directory(directory: Path) -> int:
+    """One process per spool: two relays delivering from one queue would send everything
+    twice. flock is released by the kernel when the process dies, even by SIGKILL."""
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolError(reason=f"spool {directory} is in use by another process") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class Spool:
+    """Durable queue on SQLite (WAL, synchronous=FULL) with one group-committing writer.
+
+    Writes (put, update, set_held, delete) go through the writer thread and resolve after
+    COMMIT. `update` is durable once awaited too; a caller that fires it and forgets risks
+    only losing the newest recipient state on a crash, which re-delivers (a duplicate),
+    never loses mail. Reads use a separate connection off the event loop.
+    """
+
+    def __init__(
+        self, directory: Path, writer: Writer, reader: sqlite3.Connection, lock_fd: int
+    ) -> None:
+        self.directory = directory
+        self.db_path = directory / DB_NAME
+        self._writer = writer
+        self._reader = reader
+        self._reader_lock = threading.Lock()
+        self._lock_fd = lock_fd
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], *, max_bytes: int | None = None) -> Spool:
+        """Open (creating if needed) the spool in directory `path`.
+
+        max_bytes caps the database size: past it `put` fails with SpoolError (451), so a
+        full queue answers "try later" instead of filling the disk.
+        """
+        directory = Path(path)
+
+        def blocking() -> Spool:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock_fd = _lock_directory(directory)
+            try:
+                conn = _open_database(directory / DB_NAME, max_bytes)
+                reader = connect(directory / DB_NAME, readonly=True)
+            except (sqlite3.Error, OSError) as exc:
+                os.close(lock_fd)
+                raise SpoolError(reason=f"cannot open spool {directory}: {exc}") from exc
+            writer = Writer(conn)
+            writer.start()
+            return cls(directory, writer, reader, lock_fd)
+
+        return await asyncio.to_thread(blocking)
+
+    @property
+    def stats(self) -> WriterStats:
+        return self._writer.stats
+
+    # --- writes (writer thread, group commit) -----------------------------------------------
+
+    async def put(
+        self,
+        *,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        client: str,
+        org: str,
+        account: str,
+        upstream: str,
+        is_dsn: bool = False,
+        received_at: float | None = None,
+    ) -> str:
+        """Store a message; returns its new queue id once it is committed and fsynced.
+        Raises SpoolError when it could not be made durable (then nothing of it is kept).
+
+        If the caller is cancelled while waiting, the message may still be committed (the
+        client then sees no 250 and retries: a duplicate, never a loss)."""
+        if not recipients:
+            raise ValueError("a message needs at least one recipient")
+        if self._closed:
+            raise SpoolError(reason="spool is closed")
+        queue_id = new_queue_id()
+        rcpts = [SpoolRecipient(rcpt=r, status=RcptStatus.PENDING) for r in recipients]
+        row = (
+            queue_id,
+            time.time() if received_at is None else received_at,
+            sender,
+            client,
+            org,
+            account,
+            upstream,
+            len(data),
+            0,
+            int(is_dsn),
+            len(rcpts),
+            encode_recipients(rcpts),
+        )
+
+        def op(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "INSERT INTO messages (queue_id, received_at, sender, client, org, account,"
+                " upstream, size, held, is_dsn, pending, recipients)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                row,
+            )
+            conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (cur.lastrowid, data))
+
+        try:
+            await self._writer.submit(op, size=len(data))
+        except SpoolError:
+            raise
+        except Exception as exc:  # the listener must only ever see SpoolError (451)
+            raise SpoolError(reason=f"spool put failed: {exc!r}") from exc
+        return queue_id
+
+    async def update(
+        self, queue_id: str, updates: Sequence[RecipientUpdate], *, upstream: str | None = None
+    ) -> None:
+        """Record delivery outcomes (and optionally a re-routed upstream). When no recipient
+        remains PENDING the message and its body are deleted. Unknown ids are ignored (an
+        operator may have deleted the message meanwhile)."""
+        by_rcpt = {u.rcpt: u for u in updates}
+
+        def op(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT id, recipients FROM messages WHERE queue_id = ?", (queue_id,)
+            ).fetchone()
+            if row is None:
+                return
+            rowid, raw = row
+            rcpts = decode_recipients(raw)
+            for r in rcpts:
+                u = by_rcpt.get(r.rcpt)
+                if u is not None:
+                    r.status = u.status
+                    r.attempts = u.attempts
+                    r.next_attempt = u.next_attempt
+                    r.last_reply = u.last_reply
+            pending = sum(1 for r in rcpts if r.status is RcptStatus.PENDING)
+            if pending == 0:
+                conn.execute("DELETE FROM messages WHERE id = ?", (rowid,))
+                conn.execute("DELETE FROM bodies WHERE id = ?", (rowid,))
+                return
+            conn.execute(
+                "UPDATE messages SET recipients = ?, pending = ?,"
+                " upstream = coalesce(?, upstream) WHERE id = ?",
+                (encode_recipients(rcpts), pending, upstream, rowid),
+            )
+
+        await self._write(op)
+
+    async def set_held(self, queue_id: str, held: bool) -> bool:
+        """Hold (no delivery attempts) or release a message; False if the id is unknown."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE messages SET held = ? WHERE queue_id = ?", (int(held), queue_id)
+            )
+            return cur.rowcount > 0
+
+        return bool(await self._write(op))
+
+    async def delete(self, queue_id: str) -> bool:
+        """Remove a message and its body; False if the id is unknown."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT id FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+            if row is None:
+                return False
+            conn.execute("DELETE FROM messages WHERE id = ?", (row[0],))
+            conn.execute("DELETE FROM bodies WHERE id = ?", (row[0],))
+            return True
+
+        return bool(await self._write(op))
+
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise SpoolError(reason="spool is closed")
+        result: T = await self._writer.submit(op)
+        return result
+
+    # --- reads (separate WAL reader connection, off the event loop) ----------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise SpoolError(reason="spool is closed")
+
+        def blocking() -> T:
+            with self._reader_lock:
+                return fn(self._reader)
+
+        return await asyncio.to_thread(blocking)
+
+    async def read_body(self, queue_id: str) -> bytes:
+        """The message bytes as received; KeyError if the id is unknown."""
+
+        def fn(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT b.data FROM messages AS m JOIN bodies AS b ON b.id = m.id"
+                " WHERE m.queue_id = ?",
+                (queue_id,),
+            ).fetchone()
+            return None if row is None else bytes(row[0])
+
+        data = await self._read(fn)
+        if data is None:
+            raise KeyError(queue_id)
+        return data
+
+    async def get(self, queue_id: str) -> SpoolMessage | None:
+        """The message's metadata, or None if unknown. SpoolError if its row is damaged."""
+
+        def fn(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,)
+            ).fetchone()
+            return row
+
+        row = await self._read(fn)
+        if row is None:
+            return None
+        try:
+            return decode_message(row)
+        except DamagedRow as exc:
+            raise SpoolError(reason=f"spool row {queue_id} is damaged: {exc}") from exc
+
+    async def list(
+        self,
+        *,
+        org: str | None = None,
+        account: str | None = None,
+        upstream: str | None = None,
+        older_than: float | None = None,
+        limit: int = 1000,
+    ) -> list[SpoolMessage]:
+        """Queued messages matching every given filter, oldest first (at most `limit`).
+        older_than is a unix time: messages received before it."""
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("org", org), ("account", account), ("upstream", upstream)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if older_than is not None:
+            where.append("received_at < ?")
+            args.append(older_than)
+        sql = f"SELECT {MESSAGE_COLUMNS} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY received_at, id LIMIT ?"
+        args.append(max(0, limit))
+
+        def fn(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, args).fetchall()
+
+        out: list[SpoolMessage] = []
+        for row in await self._read(fn):
+            try:
+                out.append(decode_message(row))
+            except DamagedRow as exc:
+                log.warning("spool: skipping damaged row %r in list: %s", row[0], exc)
+        return out
+
+    async def summary(self) -> dict[str, Any]:
+        """Counts of queued messages, pending recipients, held messages and the oldest
+        received_at, in total and grouped by upstream and by org (read from covering
+        indexes: ~0.1 s at 200,000 messages)."""
+
+        def fn(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            groups = []
+            for column in ("upstream", "org"):
+                groups.append(
+                    conn.execute(
+                        f"SELECT {column}, count(*), total(pending), min(received_at),"
+                        f" total(held) FROM messages INDEXED BY messages_{column}"
+                        f" GROUP BY {column}"
+                    ).fetchall()
+                )
+            return groups[0], groups[1]
+
+        by_upstream_rows, by_org_rows = await self._read(fn)
+
+        def group(rows: list[Any]) -> dict[str, dict[str, Any]]:
+            return {
+                str(name): {
+                    "messages": int(count),
+                    "recipients_pending": int(pending),
+                    "held": int(held),
+                    "oldest_received_at": oldest,
+                }
+                for name, count, pending, oldest, held in rows
+            }
+
+        by_upstream = group(by_upstream_rows)
+        oldest = [g["oldest_received_at"] for g in by_upstream.values()]
+        return {
+            "messages": sum(g["messages"] for g in by_upstream.values()),
+            "recipients_pending": sum(g["recipients_pending"] for g in by_upstream.values()),
+            "held": sum(g["held"] for g in by_upstream.values()),
+            "oldest_received_at": min(oldest) if oldest else None,
+            "by_upstream": by_upstream,
+            "by_org": group(by_org_rows),
+        }
+
+    def iter_pending(self) -> Iterator[SpoolMessage]:
+        """Startup recovery: every message with a PENDING recipient, streamed page by page
+        (synchronous: it runs before the relay serves). Damaged rows are quarantined."""
+        if self._closed:
+            raise SpoolError(reason="spool is closed")
+        return recovery.scan_pending(self.db_path)
+
+    async def close(self) -> None:
+        """Commit everything already queued, stop the writer thread, release the spool."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._writer.stop()
+        with self._reader_lock:
+            self._reader.close()
+        os.close(self._lock_fd)

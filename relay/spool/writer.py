@@ -1,0 +1,224 @@
+"""The spool's single writer thread: queued write operations, group commit, future settlement.
+
+Every write to the spool database goes through one thread and one connection. The thread
+takes everything queued (up to a cap), runs it in one transaction and commits once, so N
+concurrent DATA replies share one WAL fsync (group commit). Each operation runs inside its
+own SAVEPOINT: an operation that fails on its own (e.g. the size cap is hit) is rolled back
+alone; a failure that loses the transaction (I/O error, failed COMMIT) fails every operation
+in the batch. Futures are resolved only after COMMIT has returned, with one
+`call_soon_threadsafe` per event loop per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from relay.errors import SpoolError
+
+log = logging.getLogger("relay.spool")
+
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], Any]
+
+MAX_BATCH_OPS = 512
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class WriterStats:
+    """Counters for metrics and the benchmark; written by the writer thread only."""
+
+    commits: int = 0
+    operations: int = 0
+    failed_batches: int = 0
+    largest_batch: int = 0
+
+
+@dataclass(slots=True)
+class _Job:
+    op: Operation
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    size: int
+
+
+_STOP = object()
+_Settlement = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def to_spool_error(exc: BaseException) -> SpoolError:
+    """A storage failure as the SpoolError the listener turns into 451 4.3.0 (no detail to
+    the client; the reason, which names the SQLite error, is for the log)."""
+    if isinstance(exc, SpoolError):
+        return exc
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    err = SpoolError(reason=f"spool write failed: {name}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _copy(exc: SpoolError) -> SpoolError:
+    """One exception object per waiter: raising one shared instance in many tasks would
+    chain their tracebacks together."""
+    err = SpoolError(reason=exc.reason)
+    err.__cause__ = exc.__cause__
+    return err
+
+
+def _settle(items: list[_Settlement]) -> None:
+    for future, value, exc in items:
+        if future.done():  # the caller was cancelled; the write itself stands
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+
+class Writer:
+    """Owns the write connection and the thread that batches operations onto it."""
+
+    def __init__(self, conn: sqlite3.Connection, *, name: str = "spool-writer") -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._stopping = False
+        self.stats = WriterStats()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, op: Operation, *, size: int = 0) -> asyncio.Future[Any]:
+        """Queue op (called on the writer thread with the connection, inside a transaction);
+        the returned future resolves once its transaction has committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self._stopping:
+            future.set_exception(SpoolError(reason="spool is closed"))
+            return future
+        self._queue.put(_Job(op, loop, future, size))
+        return future
+
+    async def stop(self) -> None:
+        """Run everything already queued, then stop the thread and close the connection."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._queue.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+
+    # --- writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            batch: list[_Job] = []
+            size = 0
+            item = first
+            while True:
+                if item is _STOP:
+                    stopping = True
+                    break
+                assert isinstance(item, _Job)
+                batch.append(item)
+                size += item.size
+                if len(batch) >= MAX_BATCH_OPS or size >= MAX_BATCH_BYTES:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    self._run_batch(batch)
+                except BaseException as exc:  # a bug must not kill the thread silently
+                    log.exception("spool writer: unexpected failure in a batch")
+                    self._fail(batch, to_spool_error(exc))
+        # Anything queued after the stop marker was submitted too late.
+        late: list[_Job] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Job):
+                late.append(item)
+        self._fail(late, SpoolError(reason="spool is closed"))
+        try:
+            self._conn.close()
+        except sqlite3.Error as exc:
+            log.warning("spool writer: closing the database failed: %s", exc)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._fail(batch, to_spool_error(exc))
+            return
+        settled: list[tuple[_Job, Any, BaseException | None]] = []
+        for job in batch:
+            try:
+                conn.execute("SAVEPOINT op")
+                value = job.op(conn)
+                conn.execute("RELEASE op")
+            except Exception as exc:
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back itself (SQLITE_IOERR,
+                    # SQLITE_FULL, ...): every operation in the batch is lost, fail them all.
+                    self._fail(batch, to_spool_error(exc))
+                    return
+                try:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                except sqlite3.Error as exc2:
+                    self._rollback()
+                    self._fail(batch, to_spool_error(exc2))
+                    return
+                failure = to_spool_error(exc) if isinstance(exc, sqlite3.Error | OSError) else exc
+                settled.append((job, None, failure))
+            else:
+                settled.append((job, value, None))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            self._fail(batch, to_spool_error(exc))
+            return
+        self.stats.commits += 1
+        self.stats.operations += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        self._resolve([(job.loop, (job.future, value, exc)) for job, value, exc in settled])
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("spool writer: rollback failed: %s", exc)
+
+    def _fail(self, jobs: list[_Job], exc: SpoolError) -> None:
+        if not jobs:
+            return
+        self.stats.failed_batches += 1
+        log.warning("spool writer: %d operation(s) failed: %s", len(jobs), exc.reason)
+        self._resolve([(job.loop, (job.future, None, _copy(exc))) for job in jobs])
+
+    @staticmethod
+    def _resolve(items: list[tuple[asyncio.AbstractEventLoop, _Settlement]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Settlement]] = {}
+        for loop, settlement in items:
+            by_loop.setdefault(loop, []).append(settlement)
+        for loop, settlements in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, settlements)
+            except RuntimeError:  # that loop is closed; nobody is waiting any more
+                pass
