@@ -90,7 +90,12 @@ class Upstream:
     ca_file: str | None = None
     throttle: Throttle = field(default_factory=Throttle)
     connect_timeout: float = 30.0
-    command_timeout: float = 60.0  # per SMTP command; DATA end waits up to 10 min (RFC 5321 § 4.5.3.2.6)
+    command_timeout: float = (
+        60.0  # per SMTP command; DATA end waits up to 10 min (RFC 5321 § 4.5.3.2.6)
+    )
+    # Set when the upstream cannot be used as configured (e.g. its credential is missing):
+    # mail routed to it waits in the queue, deferred with this reason, until a reload fixes it.
+    unavailable: str | None = None
 
     @property
     def pool_key(self) -> tuple[str, int, str, str]:

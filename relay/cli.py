@@ -1,0 +1,140 @@
+"""The `relay` command: serve, check, route, egress-ips, hash-password, and the operator tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from relay.config import ConfigErrors, load_config
+from relay.config.model import Config
+
+
+def _load(args: argparse.Namespace) -> Config | None:
+    try:
+        config = load_config(args.config)
+    except ConfigErrors as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return None
+    return config
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 1
+    for w in config.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if args.strict and config.warnings:
+        return 1
+    print(
+        f"{config.file}: OK ({len(config.orgs)} organisations, {len(config.upstreams)} upstreams,"
+        f" {len(config.sources)} egress sources)"
+    )
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from relay.explain import as_text, explain
+
+    config = _load(args)
+    if config is None:
+        return 1
+    if args.org and args.org not in config.orgs:
+        print(
+            f"note: organisation '{args.org}' is not defined; attribution falls through",
+            file=sys.stderr,
+        )
+    d = explain(config, args.sender, org=args.org, account=args.account, client=args.client)
+    print(json.dumps(d, indent=2) if args.json else as_text(d))
+    return 0
+
+
+def cmd_egress_ips(args: argparse.Namespace) -> int:
+    from relay.egress import render
+
+    config = _load(args)
+    if config is None:
+        return 1
+    if args.pool and args.pool not in config.pools:
+        print(f"unknown pool '{args.pool}' (pools: {', '.join(config.pools)})", file=sys.stderr)
+        return 1
+    print(render(config, args.pool, args.format))
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from relay.auth import hash_password
+
+    pw = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass()
+    if not pw:
+        print("empty password", file=sys.stderr)
+        return 1
+    print(hash_password(pw))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relay.app import serve
+
+    return serve(args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relay", description="egress-relay: policy-routed SMTP relay")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser, required: bool = True) -> None:
+        sp.add_argument(
+            "-c",
+            "--config",
+            required=required,
+            default=None,
+            help="configuration directory (holding relay.yaml) or file",
+        )
+
+    sp = sub.add_parser("serve", help="run the relay")
+    with_config(sp, required=False)
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("check", help="validate the configuration and policies; binds nothing")
+    with_config(sp)
+    sp.add_argument(
+        "--strict", action="store_true", help="warnings (e.g. missing secrets) fail too"
+    )
+    sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser(
+        "route", help="explain attribution, routing, egress and limits for a sender"
+    )
+    with_config(sp)
+    sp.add_argument("--sender", required=True, help="envelope sender address ('' for <>)")
+    sp.add_argument("--org", help="as if tagged with the organisation header")
+    sp.add_argument("--account", help="as if tagged with the account header")
+    sp.add_argument("--client", default="127.0.0.1", help="client address or user")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_route)
+
+    sp = sub.add_parser("egress-ips", help="print the egress addresses customers allowlist")
+    with_config(sp)
+    sp.add_argument("--pool")
+    sp.add_argument("--format", choices=["text", "json", "spf"], default="text")
+    sp.set_defaults(func=cmd_egress_ips)
+
+    sp = sub.add_parser("hash-password", help="read a password on stdin, print its users-file hash")
+    sp.set_defaults(func=cmd_hash_password)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

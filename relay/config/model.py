@@ -1,0 +1,64 @@
+"""The validated, cross-checked configuration that the rest of the relay reads (immutable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relay.config.schema import RateConf, RelayConf
+from relay.model import EgressPool, EgressSource, Upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    account: str
+    upstream: str | None  # resolved upstream id
+    limits: RateConf
+
+
+@dataclass(frozen=True, slots=True)
+class Org:
+    id: str
+    name: str
+    file: str
+    domains: tuple[str, ...]
+    upstream: str | None  # resolved upstream id of the organisation's choice
+    enforce: bool
+    pool: str | None
+    members: dict[str, Member]
+    limits: RateConf
+
+
+@dataclass(frozen=True)
+class Config:
+    file: str
+    base_dir: Path
+    relay: RelayConf
+    sources: dict[str, EgressSource]
+    pools: dict[str, EgressPool]
+    upstreams: dict[str, Upstream]
+    default_upstream: str
+    orgs: dict[str, Org]
+    domain_index: dict[str, str]  # sender domain -> org id
+    account_index: dict[str, str]  # account address (lower-case) -> org id
+    warnings: list[str] = field(
+        default_factory=list
+    )  # file:line: problems that do not stop serving
+
+    @property
+    def hostname(self) -> str:
+        return self.relay.hostname
+
+    @property
+    def spool_path(self) -> Path:
+        p = Path(self.relay.spool.path)
+        return p if p.is_absolute() else self.base_dir / p
+
+    def org_of_domain(self, domain: str) -> str | None:
+        """The organisation owning `domain` or its nearest parent domain."""
+        labels = domain.lower().rstrip(".").split(".")
+        for i in range(len(labels) - 1):
+            org = self.domain_index.get(".".join(labels[i:]))
+            if org:
+                return org
+        return None

@@ -1,0 +1,217 @@
+"""The strict schema of `relay.yaml` and of `policies/*.yaml` (pydantic, unknown keys forbidden).
+
+Defaults live here and only here. Cross-references (an upstream naming an undefined pool,
+two organisations claiming one domain, …) are checked in `relay.config.build`, which can see
+every file at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from relay.config.units import parse_duration, parse_size
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveInt = Annotated[int, Field(ge=1)]
+SECRET_PREFIXES = ("env:", "file:", "credential:")
+
+
+def _ip(value: str) -> str:
+    return str(ipaddress.ip_address(value))
+
+
+def _network(value: str) -> str:
+    return str(ipaddress.ip_network(value, strict=False))
+
+
+def _secret_ref(value: str) -> str:
+    if not value.startswith(SECRET_PREFIXES) or value.partition(":")[2] == "":
+        # The value itself is never echoed: it may be a pasted password.
+        raise ValueError(
+            "a password must be a reference (env:NAME, file:/path or credential:NAME);"
+            " literal secrets are not allowed in YAML"
+        )
+    return value
+
+
+def _hostname(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    label = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+    import re
+
+    if len(value) > 253 or not re.fullmatch(rf"{label}(\.{label})*\.?", value):
+        raise ValueError(f"'{value}' is not a valid host name or IP address")
+    return value.rstrip(".").lower()
+
+
+def _mailbox(value: str) -> str:
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not domain or any(c in value for c in " \r\n\t<>,;"):
+        raise ValueError(f"'{value}' is not an email address (local@domain)")
+    return f"{local}@{_hostname(domain)}"
+
+
+IPAddress = Annotated[str, AfterValidator(_ip)]
+Network = Annotated[str, AfterValidator(_network)]
+SecretRef = Annotated[str, AfterValidator(_secret_ref)]
+HostName = Annotated[str, AfterValidator(_hostname)]
+Mailbox = Annotated[str, AfterValidator(_mailbox)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerConf(Strict):
+    name: Name = "smtp"
+    address: IPAddress = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 2525
+    tls: Literal["none", "starttls", "implicit"] = "none"
+    cert_file: str | None = None
+    key_file: str | None = None
+    require_tls: bool = False
+    require_auth: bool = False
+    max_message_size: Size = 35 * 1024 * 1024
+    max_recipients: PositiveInt = 1000
+    idle_timeout: Duration = 300.0
+    session_timeout: Duration = 1800.0
+    max_errors: PositiveInt = 10
+
+
+class ClientsConf(Strict):
+    networks: list[Network] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    users_file: str | None = None
+
+
+class SourceConf(Strict):
+    address: IPAddress
+    ehlo: HostName
+
+
+class ThrottleConf(Strict):
+    max_connections: PositiveInt | None = None
+    min_interval: Duration = 0.0
+    max_messages_per_connection: PositiveInt | None = None
+    hourly: PositiveInt | None = None
+    daily: PositiveInt | None = None
+
+
+class UpstreamConf(Strict):
+    preset: Literal["sendgrid", "mailjet"] | None = None
+    host: HostName | None = None
+    port: Port | None = None
+    tls: Literal["implicit", "starttls", "none"] | None = None
+    allow_plaintext: bool = False
+    allow_tls_port_mismatch: bool = False
+    username: str | None = None
+    password: SecretRef | None = None
+    from_address: Mailbox | None = None
+    pool: Name | None = None
+    verify_tls: bool = True
+    ca_file: str | None = None
+    connect_timeout: Duration = 30.0
+    command_timeout: Duration = 60.0
+    throttle: ThrottleConf = Field(default_factory=ThrottleConf)
+
+
+class RateConf(Strict):
+    """Intake limits. Counts are messages (per_*) or recipients in one message."""
+
+    per_minute: PositiveInt | None = None
+    per_hour: PositiveInt | None = None
+    per_day: PositiveInt | None = None
+    recipients_per_message: PositiveInt | None = None
+    max_connections: PositiveInt | None = None  # clients only
+
+
+class LimitsConf(Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = None
+    on_backend_failure: Literal["local", "tempfail"] = "local"
+    client: RateConf = Field(default_factory=RateConf)
+    organisation: RateConf = Field(default_factory=RateConf)
+    account: RateConf = Field(default_factory=RateConf)
+    sender: RateConf = Field(default_factory=RateConf)
+
+
+class AttributionConf(Strict):
+    org_header: str = "X-Relay-Org"
+    account_header: str = "X-Relay-Account"
+    default_org: Name = "default"
+
+
+class SpoolConf(Strict):
+    path: str = "var/spool"
+
+
+class RetryConf(Strict):
+    schedule: list[Duration] = Field(
+        default_factory=lambda: [60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0]
+    )
+    jitter: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
+    max_age: Duration = 5 * 86400.0
+
+    @field_validator("schedule")
+    @classmethod
+    def _non_empty(cls, value: list[float]) -> list[float]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError("the retry schedule needs at least one positive delay")
+        return value
+
+
+class AdminConf(Strict):
+    enabled: bool = True
+    address: IPAddress = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8025
+    token: SecretRef | None = None
+
+
+class LogConf(Strict):
+    mail_log: str = "-"  # "-" = standard error, else a file path
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class RelayConf(Strict):
+    hostname: HostName = "localhost"
+    policies: str = "policies"  # directory of organisation files, relative to this file
+    listeners: list[ListenerConf] = Field(default_factory=lambda: [ListenerConf()])
+    clients: ClientsConf = Field(default_factory=ClientsConf)
+    egress_sources: dict[Name, SourceConf] = Field(
+        default_factory=lambda: {"local": SourceConf(address="127.0.0.1", ehlo="localhost")}
+    )
+    egress_pools: dict[Name, list[Name]] = Field(default_factory=lambda: {"default": ["local"]})
+    default_pool: Name = "default"
+    upstreams: dict[Name, UpstreamConf] = Field(default_factory=dict)
+    default_upstream: Name | None = None
+    attribution: AttributionConf = Field(default_factory=AttributionConf)
+    spool: SpoolConf = Field(default_factory=SpoolConf)
+    retry: RetryConf = Field(default_factory=RetryConf)
+    limits: LimitsConf = Field(default_factory=LimitsConf)
+    admin: AdminConf = Field(default_factory=AdminConf)
+    log: LogConf = Field(default_factory=LogConf)
+
+
+class MemberConf(Strict):
+    upstream: Name | None = None
+    limits: RateConf = Field(default_factory=RateConf)
+
+
+class OrgConf(Strict):
+    org: Name
+    name: str | None = None
+    domains: list[HostName] = Field(default_factory=list)
+    upstream: Name | None = None
+    enforce: bool = False
+    pool: Name | None = None
+    upstreams: dict[Name, UpstreamConf] = Field(default_factory=dict)
+    members: dict[Mailbox, MemberConf] = Field(default_factory=dict)
+    limits: RateConf = Field(default_factory=RateConf)

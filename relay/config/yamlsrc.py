@@ -1,0 +1,102 @@
+"""Load YAML into plain Python values while remembering the line of every key and item.
+
+PyYAML's safe loader silently keeps the last of two duplicate keys and forgets positions;
+admins need `file:line` for every mistake, so we walk the composed node tree ourselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from relay.config.errors import ConfigError
+
+Path = tuple[str | int, ...]
+
+
+@dataclass
+class Located:
+    """A parsed document plus the 1-based line of every path inside it."""
+
+    file: str
+    value: Any
+    lines: dict[Path, int] = field(default_factory=dict)
+
+    def line_of(self, path: Path) -> int:
+        """The line of the deepest known prefix of `path` (a missing key reports its parent)."""
+        for end in range(len(path), -1, -1):
+            line = self.lines.get(tuple(path[:end]))
+            if line is not None:
+                return line
+        return 1
+
+
+class _Walker:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.lines: dict[Path, int] = {}
+        self.errors: list[ConfigError] = []
+        self._constructor = yaml.SafeLoader(stream="")
+
+    def walk(self, node: yaml.Node, path: Path) -> Any:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    self.errors.append(
+                        ConfigError(
+                            self.file,
+                            key_node.start_mark.line + 1,
+                            "merge keys (<<) are not supported",
+                        )
+                    )
+                    continue
+                key = self._scalar(key_node)
+                if not isinstance(key, str | int):
+                    self.errors.append(
+                        ConfigError(
+                            self.file, key_node.start_mark.line + 1, "a key must be a string"
+                        )
+                    )
+                    continue
+                key = str(key)
+                if key in out:
+                    self.errors.append(
+                        ConfigError(
+                            self.file,
+                            key_node.start_mark.line + 1,
+                            f"duplicate key '{key}' (first at line {self.lines[(*path, key)]})",
+                        )
+                    )
+                    continue
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+                out[key] = self.walk(value_node, (*path, key))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.walk(item, (*path, i)) for i, item in enumerate(node.value)]
+        return self._scalar(node)
+
+    def _scalar(self, node: yaml.Node) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            return None
+        return self._constructor.construct_object(node, deep=True)
+
+
+def load_yaml(text: str, file: str) -> tuple[Located, list[ConfigError]]:
+    """Parse one YAML document; syntax errors come back as ConfigErrors, not exceptions."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        return Located(file, None), [ConfigError(file, line, f"YAML syntax: {exc.problem or exc}")]
+    except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML error we know is marked
+        return Located(file, None), [ConfigError(file, 1, f"YAML: {exc}")]
+    if node is None:
+        return Located(file, {}, {(): 1}), []
+    walker = _Walker(file)
+    value = walker.walk(node, ())
+    return Located(file, value, walker.lines), walker.errors

@@ -1,0 +1,82 @@
+"""`relay route`: explain, for a sender, every decision the policy makes (pure formatting)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay.config.model import Config
+from relay.policy import applicable_limits, attribute, route
+
+
+def explain(
+    config: Config, sender: str, *, org: str | None, account: str | None, client: str
+) -> dict[str, Any]:
+    att = attribute(config, sender, tag_org=org, tag_account=account)
+    r = route(config, att)
+    up = r.upstream
+    o = config.orgs.get(att.org)
+    return {
+        "sender": sender,
+        "organisation": {
+            "id": att.org,
+            "name": o.name if o else att.org,
+            "file": o.file if o else None,
+        },
+        "account": att.account,
+        "attributed_by": att.rule,
+        "upstream": {
+            "id": up.id,
+            "host": up.host,
+            "port": up.port,
+            "tls": up.tls.value,
+            "username": up.username,
+            "password": up.password.source if up.password else None,
+            "from_address": up.from_address,
+            "verify_tls": up.verify_tls,
+            "unavailable": up.unavailable,
+            "throttle": {
+                k: getattr(up.throttle, k)
+                for k in (
+                    "max_connections",
+                    "min_interval",
+                    "max_messages_per_connection",
+                    "hourly",
+                    "daily",
+                )
+            },
+        },
+        "routed_by": r.rule,
+        "egress_pool": {
+            "name": r.pool.name,
+            "sources": [{"address": s.address, "ehlo": s.ehlo} for s in r.pool.sources],
+        },
+        "limits": [
+            {"scope": lim.scope, "key": lim.key, "limit": lim.describe()}
+            for lim in applicable_limits(config, att, sender, client)
+        ],
+    }
+
+
+def as_text(d: dict[str, Any]) -> str:
+    up = d["upstream"]
+    lines = [
+        f"sender:        {d['sender'] or '<>'}",
+        f"organisation:  {d['organisation']['id']} ({d['organisation']['name']})",
+        f"account:       {d['account']}",
+        f"attributed by: {d['attributed_by']}",
+        f"upstream:      {up['id']}  {up['host']}:{up['port']} tls={up['tls']}"
+        + (f" user={up['username']}" if up["username"] else "")
+        + (f" password={up['password']}" if up["password"] else "")
+        + (f" from={up['from_address']}" if up["from_address"] else ""),
+        f"routed by:     {d['routed_by']}",
+        f"egress pool:   {d['egress_pool']['name']}  "
+        + ", ".join(f"{s['address']} ({s['ehlo']})" for s in d["egress_pool"]["sources"]),
+    ]
+    t = {k: v for k, v in up["throttle"].items() if v}
+    if t:
+        lines.append("throttle:      " + ", ".join(f"{k}={v}" for k, v in t.items()))
+    if up["unavailable"]:
+        lines.append(f"WARNING:       upstream unavailable: {up['unavailable']}")
+    for lim in d["limits"]:
+        lines.append(f"limit:         {lim['scope']} {lim['key']}: {lim['limit']}")
+    return "\n".join(lines)
