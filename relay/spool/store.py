@@ -111,8 +111,11 @@ class Spool:
         directory = Path(path)
 
         def blocking() -> Spool:
-            directory.mkdir(parents=True, exist_ok=True)
-            lock_fd = _lock_directory(directory)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                lock_fd = _lock_directory(directory)
+            except OSError as exc:
+                raise SpoolError(reason=f"cannot open spool {directory}: {exc}") from exc
             try:
                 conn = _open_database(directory / DB_NAME, max_bytes)
                 reader = connect(directory / DB_NAME, readonly=True)

@@ -1,0 +1,329 @@
+"""Spool API behaviour: put/get/update/hold/delete/list/summary, group commit, close, lock."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import string
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.errors import SpoolError, to_reply
+from relay.spool import (
+    RcptStatus,
+    RecipientUpdate,
+    Spool,
+    SpoolMessage,
+    is_queue_id,
+    new_queue_id,
+)
+from relay.spool.queue_id import decode, encode
+from relay.spool.schema import connect
+
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    s = await Spool.open(tmp_path / "spool")
+    yield s
+    await s.close()
+
+
+async def put(spool: Spool, *, rcpts: tuple[str, ...] = ("b@example.org",), **kw: object) -> str:
+    args: dict[str, object] = {
+        "sender": "a@example.com",
+        "recipients": list(rcpts),
+        "data": BODY,
+        "client": "127.0.0.1",
+        "org": "acme",
+        "account": "a@example.com",
+        "upstream": "sendgrid",
+    }
+    args.update(kw)
+    return await spool.put(**args)  # type: ignore[arg-type]
+
+
+def done(rcpt: str, status: RcptStatus = RcptStatus.DELIVERED) -> RecipientUpdate:
+    return RecipientUpdate(rcpt, status, attempts=1, next_attempt=0.0, last_reply="250 2.0.0 ok")
+
+
+# --- queue ids -------------------------------------------------------------------------------
+
+
+def test_queue_ids_are_short_unique_sortable_and_reply_safe() -> None:
+    ids = [new_queue_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)  # time-sortable, strictly increasing within a process
+    allowed = set(string.digits + string.ascii_uppercase)
+    assert all(len(i) == 16 and set(i) <= allowed and is_queue_id(i) for i in ids)
+    assert not is_queue_id("../etc/passwd!!!")
+    assert not is_queue_id("0123")
+
+
+@given(st.integers(min_value=0, max_value=(1 << 80) - 1))
+def test_queue_id_encoding_round_trips_and_keeps_order(value: int) -> None:
+    assert decode(encode(value)) == value
+    if value > 0:
+        assert encode(value - 1) < encode(value)
+
+
+# --- put / get / read_body -----------------------------------------------------------------
+
+
+async def test_put_is_committed_when_it_returns(spool: Spool) -> None:
+    qid = await put(spool, rcpts=("b@example.org", "c@example.org"), received_at=1000.0)
+    # An independent connection sees the row: put returned only after COMMIT.
+    other = sqlite3.connect(spool.db_path)
+    try:
+        row = other.execute(
+            "SELECT m.sender, m.pending, length(b.data) FROM messages m JOIN bodies b"
+            " ON b.id = m.id WHERE m.queue_id = ?",
+            (qid,),
+        ).fetchone()
+    finally:
+        other.close()
+    assert row == ("a@example.com", 2, len(BODY))
+    msg = await spool.get(qid)
+    assert msg is not None
+    assert (msg.queue_id, msg.received_at, msg.size, msg.held, msg.is_dsn) == (
+        qid,
+        1000.0,
+        len(BODY),
+        False,
+        False,
+    )
+    assert (msg.sender, msg.client, msg.org, msg.account, msg.upstream) == (
+        "a@example.com",
+        "127.0.0.1",
+        "acme",
+        "a@example.com",
+        "sendgrid",
+    )
+    assert [(r.rcpt, r.status, r.attempts) for r in msg.recipients] == [
+        ("b@example.org", RcptStatus.PENDING, 0),
+        ("c@example.org", RcptStatus.PENDING, 0),
+    ]
+    assert await spool.read_body(qid) == BODY
+
+
+def test_write_connections_fsync_every_commit(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "x.db")
+    try:
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        conn.close()
+
+
+async def test_null_sender_dsn_and_binary_body_round_trip(spool: Spool) -> None:
+    data = bytes(range(256)) * 40
+    qid = await put(spool, sender="", is_dsn=True, data=data)
+    msg = await spool.get(qid)
+    assert msg is not None and msg.sender == "" and msg.is_dsn
+    assert await spool.read_body(qid) == data
+
+
+async def test_unknown_ids(spool: Spool) -> None:
+    assert await spool.get("0000000000000000") is None
+    with pytest.raises(KeyError):
+        await spool.read_body("0000000000000000")
+    assert await spool.set_held("0000000000000000", True) is False
+    assert await spool.delete("0000000000000000") is False
+    await spool.update("0000000000000000", [done("x@example.org")])  # ignored
+
+
+async def test_put_needs_a_recipient(spool: Spool) -> None:
+    with pytest.raises(ValueError):
+        await put(spool, rcpts=())
+
+
+async def test_concurrent_puts_share_commits(spool: Spool) -> None:
+    before = spool.stats.commits
+    ids = await asyncio.gather(*(put(spool, rcpts=(f"r{i}@example.org",)) for i in range(60)))
+    assert len(set(ids)) == 60
+    commits = spool.stats.commits - before
+    assert 1 <= commits <= 5, commits  # group commit: not one fsync per message
+    assert spool.stats.largest_batch >= 12
+    for i, qid in enumerate(ids):
+        msg = await spool.get(qid)
+        assert msg is not None and msg.recipients[0].rcpt == f"r{i}@example.org"
+
+
+# --- update / hold / delete ----------------------------------------------------------------
+
+
+async def test_update_records_outcomes_and_deletes_when_nothing_pending(spool: Spool) -> None:
+    qid = await put(spool, rcpts=("b@example.org", "c@example.org", "d@example.org"))
+    retry = RecipientUpdate("c@example.org", RcptStatus.PENDING, 1, 5000.0, "451 4.7.1 later")
+    await spool.update(qid, [done("b@example.org"), retry], upstream="mailjet")
+    msg = await spool.get(qid)
+    assert msg is not None and msg.upstream == "mailjet"
+    assert [(r.status, r.attempts, r.next_attempt, r.last_reply) for r in msg.recipients] == [
+        (RcptStatus.DELIVERED, 1, 0.0, "250 2.0.0 ok"),
+        (RcptStatus.PENDING, 1, 5000.0, "451 4.7.1 later"),
+        (RcptStatus.PENDING, 0, 0.0, ""),
+    ]
+    assert [r.rcpt for r in msg.pending] == ["c@example.org", "d@example.org"]
+    assert (await spool.summary())["recipients_pending"] == 2
+
+    await spool.update(
+        qid, [done("c@example.org", RcptStatus.BOUNCED), done("d@example.org", RcptStatus.EXPIRED)]
+    )
+    assert await spool.get(qid) is None
+    with pytest.raises(KeyError):
+        await spool.read_body(qid)
+    assert (await spool.summary())["messages"] == 0
+    assert [m.queue_id for m in spool.iter_pending()] == []
+    # The body went with the message: nothing orphaned.
+    other = sqlite3.connect(spool.db_path)
+    try:
+        assert other.execute("SELECT count(*) FROM bodies").fetchone()[0] == 0
+    finally:
+        other.close()
+
+
+async def test_hold_release_and_delete(spool: Spool) -> None:
+    qid = await put(spool)
+    assert await spool.set_held(qid, True) is True
+    msg = await spool.get(qid)
+    assert msg is not None and msg.held
+    assert (await spool.summary())["held"] == 1
+    assert await spool.set_held(qid, False) is True
+    msg = await spool.get(qid)
+    assert msg is not None and not msg.held
+    assert await spool.delete(qid) is True
+    assert await spool.get(qid) is None
+    assert await spool.delete(qid) is False
+
+
+async def test_fire_and_forget_updates_are_flushed_by_close(tmp_path: Path) -> None:
+    s = await Spool.open(tmp_path)
+    qid = await put(s, rcpts=("b@example.org", "c@example.org"))
+    task = asyncio.create_task(s.update(qid, [done("b@example.org")]))
+    await asyncio.sleep(0)  # the task submits its write; close must then commit it
+    await s.close()
+    assert task.done() and task.exception() is None
+    s = await Spool.open(tmp_path)
+    try:
+        [msg] = list(s.iter_pending())
+        assert [r.status for r in msg.recipients] == [RcptStatus.DELIVERED, RcptStatus.PENDING]
+    finally:
+        await s.close()
+
+
+# --- list / summary / iter_pending -----------------------------------------------------------
+
+
+async def test_list_filters_and_orders_oldest_first(spool: Spool) -> None:
+    a = await put(spool, org="acme", account="x@acme.test", upstream="sendgrid", received_at=30.0)
+    b = await put(spool, org="acme", account="y@acme.test", upstream="mailjet", received_at=10.0)
+    c = await put(spool, org="beta", account="z@beta.test", upstream="sendgrid", received_at=20.0)
+
+    def ids(messages: list[SpoolMessage]) -> list[str]:
+        return [m.queue_id for m in messages]
+
+    assert ids(await spool.list()) == [b, c, a]
+    assert ids(await spool.list(org="acme")) == [b, a]
+    assert ids(await spool.list(account="z@beta.test")) == [c]
+    assert ids(await spool.list(upstream="sendgrid")) == [c, a]
+    assert ids(await spool.list(older_than=25.0)) == [b, c]
+    assert ids(await spool.list(org="acme", upstream="sendgrid")) == [a]
+    assert ids(await spool.list(limit=2)) == [b, c]
+    assert ids(await spool.list(org="nobody")) == []
+
+
+async def test_summary_groups_by_upstream_and_org(spool: Spool) -> None:
+    await put(
+        spool, org="acme", upstream="sendgrid", rcpts=("1@x.test", "2@x.test"), received_at=5.0
+    )
+    held = await put(spool, org="acme", upstream="mailjet", received_at=7.0)
+    await put(spool, org="beta", upstream="sendgrid", received_at=3.0)
+    await spool.set_held(held, True)
+    s = await spool.summary()
+    assert (s["messages"], s["recipients_pending"], s["held"], s["oldest_received_at"]) == (
+        3,
+        4,
+        1,
+        3.0,
+    )
+    assert s["by_upstream"] == {
+        "sendgrid": {"messages": 2, "recipients_pending": 3, "held": 0, "oldest_received_at": 3.0},
+        "mailjet": {"messages": 1, "recipients_pending": 1, "held": 1, "oldest_received_at": 7.0},
+    }
+    assert s["by_org"] == {
+        "acme": {"messages": 2, "recipients_pending": 3, "held": 1, "oldest_received_at": 5.0},
+        "beta": {"messages": 1, "recipients_pending": 1, "held": 0, "oldest_received_at": 3.0},
+    }
+
+
+async def test_summary_of_empty_spool(spool: Spool) -> None:
+    assert await spool.summary() == {
+        "messages": 0,
+        "recipients_pending": 0,
+        "held": 0,
+        "oldest_received_at": None,
+        "by_upstream": {},
+        "by_org": {},
+    }
+
+
+async def test_iter_pending_streams_every_unfinished_message(spool: Spool) -> None:
+    ids = [await put(spool, rcpts=(f"{i}@x.test", "z@x.test")) for i in range(3)]
+    # Enough rows to cross the recovery page size (1000) without slow puts.
+    conn = sqlite3.connect(spool.db_path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO messages (queue_id, received_at, sender, client, org, account,"
+            " upstream, size, held, is_dsn, pending, recipients)"
+            " VALUES (?, 1.0, '', 'c', 'o', 'a', 'u', 0, 0, 0, 1, ?)",
+            [(f"BULK{i:012d}", '[["r@x.test","pending",0,0.0,""]]') for i in range(2500)],
+        )
+    conn.close()
+    await spool.update(ids[1], [done("1@x.test"), done("z@x.test")])
+    seen = [m.queue_id for m in spool.iter_pending()]
+    assert len(seen) == len(set(seen)) == 2502
+    assert ids[0] in seen and ids[2] in seen and ids[1] not in seen
+
+
+# --- close / lock / cancellation --------------------------------------------------------------
+
+
+async def test_close_commits_what_was_queued_and_refuses_more(tmp_path: Path) -> None:
+    s = await Spool.open(tmp_path)
+    tasks = [asyncio.create_task(put(s, rcpts=(f"{i}@x.test",))) for i in range(20)]
+    await asyncio.sleep(0)  # let every task submit its put (a scheduling step, not a wait)
+    await s.close()
+    ids = [t.result() for t in tasks]
+    with pytest.raises(SpoolError) as err:
+        await put(s)
+    assert to_reply(err.value).startswith("451 4.3.0")
+    s = await Spool.open(tmp_path)
+    try:
+        assert {m.queue_id for m in s.iter_pending()} == set(ids)
+    finally:
+        await s.close()
+
+
+async def test_one_process_per_spool_directory(tmp_path: Path) -> None:
+    s = await Spool.open(tmp_path)
+    try:
+        with pytest.raises(SpoolError, match="in use"):
+            await Spool.open(tmp_path)
+    finally:
+        await s.close()
+    again = await Spool.open(tmp_path)  # released by close
+    await again.close()
+
+
+async def test_cancelled_put_does_not_break_the_writer(spool: Spool) -> None:
+    task = asyncio.create_task(put(spool))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    qid = await put(spool)
+    assert await spool.get(qid) is not None
