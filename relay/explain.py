@@ -29,7 +29,7 @@ def explain(
             "host": up.host,
             "port": up.port,
             "tls": up.tls.value,
-            "username": up.username,
+            "username": config.username_refs.get(up.id, up.username),
             "password": up.password.source if up.password else None,
             "from_address": up.from_address,
             "verify_tls": up.verify_tls,

@@ -44,6 +44,9 @@ class Builder:
         self.errors: list[ConfigError] = []
         self.warnings: list[ConfigError] = []
         self.environ = os.environ if environ is None else environ
+        # Upstream id -> the reference its username came from (a Mailjet API key is half a
+        # credential): `relay route` shows the reference, never the resolved value.
+        self.username_refs: dict[str, str] = {}
 
     def err(self, src: Located, path: YPath, message: str) -> None:
         self.errors.append(ConfigError(src.file, src.line_of(path), message))
@@ -99,7 +102,8 @@ class Builder:
                     " allow_tls_port_mismatch: true)",
                 )
         pool = conf.pool or default_pool
-        if pool not in pools:
+        # An undefined default_pool is reported once, on its own line, not per upstream.
+        if pool not in pools and (conf.pool or default_pool in pools):
             self.err(
                 src,
                 (*path, "pool") if conf.pool else path,
@@ -110,6 +114,7 @@ class Builder:
         password: Secret | None = None
         try:
             if isinstance(username, str) and is_reference(username):
+                self.username_refs[uid] = username
                 username = resolve_secret(
                     username, base_dir=base_dir, environ=self.environ
                 ).reveal()
@@ -196,6 +201,11 @@ class Builder:
                 ("admin",),
                 "admin API has no token: only /healthz, /readyz and /metrics are served",
             )
+        elif relay.admin.enabled and relay.admin.token is not None:
+            try:
+                resolve_secret(relay.admin.token, base_dir=base_dir, environ=self.environ)
+            except SecretUnavailable as exc:
+                self.warn(rsrc, ("admin", "token"), f"admin token: {exc}")
 
         upstreams: dict[str, Upstream] = {}
         global_confs = {name: UpstreamConf(preset=name) for name in PRESETS}  # type: ignore[arg-type]
@@ -276,6 +286,8 @@ class Builder:
                         f"account '{addr}' is already a member of organisation '{owner}'",
                     )
                 account_index.setdefault(key, oc.org)
+                if key in members:  # the same address twice, differing only in case
+                    self.err(src, ("members", addr), f"account '{addr}' is listed twice")
                 up = scoped(mc.upstream, ("members", addr, "upstream")) if mc.upstream else None
                 members[key] = Member(key, up, mc.limits)
             built_orgs[oc.org] = Org(
@@ -302,5 +314,6 @@ class Builder:
             orgs=built_orgs,
             domain_index=domain_index,
             account_index=account_index,
+            username_refs=self.username_refs,
             warnings=[str(w) for w in sorted(set(self.warnings), key=lambda e: (e.file, e.line))],
         )

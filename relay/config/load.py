@@ -72,30 +72,17 @@ def load_config(location: str | Path | None, *, environ: Mapping[str, str] | Non
         base_dir = file.parent
         rsrc, errs = _read(file)
         errors += errs
+        if errs and rsrc.value is None:
+            # Unreadable or not YAML at all: validating defaults in its place would only add
+            # errors that are not the admin's (e.g. policies naming pools the file defines).
+            raise ConfigErrors(errors)
     relay, errs = _validate(RelayConf, rsrc)
     errors += errs
     orgs: list[tuple[OrgConf, Located]] = []
-    if relay is not None and location is not None:
-        pdir = Path(relay.policies)
-        pdir = pdir if pdir.is_absolute() else Path(os.path.normpath(base_dir / pdir))
-        if pdir.is_dir():
-            for pfile in sorted([*pdir.glob("*.yaml"), *pdir.glob("*.yml")]):
-                psrc, errs = _read(pfile)
-                errors += errs
-                if errs:
-                    continue
-                org, errs = _validate(OrgConf, psrc)
-                errors += errs
-                if org is not None:
-                    orgs.append((org, psrc))
-        elif "policies" in (rsrc.value or {}):
-            errors.append(
-                ConfigError(
-                    rsrc.file,
-                    rsrc.line_of(("policies",)),
-                    f"policies directory {pdir} does not exist",
-                )
-            )
+    if location is not None:
+        # Policy files are checked even when relay.yaml is invalid: every error at once.
+        orgs, errs = _load_policies(rsrc, relay, base_dir)
+        errors += errs
     if relay is None:
         raise ConfigErrors(errors)
     builder = Builder(environ)
@@ -104,6 +91,41 @@ def load_config(location: str | Path | None, *, environ: Mapping[str, str] | Non
     if errors or config is None:
         raise ConfigErrors(errors)
     return config
+
+
+def _load_policies(
+    rsrc: Located, relay: RelayConf | None, base_dir: Path
+) -> tuple[list[tuple[OrgConf, Located]], list[ConfigError]]:
+    errors: list[ConfigError] = []
+    orgs: list[tuple[OrgConf, Located]] = []
+    raw = rsrc.value if isinstance(rsrc.value, dict) else {}
+    if relay is not None:
+        where = relay.policies
+    elif isinstance(raw.get("policies", "policies"), str):
+        where = raw.get("policies", "policies")
+    else:
+        return orgs, errors  # the schema error on `policies:` is already reported
+    pdir = Path(where)
+    pdir = pdir if pdir.is_absolute() else Path(os.path.normpath(base_dir / pdir))
+    if pdir.is_dir():
+        for pfile in sorted([*pdir.glob("*.yaml"), *pdir.glob("*.yml")]):
+            psrc, errs = _read(pfile)
+            errors += errs
+            if psrc.value is None:
+                continue
+            org, errs = _validate(OrgConf, psrc)
+            errors += errs
+            if org is not None:
+                orgs.append((org, psrc))
+    elif "policies" in raw:
+        errors.append(
+            ConfigError(
+                rsrc.file,
+                rsrc.line_of(("policies",)),
+                f"policies directory {pdir} does not exist",
+            )
+        )
+    return orgs, errors
 
 
 def effective(config: Config) -> dict[str, Any]:

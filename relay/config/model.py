@@ -44,6 +44,8 @@ class Config:
     warnings: list[str] = field(
         default_factory=list
     )  # file:line: problems that do not stop serving
+    # upstream id -> reference its username was resolved from; shown instead of the value
+    username_refs: dict[str, str] = field(default_factory=dict)
 
     @property
     def hostname(self) -> str:
@@ -57,7 +59,9 @@ class Config:
     def org_of_domain(self, domain: str) -> str | None:
         """The organisation owning `domain` or its nearest parent domain."""
         labels = domain.lower().rstrip(".").split(".")
-        for i in range(len(labels) - 1):
+        # Every suffix, the whole domain included: an organisation may own a one-label
+        # domain ("corp") too; a claim on a parent covers its subdomains.
+        for i in range(len(labels)):
             org = self.domain_index.get(".".join(labels[i:]))
             if org:
                 return org

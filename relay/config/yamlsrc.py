@@ -14,6 +14,9 @@ import yaml
 from relay.config.errors import ConfigError
 
 Path = tuple[str | int, ...]
+# A value that could not be read (already reported): its key is left out so that the schema
+# does not report the same line again as a wrong type.
+_INVALID: Any = object()
 
 
 @dataclass
@@ -39,9 +42,24 @@ class _Walker:
         self.lines: dict[Path, int] = {}
         self.errors: list[ConfigError] = []
         self._constructor = yaml.SafeLoader(stream="")
+        self._open: set[int] = set()  # collections being walked: a recursive alias loops
 
     def walk(self, node: yaml.Node, path: Path) -> Any:
         self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            if id(node) in self._open:
+                self.errors.append(
+                    ConfigError(self.file, node.start_mark.line + 1, "recursive alias")
+                )
+                return _INVALID
+            self._open.add(id(node))
+            try:
+                return self._collection(node, path)
+            finally:
+                self._open.discard(id(node))
+        return self._scalar(node)
+
+    def _collection(self, node: yaml.Node, path: Path) -> Any:
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
@@ -55,6 +73,8 @@ class _Walker:
                     )
                     continue
                 key = self._scalar(key_node)
+                if key is _INVALID:
+                    continue
                 if not isinstance(key, str | int):
                     self.errors.append(
                         ConfigError(
@@ -73,16 +93,26 @@ class _Walker:
                     )
                     continue
                 self.lines[(*path, key)] = key_node.start_mark.line + 1
-                out[key] = self.walk(value_node, (*path, key))
+                value = self.walk(value_node, (*path, key))
+                if value is not _INVALID:
+                    out[key] = value
             return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self.walk(item, (*path, i)) for i, item in enumerate(node.value)]
-        return self._scalar(node)
+        items = [self.walk(item, (*path, i)) for i, item in enumerate(node.value)]
+        return [None if item is _INVALID else item for item in items]
 
     def _scalar(self, node: yaml.Node) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             return None
-        return self._constructor.construct_object(node, deep=True)
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:  # e.g. an unknown tag such as !foo
+            problem = getattr(exc, "problem", None) or "cannot read this value"
+        except (ValueError, TypeError, AttributeError):
+            # PyYAML's constructors fail this way on a malformed tagged scalar ("!!int x").
+            # The value itself is never echoed: it may be a pasted password.
+            problem = f"the value is not a valid {node.tag.rpartition(':')[2]}"
+        self.errors.append(ConfigError(self.file, node.start_mark.line + 1, problem))
+        return _INVALID
 
 
 def load_yaml(text: str, file: str) -> tuple[Located, list[ConfigError]]:
@@ -99,4 +129,6 @@ def load_yaml(text: str, file: str) -> tuple[Located, list[ConfigError]]:
         return Located(file, {}, {(): 1}), []
     walker = _Walker(file)
     value = walker.walk(node, ())
+    if value is _INVALID:
+        value = None
     return Located(file, value, walker.lines), walker.errors
