@@ -81,7 +81,7 @@ async def test_every_acknowledged_put_survives_sigkill(tmp_path: Path) -> None:
     assert proc.stdout is not None
     acked: dict[str, str] = {}
     try:
-        while len(acked) < 150:
+        while len(acked) < 400:
             line = await asyncio.wait_for(proc.stdout.readline(), timeout=5)
             assert line, "writer exited early"
             qid, rcpt = line.decode().split()

@@ -205,7 +205,10 @@ class Spool:
             if row is None:
                 return
             rowid, raw = row
-            rcpts = decode_recipients(raw)
+            try:
+                rcpts = decode_recipients(raw)
+            except DamagedRow as exc:
+                raise SpoolError(reason=f"spool row {queue_id} is damaged: {exc}") from exc
             for r in rcpts:
                 u = by_rcpt.get(r.rcpt)
                 if u is not None:
