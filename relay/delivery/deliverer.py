@@ -1,0 +1,272 @@
+"""One message to one upstream from one egress source, with a result for every recipient.
+
+`Deliverer.deliver` takes a pooled session (or opens one), runs one SMTP mail transaction
+(MAIL, RCPT per recipient, DATA) and turns every reply, timeout or broken connection into
+a `RecipientResult`. It never raises for network or SMTP trouble: the scheduler decides
+what to do with deferred recipients, and concurrency limits are the scheduler's too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import aiosmtplib
+
+from relay.delivery import outcome
+from relay.delivery.connection import (
+    Session,
+    SessionError,
+    TlsContexts,
+    error_reply,
+    open_session,
+)
+from relay.delivery.pool import Pool
+from relay.delivery.resolver import Resolver
+from relay.model import EgressSource, Outcome, RecipientResult, Reply, Upstream
+
+# RFC 5321 § 4.5.3.2.6: wait at least 10 minutes for the reply to the final "." of DATA
+# (the server may be scanning or relaying the message before it answers).
+DATA_TIMEOUT = 600.0
+
+_SUCCESS = (250, 251)  # RCPT: 251 "user not local; will forward" is an acceptance too
+
+
+class _StaleConnection(Exception):
+    """A pooled connection turned out dead before the transaction began: nothing was sent."""
+
+
+def _has_control(address: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in address)
+
+
+def _path(address: str, encoding: str) -> bytes:
+    # The listener validated the syntax; we only add the angle brackets (RFC 5321 § 4.1.2).
+    return b"<" + address.encode(encoding) + b">"
+
+
+class Deliverer:
+    """The outbound SMTP client with its connection pool.
+
+    Choices (documented because they are policy):
+    - The null reverse-path `<>` (a DSN) stays null even when the upstream has a
+      `from_address`: rewriting it would make bounces of bounces possible (RFC 5321
+      § 4.5.5 says a DSN must be sent with the null sender). Every other sender is
+      rewritten to `from_address` when set.
+    - Session-level failures (no connection, TLS, AUTH — including 535 bad credentials,
+      and an upstream host name that does not resolve) defer every recipient: they are
+      fixed by an administrator, and the sender must not get a bounce for them. The queue's
+      maximum age still bounds how long mail waits.
+    - A body with 8-bit octets is sent even if the server does not offer 8BITMIME (without
+      BODY=8BITMIME), as most MTAs do: converting to 7-bit would alter signed content, and
+      a refusal still comes back as a normal reply.
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        *,
+        idle_timeout: float = 30.0,
+        max_idle_per_key: int = 4,
+        logger: logging.Logger | None = None,
+        data_timeout: float = DATA_TIMEOUT,
+        quit_timeout: float = 5.0,
+    ) -> None:
+        self._resolver = resolver
+        self._log = logger or logging.getLogger("relay.delivery")
+        self._data_timeout = data_timeout
+        self._pool = Pool(
+            idle_timeout=idle_timeout, max_idle_per_key=max_idle_per_key, quit_timeout=quit_timeout
+        )
+        self._tls = TlsContexts(self._log)
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def deliver(
+        self,
+        upstream: Upstream,
+        source: EgressSource,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+    ) -> list[RecipientResult]:
+        recipients = list(recipients)
+        if not recipients:
+            return []
+        unavailable: str | None = getattr(upstream, "unavailable", None)
+        if unavailable:
+            reply = outcome.synthesised(
+                451, "4.3.5", f"upstream {upstream.id} unavailable: {unavailable}"
+            )
+            return [RecipientResult(r, Outcome.DEFERRED, reply) for r in recipients]
+        if sender and upstream.from_address:
+            sender = upstream.from_address
+        key = (*upstream.pool_key, source.address)
+
+        # At most two sessions: a pooled one that may have died while idle, then a fresh
+        # one. A fresh session's failure is final for this attempt.
+        session = self._pool.checkout(key)
+        for _ in range(2):
+            if session is None:
+                try:
+                    session = await open_session(
+                        upstream, source, self._resolver, self._tls, self._log
+                    )
+                except SessionError as exc:
+                    return [
+                        RecipientResult(r, Outcome.DEFERRED, exc.reply, exc.throttled)
+                        for r in recipients
+                    ]
+                fresh = True
+            else:
+                fresh = False
+            try:
+                results = await self._transaction(
+                    session, upstream, sender, recipients, data, reused=not fresh
+                )
+            except _StaleConnection:
+                self._log.debug(
+                    "upstream %s: pooled connection was dead, reconnecting", upstream.id
+                )
+                session.smtp.close()
+                session = None
+                continue
+            except BaseException:
+                session.smtp.close()  # cancelled mid-transaction: the session is in an unknown state
+                raise
+            self._pool.checkin(session, max_messages=upstream.throttle.max_messages_per_connection)
+            return results
+        raise AssertionError("unreachable: a fresh session never raises _StaleConnection")
+
+    async def _transaction(
+        self,
+        session: Session,
+        upstream: Upstream,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        *,
+        reused: bool,
+    ) -> list[RecipientResult]:
+        smtp = session.smtp
+        stage = "RSET"
+        timeout = upstream.command_timeout
+        results: dict[str, RecipientResult] = {}
+        try:
+            if reused:
+                # Liveness check and a clean transaction state in one round trip.
+                try:
+                    response = await smtp.execute_command(b"RSET", timeout=timeout)
+                except (aiosmtplib.SMTPException, OSError) as exc:
+                    raise _StaleConnection from exc
+                if response.code != 250:
+                    raise _StaleConnection
+
+            # Envelope checks against what this server supports.
+            smtputf8 = outcome.needs_smtputf8(sender, recipients)
+            if _has_control(sender):
+                reply = outcome.synthesised(553, "5.1.7", "bad sender address syntax")
+                return [RecipientResult(r, Outcome.BOUNCED, reply) for r in recipients]
+            for rcpt in recipients:
+                if _has_control(rcpt):
+                    results[rcpt] = RecipientResult(
+                        rcpt,
+                        Outcome.BOUNCED,
+                        outcome.synthesised(553, "5.1.3", "bad recipient address syntax"),
+                    )
+            if smtputf8 and not smtp.supports_extension("smtputf8"):
+                why = outcome.utf8_unsupported(
+                    f"{upstream.host} does not support SMTPUTF8, needed for this non-ASCII "
+                    "address (RFC 6531)"
+                )
+                if not outcome.is_ascii(sender):
+                    return [RecipientResult(r, Outcome.BOUNCED, why) for r in recipients]
+                for rcpt in recipients:
+                    if not outcome.is_ascii(rcpt):
+                        results[rcpt] = RecipientResult(rcpt, Outcome.BOUNCED, why)
+                smtputf8 = False
+            pending = [r for r in recipients if r not in results]
+            if not pending:
+                return [results[r] for r in recipients]
+
+            encoding = "utf-8" if smtputf8 else "ascii"
+            params: list[bytes] = []
+            if smtp.supports_extension("size"):
+                params.append(b"SIZE=%d" % len(data))  # RFC 1870: refused early if too big
+            if outcome.needs_8bitmime(data) and smtp.supports_extension("8bitmime"):
+                params.append(b"BODY=8BITMIME")
+            if smtputf8:
+                params.append(b"SMTPUTF8")
+
+            stage = "MAIL FROM"
+            session.messages += 1
+            try:
+                response = await smtp.execute_command(
+                    b"MAIL", b"FROM:" + _path(sender, encoding), *params, timeout=timeout
+                )
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                if reused:
+                    raise _StaleConnection from exc
+                raise
+            if response.code != 250:
+                reply = outcome.parse_reply(response.code, response.message)
+                # A refused sender refuses the whole message: 5xx bounces, 4xx defers.
+                return self._finish(recipients, results, pending, reply)
+
+            accepted: list[str] = []
+            for rcpt in pending:
+                stage = "RCPT TO"
+                response = await smtp.execute_command(
+                    b"RCPT", b"TO:" + _path(rcpt, encoding), timeout=timeout
+                )
+                if response.code in _SUCCESS:
+                    accepted.append(rcpt)
+                    continue
+                reply = outcome.parse_reply(response.code, response.message)
+                results[rcpt] = self._result(rcpt, reply)
+                if response.code == 421:
+                    # The server is closing the channel (RFC 5321 § 3.8): the remaining
+                    # recipients were not tried, so they wait with the same reply.
+                    return self._finish(recipients, results, pending, reply)
+            if not accepted:
+                return [results[r] for r in recipients]
+
+            stage = "DATA"
+            try:
+                response = await smtp.data(data, timeout=self._data_timeout)
+            except aiosmtplib.SMTPDataError as exc:
+                response = aiosmtplib.SMTPResponse(exc.code, exc.message)
+            reply = outcome.parse_reply(response.code, response.message)
+            return self._finish(recipients, results, accepted, reply)
+        except _StaleConnection:
+            raise
+        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+            smtp.close()
+            reply = error_reply(exc, upstream, session.peer, session.source, stage)
+            self._log.info("upstream %s: %s", upstream.id, reply)
+            pending = [r for r in recipients if r not in results]
+            return self._finish(recipients, results, pending, reply, deferred=True)
+
+    def _result(self, rcpt: str, reply: Reply, *, deferred: bool = False) -> RecipientResult:
+        if deferred:
+            return RecipientResult(rcpt, Outcome.DEFERRED, reply)
+        return RecipientResult(rcpt, outcome.classify(reply), reply, outcome.is_throttled(reply))
+
+    def _finish(
+        self,
+        recipients: list[str],
+        results: dict[str, RecipientResult],
+        affected: list[str],
+        reply: Reply,
+        *,
+        deferred: bool = False,
+    ) -> list[RecipientResult]:
+        """Give `reply` to every affected recipient without a result yet; keep input order."""
+        for rcpt in affected:
+            results.setdefault(rcpt, self._result(rcpt, reply, deferred=deferred))
+        return [results[r] for r in recipients]
