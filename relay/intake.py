@@ -1,0 +1,133 @@
+"""The intake: what the listener calls — who may send, then policy, limits and the spool.
+
+It is the only place where an accepted SMTP transaction becomes a queued message: attribute
+(trusted tags, sender), route (by the current config), check intake limits, strip the tag
+headers, add our Received header, make it durable, hand it to the scheduler. The listener
+answers 250 only after `submit` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import Protocol
+
+from relay.config.model import Config
+from relay.errors import AccessDenied, PolicyError, RelayError
+from relay.events import MailLog
+from relay.listener import SessionInfo
+from relay.message import header_values, received_header, remove_headers
+from relay.model import Disposition, Envelope
+from relay.policy import AppliedLimit, Attribution, applicable_limits, attribute, route
+from relay.scheduler import Entry, Scheduler
+from relay.spool import Spool, new_queue_id
+
+log = logging.getLogger("relay.intake")
+
+
+class Users(Protocol):
+    def verify(self, user: str, password: str) -> bool: ...
+
+
+class IntakeLimiter(Protocol):
+    """Intake rate limits (relay.limits). Raises RateLimited (451 4.7.1) when over."""
+
+    async def check_message(self, limits: list[AppliedLimit], recipients: int) -> None: ...
+    def connection_opened(self, client: str) -> None: ...
+    def connection_closed(self, client: str) -> None: ...
+
+
+class Intake:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        scheduler: Scheduler,
+        events: MailLog,
+        *,
+        users: Users | None = None,
+        limiter: IntakeLimiter | None = None,
+        policy_timeout: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.scheduler = scheduler
+        self.events = events
+        self.users = users
+        self.limiter = limiter
+        self.policy_timeout = policy_timeout
+        self._networks = [ipaddress.ip_network(n) for n in config.relay.clients.networks]
+
+    def allowlisted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if addr.version == 6 and addr.ipv4_mapped:  # ::ffff:a.b.c.d on dual-stack sockets
+            addr = addr.ipv4_mapped
+        return any(addr in n for n in self._networks)
+
+    # -- listener hooks ----------------------------------------------------------------
+    def check_connect(self, peer_ip: str) -> None:
+        return None  # unknown networks may still AUTH; the relay-access check is at MAIL
+
+    def authenticate(self, session: SessionInfo, user: str, password: str) -> bool:
+        ok = self.users is not None and self.users.verify(user, password)
+        if not ok:
+            self.events.emit(Disposition.REJECTED, client=session.peer_ip, reason="auth", user=user)
+        return ok
+
+    def check_sender(self, session: SessionInfo, sender: str) -> None:
+        # Postfix order: relay access before anything else. Never an open relay.
+        if session.user is None and not self.allowlisted(session.peer_ip):
+            self.events.emit(Disposition.REJECTED, client=session.peer_ip, sender=sender,
+                             reason="relay_access")
+            raise AccessDenied(f"Relay access denied for {session.peer_ip}")
+
+    def check_recipient(self, session: SessionInfo, sender: str, rcpt: str) -> None:
+        return None
+
+    async def submit(self, session: SessionInfo, envelope: Envelope) -> str:
+        client = session.user or session.peer_ip
+        try:
+            prepared = await asyncio.wait_for(self._prepare(session, envelope), self.policy_timeout)
+        except RelayError as exc:
+            self.events.emit(Disposition.REJECTED, client=client, sender=envelope.sender,
+                             reason=type(exc).__name__, reply=exc.reply())
+            raise
+        except Exception as exc:  # fail closed: a policy bug or timeout is 451 4.3.5, never 250
+            log.exception("policy failed for a message from %s", client)
+            raise PolicyError(reason=f"policy failed: {exc!r}") from exc
+        att, upstream_id, data, qid = prepared
+        started = time.monotonic()
+        await self.spool.put(sender=envelope.sender, recipients=list(envelope.recipients), data=data,
+                             client=client, org=att.org, account=att.account, upstream=upstream_id,
+                             queue_id=qid)
+        now = time.time()
+        self.events.metrics.spool_commit.observe(time.monotonic() - started)
+        self.events.emit(Disposition.RECEIVED, queue_id=qid, client=client, org=att.org,
+                         account=att.account, sender=envelope.sender,
+                         recipients=len(envelope.recipients), size=len(data), upstream=upstream_id,
+                         attributed_by=att.rule)
+        self.scheduler.enqueue(Entry(qid, envelope.sender, att.org, att.account, now, False, False,
+                                     dict.fromkeys(envelope.recipients, 0), 0.0, upstream_id))
+        return qid
+
+    async def _prepare(self, session: SessionInfo, env: Envelope) -> tuple[Attribution, str, bytes, str]:
+        cfg = self.config
+        names = (cfg.relay.attribution.org_header, cfg.relay.attribution.account_header)
+        tag_org = next(iter(header_values(env.data, names[0])), None)
+        tag_account = next(iter(header_values(env.data, names[1])), None)
+        att = attribute(cfg, env.sender, tag_org=tag_org, tag_account=tag_account)
+        r = route(cfg, att)
+        if self.limiter is not None:
+            limits = applicable_limits(cfg, att, env.sender, session.user or session.peer_ip)
+            await self.limiter.check_message(limits, len(env.recipients))
+        qid = new_queue_id()
+        data = remove_headers(env.data, names)
+        trace = received_header(helo=session.helo, client_ip=session.peer_ip, by=cfg.hostname, queue_id=qid,
+                                tls=session.tls, auth=session.user is not None,
+                                recipient=env.recipients[0] if len(env.recipients) == 1 else None)
+        return att, r.upstream.id, trace + data, qid

@@ -1,0 +1,556 @@
+"""Scheduler: decides when each queued message is tried, on which upstream, and how many at once.
+
+Waiting messages sit in one timer heap; due messages are routed by the *current* policy and
+join their upstream's ready queue, which is fair between organisations (round robin over
+per-organisation queues) so one organisation's campaign cannot starve another's receipts.
+Each upstream has at most `max_connections` deliveries in flight; the `Gate` (relay.throttle)
+decides when the next may start (minimum interval, hourly/daily quotas, shared leases) and an
+upstream that answers "slow down" pauses as a whole. Outcomes are written back to the spool;
+bounced and expired recipients produce one DSN. Nothing here ever drops a message: every
+path ends in the spool as delivered, bounced, expired or still pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relay.config.model import Config
+from relay.delivery.dsn import build_dsn, should_send_dsn
+from relay.events import MailLog
+from relay.message import header_end
+from relay.model import (
+    Disposition,
+    EgressPool,
+    EgressSource,
+    Outcome,
+    RecipientResult,
+    Reply,
+    Upstream,
+)
+from relay.policy import Attribution, route
+from relay.retry import RetryPolicy
+from relay.spool import RcptStatus, RecipientUpdate, Spool, SpoolMessage
+
+log = logging.getLogger("relay.scheduler")
+
+
+class Deliverer(Protocol):
+    async def deliver(
+        self,
+        upstream: Upstream,
+        source: EgressSource,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+    ) -> list[RecipientResult]: ...
+
+
+class Gate(Protocol):
+    """Upstream throttles (relay.throttle). `acquire` returns 0 when a delivery may start now
+    (and counts it), else the seconds to wait; `release` ends a started delivery."""
+
+    async def acquire(self, upstream: Upstream) -> float: ...
+    async def release(self, upstream: Upstream) -> None: ...
+    def slow_down(self, upstream: Upstream) -> float: ...
+    def recovered(self, upstream: Upstream) -> None: ...
+
+
+class NoGate:
+    """No throttles beyond the concurrency cap (used when nothing else is configured)."""
+
+    async def acquire(self, upstream: Upstream) -> float:
+        return 0.0
+
+    async def release(self, upstream: Upstream) -> None:
+        return None
+
+    def slow_down(self, upstream: Upstream) -> float:
+        return 30.0
+
+    def recovered(self, upstream: Upstream) -> None:
+        return None
+
+
+WAITING, READY, ACTIVE = 0, 1, 2
+
+
+@dataclass(slots=True)
+class Entry:
+    """A queued message as the scheduler sees it (no body: that stays in the spool)."""
+
+    queue_id: str
+    sender: str
+    org: str
+    account: str
+    received_at: float
+    is_dsn: bool
+    held: bool
+    pending: dict[str, int]  # recipient -> failed attempts so far
+    next_attempt: float = 0.0
+    upstream: str = ""
+    state: int = WAITING
+    last_reply: str = ""
+
+    @classmethod
+    def from_spool(cls, m: SpoolMessage) -> Entry:
+        pend = [r for r in m.recipients if r.status is RcptStatus.PENDING]
+        return cls(
+            m.queue_id,
+            m.sender,
+            m.org,
+            m.account,
+            m.received_at,
+            m.is_dsn,
+            m.held,
+            {r.rcpt: r.attempts for r in pend},
+            min((r.next_attempt for r in pend), default=0.0),
+            m.upstream,
+        )
+
+
+@dataclass
+class UpstreamQueue:
+    """The ready queue of one upstream: one FIFO per organisation, served round robin."""
+
+    upstream_id: str
+    by_org: dict[str, deque[Entry]] = field(default_factory=dict)
+    turn: deque[str] = field(default_factory=deque)
+    active: int = 0
+    size: int = 0
+    paused_until: float = 0.0
+    waking: bool = False
+
+    def push(self, e: Entry) -> None:
+        q = self.by_org.get(e.org)
+        if q is None:
+            q = self.by_org[e.org] = deque()
+            self.turn.append(e.org)
+        q.append(e)
+        self.size += 1
+
+    def pop(self) -> Entry | None:
+        while self.turn:
+            org = self.turn.popleft()
+            q = self.by_org[org]
+            e = q.popleft()
+            self.size -= 1
+            if q:
+                self.turn.append(org)
+            else:
+                del self.by_org[org]
+            return e
+        return None
+
+    def unpop(self, e: Entry) -> None:
+        """Put back at the head (a throttle said not yet)."""
+        q = self.by_org.get(e.org)
+        if q is None:
+            q = self.by_org[e.org] = deque()
+            self.turn.appendleft(e.org)
+        q.appendleft(e)
+        self.size += 1
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        deliverer: Deliverer,
+        events: MailLog,
+        *,
+        gate: Gate | None = None,
+        default_concurrency: int = 20,
+        clock: Callable[[], float] = time.time,
+        rand: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.deliverer = deliverer
+        self.events = events
+        self.gate: Gate = gate or NoGate()
+        self.default_concurrency = default_concurrency
+        self.clock = clock
+        self.rand = rand or random.Random()
+        self.entries: dict[str, Entry] = {}
+        self.queues: dict[str, UpstreamQueue] = {}
+        self._timers: list[tuple[float, int, str]] = []
+        self._seq = 0
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._rr: dict[str, int] = {}
+        self.retry = self._retry_policy(config)
+
+    @staticmethod
+    def _retry_policy(config: Config) -> RetryPolicy:
+        r = config.relay.retry
+        return RetryPolicy(tuple(r.schedule), r.jitter, r.max_age)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def recover(self, messages: Iterable[SpoolMessage]) -> int:
+        """Load unfinished messages found in the spool at start (before `start`)."""
+        n = 0
+        for m in messages:
+            e = Entry.from_spool(m)
+            if e.pending:
+                self.entries[e.queue_id] = e
+                if not e.held:
+                    self._push_timer(e)
+                n += 1
+        return n
+
+    def start(self) -> None:
+        self._running = True
+        self._loop_task = asyncio.create_task(self._timer_loop(), name="scheduler-timers")
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop starting deliveries; give those in flight `grace` seconds, then cancel them
+        (a cancelled delivery was not recorded, so it is simply tried again after restart)."""
+        self._running = False
+        self._wake.set()
+        if self._loop_task:
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def reconfigure(self, config: Config) -> None:
+        """New policy: queued mail is routed by it at its next attempt."""
+        self.config = config
+        self.retry = self._retry_policy(config)
+
+    # -- intake ------------------------------------------------------------------------
+    def enqueue(self, e: Entry) -> None:
+        self.entries[e.queue_id] = e
+        if e.held:
+            return
+        if e.next_attempt <= self.clock():
+            self._dispatch(e)
+        else:
+            self._push_timer(e)
+
+    def _push_timer(self, e: Entry) -> None:
+        e.state = WAITING
+        self._seq += 1
+        heapq.heappush(self._timers, (e.next_attempt, self._seq, e.queue_id))
+        if self._timers[0][2] == e.queue_id:
+            self._wake.set()
+
+    async def _timer_loop(self) -> None:
+        while self._running:
+            now = self.clock()
+            while self._timers and self._timers[0][0] <= now:
+                when, _, qid = heapq.heappop(self._timers)
+                e = self.entries.get(qid)
+                # Stale heap items (retried, held, rescheduled) are skipped, not removed eagerly.
+                if e is None or e.held or e.state != WAITING or e.next_attempt != when:
+                    continue
+                self._dispatch(e)
+            timeout = (self._timers[0][0] - now) if self._timers else 3600.0
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, min(timeout, 3600.0)))
+            except TimeoutError:
+                pass
+
+    def route_entry(self, e: Entry) -> tuple[Upstream, EgressPool]:
+        r = route(self.config, Attribution(e.org, e.account, "queued"))
+        return r.upstream, r.pool
+
+    def _dispatch(self, e: Entry) -> None:
+        upstream, _ = self.route_entry(e)
+        e.upstream = upstream.id
+        e.state = READY
+        uq = self.queues.get(upstream.id)
+        if uq is None:
+            uq = self.queues[upstream.id] = UpstreamQueue(upstream.id)
+        uq.push(e)
+        self._spawn(uq)
+
+    def _cap(self, upstream_id: str) -> int:
+        up = self.config.upstreams.get(upstream_id)
+        if up is not None and up.throttle.max_connections:
+            return up.throttle.max_connections
+        return self.default_concurrency
+
+    def _spawn(self, uq: UpstreamQueue) -> None:
+        if not self._running or uq.waking:
+            return
+        if uq.paused_until > self.clock():
+            self._wake_later(uq, uq.paused_until - self.clock())
+            return
+        while uq.active < self._cap(uq.upstream_id) and uq.active < uq.size:
+            uq.active += 1
+            t = asyncio.create_task(self._worker(uq), name=f"deliver-{uq.upstream_id}")
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    def _wake_later(self, uq: UpstreamQueue, delay: float) -> None:
+        uq.waking = True
+
+        def wake() -> None:
+            uq.waking = False
+            self._spawn(uq)
+
+        asyncio.get_running_loop().call_later(max(0.01, delay), wake)
+
+    # -- delivery ----------------------------------------------------------------------
+    async def _worker(self, uq: UpstreamQueue) -> None:
+        try:
+            while self._running:
+                if uq.paused_until > self.clock():
+                    self._wake_later(uq, uq.paused_until - self.clock())
+                    return
+                e = uq.pop()
+                if e is None:
+                    return
+                if self.entries.get(e.queue_id) is not e or e.held or e.state != READY:
+                    continue
+                upstream, pool = self.route_entry(e)
+                if upstream.id != uq.upstream_id:  # policy reloaded while it waited
+                    self._dispatch(e)
+                    continue
+                wait = await self.gate.acquire(upstream)
+                if wait > 0:
+                    uq.unpop(e)
+                    uq.paused_until = max(uq.paused_until, self.clock() + wait)
+                    self.events.metrics.limit_hits.labels("upstream").inc()
+                    continue
+                e.state = ACTIVE
+                try:
+                    await self._attempt(e, upstream, self._pick_source(pool))
+                except Exception:
+                    # A bug must not lose mail: the message stays pending and is retried.
+                    log.exception("delivery attempt of %s failed unexpectedly", e.queue_id)
+                    self._reschedule(e, self.clock() + self.retry.delay(1, self.rand.random()))
+                finally:
+                    await self.gate.release(upstream)
+        finally:
+            uq.active -= 1
+            if self._running and uq.size > 0 and not uq.waking:
+                self._spawn(uq)
+
+    def _pick_source(self, pool: EgressPool) -> EgressSource:
+        i = self._rr.get(pool.name, 0)
+        self._rr[pool.name] = i + 1
+        return pool.sources[i % len(pool.sources)]
+
+    async def _attempt(self, e: Entry, upstream: Upstream, source: EgressSource) -> None:
+        rcpts = list(e.pending)
+        data: bytes | None = None
+        if upstream.unavailable:
+            reply = Reply(
+                451, f"4.3.5 upstream {upstream.id} is unavailable: {upstream.unavailable}", "4.3.5"
+            )
+            results = [RecipientResult(r, Outcome.DEFERRED, reply) for r in rcpts]
+        else:
+            try:
+                data = await self.spool.read_body(e.queue_id)
+            except KeyError:
+                self.entries.pop(e.queue_id, None)  # deleted by an operator meanwhile
+                return
+            results = await self.deliverer.deliver(upstream, source, e.sender, rcpts, data)
+        await self._record(e, upstream, source, results, data)
+
+    async def _record(
+        self,
+        e: Entry,
+        upstream: Upstream,
+        source: EgressSource | None,
+        results: Sequence[RecipientResult],
+        data: bytes | None,
+    ) -> None:
+        now = self.clock()
+        updates: list[RecipientUpdate] = []
+        failed: list[tuple[str, str, Reply]] = []
+        throttled = False
+        base = {
+            "queue_id": e.queue_id,
+            "org": e.org,
+            "account": e.account,
+            "upstream": upstream.id,
+            "egress": source.address if source else None,
+        }
+        next_times: list[float] = []
+        for res in results:
+            attempts = e.pending.get(res.recipient, 0) + 1
+            fields = dict(
+                base,
+                recipient=res.recipient,
+                attempt=attempts,
+                delay=round(now - e.received_at, 3),
+                reply=str(res.reply),
+            )
+            throttled |= res.throttled
+            if res.outcome is Outcome.DELIVERED:
+                updates.append(
+                    RecipientUpdate(
+                        res.recipient, RcptStatus.DELIVERED, attempts, 0.0, str(res.reply)
+                    )
+                )
+                self.events.emit(Disposition.DELIVERED, **fields)
+                e.pending.pop(res.recipient, None)
+            elif res.outcome is Outcome.BOUNCED:
+                updates.append(
+                    RecipientUpdate(
+                        res.recipient, RcptStatus.BOUNCED, attempts, 0.0, str(res.reply)
+                    )
+                )
+                self.events.emit(Disposition.BOUNCED, **fields)
+                failed.append((res.recipient, "bounced", res.reply))
+                e.pending.pop(res.recipient, None)
+            else:
+                when = self.retry.next_attempt(
+                    now=now, received_at=e.received_at, failures=attempts, rand=self.rand.random()
+                )
+                if when is None:
+                    updates.append(
+                        RecipientUpdate(
+                            res.recipient, RcptStatus.EXPIRED, attempts, 0.0, str(res.reply)
+                        )
+                    )
+                    self.events.emit(Disposition.EXPIRED, **fields)
+                    failed.append((res.recipient, "expired", res.reply))
+                    e.pending.pop(res.recipient, None)
+                else:
+                    updates.append(
+                        RecipientUpdate(
+                            res.recipient, RcptStatus.PENDING, attempts, when, str(res.reply)
+                        )
+                    )
+                    self.events.emit(Disposition.DEFERRED, **fields, retry_in=round(when - now, 1))
+                    e.pending[res.recipient] = attempts
+                    e.last_reply = str(res.reply)
+                    next_times.append(when)
+        await self.spool.update(e.queue_id, updates, upstream=upstream.id)
+        if throttled:
+            pause = self.gate.slow_down(upstream)
+            uq = self.queues.get(upstream.id)
+            if uq is not None:
+                uq.paused_until = max(uq.paused_until, now + pause)
+            log.warning(
+                "upstream %s asked to slow down; pausing its queue %.0fs", upstream.id, pause
+            )
+        elif any(r.outcome is Outcome.DELIVERED for r in results):
+            self.gate.recovered(upstream)
+        if failed:
+            await self._send_dsn(e, failed, data)
+        if e.pending:
+            self._reschedule(e, min(next_times) if next_times else now)
+        else:
+            self.entries.pop(e.queue_id, None)
+
+    def _reschedule(self, e: Entry, when: float) -> None:
+        e.next_attempt = when
+        if self.entries.get(e.queue_id) is e and not e.held:
+            self._push_timer(e)
+
+    async def _send_dsn(
+        self, e: Entry, failed: list[tuple[str, str, Reply]], data: bytes | None
+    ) -> None:
+        if not should_send_dsn(e.sender, e.is_dsn):
+            return
+        if data is None:
+            try:
+                data = await self.spool.read_body(e.queue_id)
+            except KeyError:
+                data = b""
+        headers = data[: header_end(data)]
+        dsn = build_dsn(
+            reporting_mta=self.config.hostname,
+            original_sender=e.sender,
+            queue_id=e.queue_id,
+            arrival=e.received_at,
+            failures=failed,
+            original_headers=headers,
+            now=self.clock(),
+        )
+        try:
+            qid = await self.spool.put(
+                sender="",
+                recipients=[e.sender],
+                data=dsn,
+                client="relay",
+                org=e.org,
+                account=e.account,
+                upstream=e.upstream,
+                is_dsn=True,
+            )
+        except Exception:
+            log.exception("could not queue the DSN for %s", e.queue_id)
+            return
+        self.events.emit(
+            Disposition.QUEUED,
+            queue_id=qid,
+            org=e.org,
+            account=e.account,
+            sender="",
+            recipients=1,
+            dsn_for=e.queue_id,
+        )
+        self.enqueue(Entry(qid, "", e.org, e.account, self.clock(), True, False, {e.sender: 0}))
+
+    # -- operator actions (queue tools) ------------------------------------------------
+    def retry_now(self, queue_id: str) -> bool:
+        e = self.entries.get(queue_id)
+        if e is None or e.held or e.state != WAITING:
+            return e is not None and not e.held
+        e.next_attempt = self.clock()
+        self._dispatch(e)
+        return True
+
+    def hold(self, queue_id: str) -> bool:
+        e = self.entries.get(queue_id)
+        if e is None:
+            return False
+        e.held = True
+        return True
+
+    def release(self, queue_id: str) -> bool:
+        e = self.entries.get(queue_id)
+        if e is None:
+            return False
+        if e.held:
+            e.held = False
+            if e.state != ACTIVE:
+                e.next_attempt = min(e.next_attempt, self.clock())
+                self._dispatch(e)
+        return True
+
+    def forget(self, queue_id: str) -> bool:
+        return self.entries.pop(queue_id, None) is not None
+
+    async def bounce(
+        self, queue_id: str, text: str = "5.0.0 returned to sender by the relay administrator"
+    ) -> bool:
+        e = self.entries.get(queue_id)
+        if e is None or e.state == ACTIVE:
+            return False
+        upstream = self.config.upstreams.get(e.upstream) or self.route_entry(e)[0]
+        reply = Reply(550, text, "5.0.0")
+        e.state = ACTIVE
+        await self._record(
+            e, upstream, None, [RecipientResult(r, Outcome.BOUNCED, reply) for r in e.pending], None
+        )
+        return True
+
+    # -- views -------------------------------------------------------------------------
+    def depth(self) -> dict[str, tuple[int, float]]:
+        """(messages, oldest received_at) by upstream, from memory (cheap; for metrics)."""
+        out: dict[str, tuple[int, float]] = {}
+        for e in self.entries.values():
+            n, oldest = out.get(e.upstream, (0, e.received_at))
+            out[e.upstream] = (n + 1, min(oldest, e.received_at))
+        return out
