@@ -51,7 +51,9 @@ def _read(path: Path) -> tuple[Located, list[ConfigError]]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return Located(str(path), None), [ConfigError(str(path), 1, f"cannot read: {exc}")]
+        return Located(str(path), None), [
+            ConfigError(str(path), 1, f"cannot read: {getattr(exc, 'strerror', None) or exc}")
+        ]
     return load_yaml(text, str(path))
 
 

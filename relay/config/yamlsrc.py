@@ -122,7 +122,10 @@ def load_yaml(text: str, file: str) -> tuple[Located, list[ConfigError]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        return Located(file, None), [ConfigError(file, line, f"YAML syntax: {exc.problem or exc}")]
+        # The context says what the parser was doing ("expected a single document in the
+        # stream"); the problem alone ("but found another document") can read as nonsense.
+        said = ", ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
+        return Located(file, None), [ConfigError(file, line, f"YAML syntax: {said}")]
     except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML error we know is marked
         return Located(file, None), [ConfigError(file, 1, f"YAML: {exc}")]
     if node is None:
