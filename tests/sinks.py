@@ -274,10 +274,17 @@ class Sink:
         if self._server is None:
             return
         self._server.close()
-        self.drop_connections()
+        self.drop_connections(abort=True)
         await self._server.wait_closed()
         self._server = None
-        await self.wait_idle(within=5.0)
+        try:
+            await self.wait_idle(within=2.0)
+        except TimeoutError:
+            # A connection whose TLS handshake failed may never report connection_lost
+            # (it depends on the event loop); it is aborted, so just stop counting it.
+            for proto in list(self._protocols):
+                if proto._handler.record is not None:
+                    self._session_closed(proto, proto._handler.record)
 
     async def __aenter__(self) -> Sink:
         return await self.start()
@@ -357,11 +364,18 @@ class Sink:
     def recipients(self) -> list[str]:
         return [r for m in self.messages for r in m.rcpt_tos]
 
-    def drop_connections(self) -> None:
-        """Close every open connection from the server side (an idle-timeout or crash)."""
+    def drop_connections(self, *, abort: bool = False) -> None:
+        """Close every open connection from the server side (an idle timeout), or with
+        abort=True drop it without a goodbye (a crash; also what stop() does, so that a TLS
+        close never waits for a peer's close_notify)."""
         for proto in list(self._protocols):
-            if proto.transport is not None:
-                proto.transport.close()
+            transports = [proto.transport, proto._original_transport]
+            for transport in transports:
+                if transport is not None and not (transport.is_closing() and not abort):
+                    if abort:
+                        transport.abort()
+                    else:
+                        transport.close()
 
     async def wait_until(self, condition: Callable[[], bool], within: float = 5.0) -> None:
         """Wait until `condition()` holds, re-checking whenever the sink's state changes."""
@@ -457,6 +471,6 @@ class ThreadedSink:
     def wait_idle(self, within: float = 5.0) -> None:
         self._call(self._sink.wait_idle(within), within + 5)
 
-    def drop_connections(self) -> None:
+    def drop_connections(self, *, abort: bool = False) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._sink.drop_connections)
+        self._loop.call_soon_threadsafe(lambda: self._sink.drop_connections(abort=abort))

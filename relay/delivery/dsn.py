@@ -8,6 +8,7 @@ original message's headers (text/rfc822-headers). Lines end in CRLF and never ex
 
 from __future__ import annotations
 
+import re
 import secrets
 import textwrap
 from collections.abc import Iterable, Sequence
@@ -137,7 +138,8 @@ def build_dsn(
             raise ValueError(f"unknown failure kind {kind!r}")
 
     token = secrets.token_hex(8)
-    boundary = f"=_dsn_{queue_id}_{token}"
+    safe_id = re.sub(r"[^A-Za-z0-9.-]", "_", queue_id)[:64]  # for Message-ID and boundary
+    boundary = f"=_dsn_{safe_id}_{token}"
     utf8 = not original_sender.isascii() or any(not r.isascii() for r, _, _ in failures)
 
     headers: list[str] = [
@@ -145,7 +147,7 @@ def build_dsn(
         *_field("To", f"<{original_sender}>"),
         *_field("Subject", "Undelivered Mail Returned to Sender"),
         *_field("Date", _date(now)),
-        *_field("Message-ID", f"<{queue_id}.{int(now)}.{token}@{reporting_mta}>"),
+        *_field("Message-ID", f"<{safe_id}.{int(now)}.{token}@{reporting_mta}>"),
         "Auto-Submitted: auto-replied",  # RFC 3834 § 5
         "MIME-Version: 1.0",
         *_field(
@@ -229,6 +231,7 @@ def build_dsn(
                 ]
             ),
             _header_block(original_headers),
+            CRLF,  # the CRLF before a boundary belongs to the boundary (RFC 2046 § 5.1.1)
             _lines([f"--{boundary}--"]),
         ]
     )
