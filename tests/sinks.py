@@ -369,13 +369,13 @@ class Sink:
         abort=True drop it without a goodbye (a crash; also what stop() does, so that a TLS
         close never waits for a peer's close_notify)."""
         for proto in list(self._protocols):
-            transports = [proto.transport, proto._original_transport]
-            for transport in transports:
-                if transport is not None and not (transport.is_closing() and not abort):
-                    if abort:
-                        transport.abort()
-                    else:
-                        transport.close()
+            for transport in (proto.transport, proto._original_transport):
+                if transport is None:
+                    continue
+                if abort and isinstance(transport, asyncio.WriteTransport):
+                    transport.abort()
+                elif not transport.is_closing():
+                    transport.close()
 
     async def wait_until(self, condition: Callable[[], bool], within: float = 5.0) -> None:
         """Wait until `condition()` holds, re-checking whenever the sink's state changes."""
