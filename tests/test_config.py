@@ -68,6 +68,12 @@ def examples_with_secrets(tmp_path: Path) -> Path:
     return tmp_path / "config"
 
 
+def line_of(rel: str, prefix: str) -> int:
+    """The 1-based line of the first line of REPO/rel that starts with `prefix`."""
+    lines = (REPO / rel).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.startswith(prefix))
+
+
 # -- the shipped examples ------------------------------------------------------------------
 
 
@@ -77,13 +83,20 @@ def test_examples_are_valid_with_warnings_for_the_unset_secrets() -> None:
     assert proc.stdout == "config/relay.yaml: OK (4 organisations, 5 upstreams, 4 egress sources)\n"
     warnings = proc.stderr.splitlines()
     assert all(w.startswith("warning: ") for w in warnings)
+    # Line numbers are looked up, so that documenting a new key in the examples moves them.
     for expected in (
-        "config/relay.yaml:47: upstream 'sendgrid': environment variable SENDGRID_API_KEY",
-        "config/relay.yaml:56: upstream 'mailjet': environment variable MAILJET_API_KEY",
-        "policies/contoso.yaml:9: upstream 'contoso/contoso-smtp': file:/etc/egress-relay/",
-        "policies/eurostudy.yaml:14: upstream 'eurostudy/own-relay': environment variable",
-        "policies/globex.yaml:15: upstream 'globex/raj-office': environment variable",
-        "config/relay.yaml:94: admin token: environment variable RELAY_ADMIN_TOKEN is not set",
+        f"config/relay.yaml:{line_of('config/relay.yaml', '  sendgrid:')}: upstream 'sendgrid':"
+        " environment variable SENDGRID_API_KEY",
+        f"config/relay.yaml:{line_of('config/relay.yaml', '  mailjet:')}: upstream 'mailjet':"
+        " environment variable MAILJET_API_KEY",
+        f"policies/contoso.yaml:{line_of('policies/contoso.yaml', '  contoso-smtp:')}: upstream"
+        " 'contoso/contoso-smtp': file:/etc/egress-relay/secrets/contoso-smtp: cannot read",
+        f"policies/eurostudy.yaml:{line_of('policies/eurostudy.yaml', '  own-relay:')}: upstream"
+        " 'eurostudy/own-relay': environment variable EUROSTUDY_SMTP_PASSWORD",
+        f"policies/globex.yaml:{line_of('policies/globex.yaml', '  raj-office:')}: upstream"
+        " 'globex/raj-office': environment variable GLOBEX_RAJ_SMTP_PASSWORD",
+        f"config/relay.yaml:{line_of('config/relay.yaml', '  token:')}: admin token:"
+        " environment variable RELAY_ADMIN_TOKEN is not set",
     ):
         assert any(w.startswith("warning: " + expected) for w in warnings), expected
     assert len(warnings) == 6
