@@ -334,3 +334,32 @@ def test_egress_ips_unknown_pool_fails() -> None:
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr == "unknown pool 'asia' (pools: us, eu, customer)\n"
+
+
+# -- hash-password -------------------------------------------------------------------------
+
+
+def test_hash_password_reads_stdin_and_prints_a_verifiable_hash() -> None:
+    from relay.auth import verify_password
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "hash-password"],
+        input="c0rrect horse\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    [encoded] = proc.stdout.splitlines()
+    assert encoded.startswith("scrypt$")
+    assert "c0rrect horse" not in proc.stdout + proc.stderr
+    assert verify_password("c0rrect horse", encoded)
+    assert not verify_password("c0rrect horse ", encoded)
+    empty = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "hash-password"],
+        input="\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (empty.returncode, empty.stdout, empty.stderr) == (1, "", "empty password\n")
