@@ -654,3 +654,48 @@ async def test_unbindable_source_address_defers(make_sink: MakeSink, deliverer: 
 async def test_no_recipients_is_a_no_op(deliverer: Deliverer) -> None:
     up = Upstream(id="u", host="mx.test", port=1, tls=TlsMode.NONE, pool="p")
     assert await deliverer.deliver(up, SRC2, "s@saas.test", [], MSG) == []
+
+
+async def test_ipv6_source_uses_aaaa_and_binds_v6(make_sink: MakeSink) -> None:
+    sink = await make_sink(host="::1")
+    v6 = EgressSource("edge-v6", "::1", "egress6.relay.test")
+    deliverer = Deliverer(DnsResolver({"mx.test": ["127.0.0.1", "::1"]}))
+    try:
+        [result] = await deliverer.deliver(upstream(sink), v6, "s@saas.test", ["a@x.test"], MSG)
+        assert result.outcome is Outcome.DELIVERED, result.reply
+        assert sink.messages[0].peer_ip == "::1"
+        port = closed_port()
+        up = Upstream(id="v6", host="mx.test", port=port, tls=TlsMode.NONE, pool="p")
+        [result] = await deliverer.deliver(up, v6, "s@saas.test", ["a@x.test"], MSG)
+        assert result.reply.text == f"4.4.1 connection refused by [::1]:{port} from ::1"
+    finally:
+        await deliverer.close()
+
+
+async def test_a_resolver_bug_fails_closed_as_a_deferral(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        async def resolve(self, host: str, family: int) -> list[str]:
+            raise RuntimeError("bug")
+
+    d = Deliverer(Broken())
+    up = Upstream(id="u", host="mx.test", port=25, tls=TlsMode.NONE, pool="p")
+    with caplog.at_level(logging.ERROR):
+        [result] = await d.deliver(up, SRC2, "s@saas.test", ["a@x.test"], MSG)
+    await d.close()
+    assert result.outcome is Outcome.DEFERRED
+    assert str(result.reply) == "451 4.3.0 local error during delivery, will retry"
+    assert "unexpected error" in caplog.text
+
+
+async def test_421_at_rcpt_defers_the_untried_recipients_too(
+    make_sink: MakeSink, deliverer: Deliverer
+) -> None:
+    script = Script(rcpt={"b@x.test": "421 4.7.0 too many connections from your IP"})
+    sink = await make_sink(script=script)
+    results = await deliverer.deliver(
+        upstream(sink), SRC2, "s@saas.test", ["a@x.test", "b@x.test", "c@x.test"], MSG
+    )
+    assert [(r.outcome, r.throttled) for r in results] == [(Outcome.DEFERRED, True)] * 3
+    assert {str(r.reply) for r in results} == {"421 4.7.0 too many connections from your IP"}
+    assert sink.messages == []
+    assert sink.sessions[0].commands.count("RCPT") == 2

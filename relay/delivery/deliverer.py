@@ -106,6 +106,22 @@ class Deliverer:
             return [RecipientResult(r, Outcome.DEFERRED, reply) for r in recipients]
         if sender and upstream.from_address:
             sender = upstream.from_address
+        try:
+            return await self._deliver(upstream, source, sender, recipients, data)
+        except Exception:
+            # A bug here must not lose or bounce mail: fail closed, like errors.to_reply.
+            self._log.exception("upstream %s: unexpected error during delivery", upstream.id)
+            reply = outcome.synthesised(451, "4.3.0", "local error during delivery, will retry")
+            return [RecipientResult(r, Outcome.DEFERRED, reply) for r in recipients]
+
+    async def _deliver(
+        self,
+        upstream: Upstream,
+        source: EgressSource,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+    ) -> list[RecipientResult]:
         key = (*upstream.pool_key, source.address)
 
         # At most two sessions: a pooled one that may have died while idle, then a fresh
