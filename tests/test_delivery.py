@@ -699,3 +699,16 @@ async def test_421_at_rcpt_defers_the_untried_recipients_too(
     assert {str(r.reply) for r in results} == {"421 4.7.0 too many connections from your IP"}
     assert sink.messages == []
     assert sink.sessions[0].commands.count("RCPT") == 2
+
+
+async def test_unavailable_upstream_defers_without_connecting(
+    make_sink: MakeSink, deliverer: Deliverer
+) -> None:
+    sink = await make_sink()
+    up = upstream(sink, unavailable="password file /run/creds/x missing")
+    [result] = await deliverer.deliver(up, SRC2, "s@saas.test", ["a@x.test"], MSG)
+    assert result.outcome is Outcome.DEFERRED
+    assert (
+        str(result.reply) == "451 4.3.5 upstream up unavailable: password file /run/creds/x missing"
+    )
+    assert sink.sessions == []

@@ -98,10 +98,10 @@ class Deliverer:
         recipients = list(recipients)
         if not recipients:
             return []
-        unavailable: str | None = getattr(upstream, "unavailable", None)
-        if unavailable:
+        if upstream.unavailable:
+            # e.g. its credential is missing: the mail waits until a reload fixes it.
             reply = outcome.synthesised(
-                451, "4.3.5", f"upstream {upstream.id} unavailable: {unavailable}"
+                451, "4.3.5", f"upstream {upstream.id} unavailable: {upstream.unavailable}"
             )
             return [RecipientResult(r, Outcome.DEFERRED, reply) for r in recipients]
         if sender and upstream.from_address:
