@@ -82,7 +82,7 @@ class Relay:
     async def start(self) -> None:
         cfg = self.config
         self.spool = await Spool.open(cfg.spool_path)
-        self.deliverer = Deliverer(DnsResolver())
+        self.deliverer = Deliverer(DnsResolver(cfg.relay.dns.hosts, lifetime=cfg.relay.dns.timeout))
         self.scheduler = Scheduler(cfg, self.spool, self.deliverer, self.events)
         recovered = self.scheduler.recover(self.spool.iter_pending())
         log.info("recovered %d unfinished messages from %s", recovered, cfg.spool_path)

@@ -175,6 +175,13 @@ class AdminConf(Strict):
     token: SecretRef | None = None
 
 
+class DnsConf(Strict):
+    """Upstream name resolution. `hosts` pins names to addresses without DNS (like /etc/hosts)."""
+
+    hosts: dict[HostName, list[IPAddress]] = Field(default_factory=dict)
+    timeout: Duration = 5.0
+
+
 class LogConf(Strict):
     mail_log: str = "-"  # "-" = standard error, else a file path
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -197,6 +204,7 @@ class RelayConf(Strict):
     retry: RetryConf = Field(default_factory=RetryConf)
     limits: LimitsConf = Field(default_factory=LimitsConf)
     admin: AdminConf = Field(default_factory=AdminConf)
+    dns: DnsConf = Field(default_factory=DnsConf)
     log: LogConf = Field(default_factory=LogConf)
 
 
