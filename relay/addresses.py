@@ -148,7 +148,9 @@ def _parse_local_part(local: str, *, smtputf8: bool) -> None:
                 continue
             if c == '"':
                 raise AddressError("Stray quote in local part")
-            if not (" " <= c <= "~" or (smtputf8 and ord(c) > 0x7F)):
+            if ord(c) > 0x7F and not smtputf8:
+                raise _non_ascii()
+            if not (" " <= c <= "~" or ord(c) > 0x7F):
                 raise AddressError("Bad character in quoted local part")
             text.append(c)
             i += 1

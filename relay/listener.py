@@ -203,7 +203,8 @@ class Listener:
         for session in list(self._sessions):
             session.begin_drain()
         try:
-            await asyncio.wait_for(self._no_sessions.wait(), grace)
+            if self._sessions:
+                await asyncio.wait_for(self._no_sessions.wait(), grace)
         except TimeoutError:
             self.log.warning(
                 "listener %s: %d session(s) still open after %.1fs grace, closing them",

@@ -745,3 +745,103 @@ async def test_stop_closes_unfinished_transactions_after_grace(
     await c.expect("421 4.3.2")
     await c.closed()
     assert intake.submitted == []
+
+
+# ---- SMTP smuggling (2023) and STARTTLS command injection (CVE-2011-0411) ----------------
+
+SMUGGLED = (
+    b"MAIL FROM:<admin@example.com>\r\n"
+    b"RCPT TO:<victim@example.org>\r\n"
+    b"DATA\r\n"
+    b"From: admin@example.com\r\n\r\nsmuggled\r\n"
+)
+# Sequences some server has taken for <CRLF>.<CRLF>. Only the real one may end DATA.
+FAKE_ENDINGS = [
+    b"\n.\n",
+    b"\r.\r",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r\n",
+    b"\r\n.\r",
+    b"\n.\r",
+    b"\r.\n",
+    b"\r\n.\r\r\n",
+    b"\r\n.\n\r\n",
+]
+
+
+async def send_in_pieces(c: Client, pieces: list[bytes]) -> None:
+    c.writer.transport.set_write_buffer_limits(0)
+    for piece in pieces:
+        await c.send(piece)
+        await asyncio.sleep(0.005)  # pacing, so the server reads separate segments
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-packet", "split"])
+@pytest.mark.parametrize("ending", FAKE_ENDINGS, ids=[repr(e)[2:-1] for e in FAKE_ENDINGS])
+async def test_fake_end_of_data_never_yields_a_second_message(
+    make_listener: MakeListener, ending: bytes, split: bool
+) -> None:
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await c.ehlo()
+    await c.cmd("MAIL FROM:<app@example.com>", "250 2.1.0")
+    await c.cmd("RCPT TO:<user@example.org>", "250 2.1.5")
+    await c.cmd("DATA", "354 ")
+    head = b"Subject: hi\r\n\r\nhello"
+    tail = SMUGGLED + b".\r\n"  # the genuine <CRLF>.<CRLF> comes last
+    if split:
+        await send_in_pieces(c, [head, *(bytes([b]) for b in ending), tail])
+    else:
+        await c.send(head + ending + tail)
+    # One reply for the whole DATA: the message holds a bare CR or LF, so it is refused.
+    await c.expect("554 5.6.0")
+    await c.cmd("QUIT", "221 2.0.0")  # the very next reply: nothing was smuggled through
+    await c.closed()
+    assert intake.submitted == []
+    assert intake.senders == ["app@example.com"]
+
+
+async def test_genuine_end_of_data_then_pipelined_commands(make_listener: MakeListener) -> None:
+    # The control case: after a real <CRLF>.<CRLF> the next bytes ARE commands (RFC 2920).
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await c.ehlo()
+    await c.cmd("MAIL FROM:<app@example.com>", "250 2.1.0")
+    await c.cmd("RCPT TO:<user@example.org>", "250 2.1.5")
+    await c.cmd("DATA", "354 ")
+    await c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n" + SMUGGLED + b".\r\n")
+    c.last_verb = "DATA"
+    for prefix in ("250 2.0.0", "250 2.1.0", "250 2.1.5", "354 ", "250 2.0.0"):
+        await c.expect(prefix)
+    assert [e.sender for _, e in intake.submitted] == ["app@example.com", "admin@example.com"]
+
+
+async def test_dot_lines_inside_the_body_do_not_end_it(make_listener: MakeListener) -> None:
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await c.ehlo()
+    body = b"Subject: dots\r\n\r\n...\r\n. \r\n.x\r\n..\r\n"
+    reply = await c.send_message(body)
+    assert reply[-1].startswith("250 2.0.0")
+    [(_, envelope)] = intake.submitted
+    assert message_body(envelope)[1] == b"Subject: dots\r\n\r\n..\r\n \r\nx\r\n.\r\n"
+
+
+async def test_commands_pipelined_after_starttls_are_discarded(
+    make_listener: MakeListener, client_tls: ssl.SSLContext
+) -> None:
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await c.ehlo()
+    # RFC 3207 § 4.2: anything after STARTTLS in the same plaintext segment must not run
+    # once TLS is up (CVE-2011-0411, "STARTTLS command injection").
+    await c.send(b"STARTTLS\r\nMAIL FROM:<injected@example.com>\r\nRCPT TO:<v@example.org>\r\n")
+    c.last_verb = "STARTTLS"
+    await c.expect("220 2.0.0")
+    await c.writer.start_tls(client_tls, server_hostname="localhost")
+    await c.ehlo()  # the first reply under TLS answers EHLO: no injected replies queued
+    await c.cmd("RCPT TO:<v@example.org>", "503 5.5.1 Error: need MAIL command")
+    assert intake.senders == []
+    await c.cmd("MAIL FROM:<app@example.com>", "250 2.1.0")
+    assert intake.senders == ["app@example.com"]
