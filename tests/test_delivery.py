@@ -4,8 +4,11 @@ per-recipient outcomes and every kind of failure turning into a deferral with a 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import socket
+import warnings
 from collections.abc import AsyncIterator
 
 import pytest
@@ -712,3 +715,28 @@ async def test_unavailable_upstream_defers_without_connecting(
         str(result.reply) == "451 4.3.5 upstream up unavailable: password file /run/creds/x missing"
     )
     assert sink.sessions == []
+
+
+async def test_failed_sessions_leak_no_sockets(
+    make_sink: MakeSink, deliverer: Deliverer, ca: CertAuthority
+) -> None:
+    bad_cert = await make_sink(tls="implicit", tls_context=ca.server_context("other.test"))
+    no_tls = await make_sink()
+    failing = [
+        upstream(bad_cert, id="a", tls=TlsMode.IMPLICIT, ca_file=ca.ca_file),
+        upstream(no_tls, id="b", tls=TlsMode.STARTTLS, ca_file=ca.ca_file),
+        Upstream(id="c", host="127.0.0.1", port=closed_port(), tls=TlsMode.NONE, pool="p"),
+    ]
+    before = len(os.listdir("/proc/self/fd"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(5):
+            for up in failing:
+                [result] = await deliverer.deliver(up, SRC2, "s@saas.test", ["a@x.test"], MSG)
+                assert result.outcome is Outcome.DEFERRED
+        await bad_cert.wait_idle()
+        await no_tls.wait_idle()
+        await asyncio.sleep(0)  # let transports run their scheduled connection_lost
+        gc.collect()  # a socket nobody closed would be closed here, with a ResourceWarning
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert len(os.listdir("/proc/self/fd")) <= before

@@ -264,11 +264,11 @@ async def _greet(
             stage = "AUTH"
             await _authenticate(smtp, upstream, peer)
     except SessionError as exc:
-        smtp.close()
+        _abandon(smtp, sock)
         logger.info("upstream %s: %s", upstream.id, exc.reply)
         raise
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
-        smtp.close()
+        _abandon(smtp, sock)
         reply = error_reply(exc, upstream, peer, source.address, stage)
         throttled = isinstance(exc, aiosmtplib.SMTPResponseException) and outcome.is_throttled(
             reply
@@ -276,9 +276,19 @@ async def _greet(
         logger.info("upstream %s: %s failed: %s", upstream.id, stage, reply)
         raise SessionError(reply, throttled=throttled) from exc
     except BaseException:
-        smtp.close()
+        _abandon(smtp, sock)
         raise
     return Session(smtp=smtp, key=key, peer=peer, source=source.address)
+
+
+def _abandon(smtp: aiosmtplib.SMTP, sock: socket.socket) -> None:
+    """Close a half-open session. Until aiosmtplib has a transport (e.g. the implicit TLS
+    handshake failed), the socket is still ours to close; after that the transport owns it
+    and closes it itself (closing it under the transport could race the selector)."""
+    had_transport = smtp.transport is not None
+    smtp.close()
+    if not had_transport:
+        sock.close()
 
 
 async def _ehlo_or_helo(smtp: aiosmtplib.SMTP, name: str) -> None:
