@@ -254,6 +254,9 @@ class Deliverer:
 
             stage = "DATA"
             try:
+                # aiosmtplib dot-stuffs and CRLF-normalises (RFC 5321 § 4.5.2). Its one
+                # timeout covers both the 354 and the final reply, so the 354 wait gets the
+                # long final-reply budget too; harmless, since both are bounded.
                 response = await smtp.data(data, timeout=self._data_timeout)
             except aiosmtplib.SMTPDataError as exc:
                 response = aiosmtplib.SMTPResponse(exc.code, exc.message)
