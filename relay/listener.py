@@ -22,7 +22,8 @@ Protocol decisions:
 - Bytes the client pipelined after STARTTLS are discarded (RFC 3207 § 4.2, CVE-2011-0411);
   aiosmtpd clears its buffer when the handshake completes and a test holds it to that.
 - Every 5xx reply counts as a client error except 535 (counted separately as an AUTH
-  failure); at max_errors the session ends with 421 4.7.0. aiosmtpd itself also hangs up
+  failure); at max_errors the session ends with 421 4.7.0; a message accepted for
+  delivery resets the count (as Postfix does). aiosmtpd itself also hangs up
   after 5 unrecognised commands (its BOGUS_LIMIT), which we report as 421 4.7.0 too.
 """
 
@@ -806,6 +807,9 @@ class _SmtpSession(SMTP):
                 len(envelope.recipients),
             )
             reply = f"250 2.0.0 OK: queued as {queue_id}"
+            # Postfix's smtpd_hard_error_limit counts errors "without delivering mail": a
+            # long-lived, pooled connection may hit a few bad recipients a day.
+            self._errors = 0
         finally:
             self._reset_timeout()
         self._set_rset_state()  # the transaction ends before its final reply goes out

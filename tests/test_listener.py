@@ -845,3 +845,91 @@ async def test_commands_pipelined_after_starttls_are_discarded(
     assert intake.senders == []
     await c.cmd("MAIL FROM:<app@example.com>", "250 2.1.0")
     assert intake.senders == ["app@example.com"]
+
+
+async def test_error_count_resets_after_a_delivered_message(make_listener: MakeListener) -> None:
+    listener, intake = await make_listener(max_errors=2)
+    c = await Client.connect(listener.port)
+    await c.ehlo()
+    for _ in range(3):  # a pooled connection: one bad recipient per message, for ever
+        await c.cmd("MAIL FROM:<app@example.com>", "250 2.1.0")
+        await c.cmd("RCPT TO:<gone@refused.example>", "550 5.1.1")
+        await c.cmd("RCPT TO:<user@example.org>", "250 2.1.5")
+        await c.cmd("DATA", "354 ")
+        await c.send(BODY + b".\r\n")
+        await c.expect("250 2.0.0")
+    assert len(intake.submitted) == 3
+
+
+async def test_unrecognised_commands_end_the_session(make_listener: MakeListener) -> None:
+    listener, _ = await make_listener()
+    c = await Client.connect(listener.port)
+    for _ in range(4):
+        await c.cmd("XYZZY", "500 5.5.1")
+    await c.cmd("XYZZY", "421 4.7.0")  # aiosmtpd's limit of 5, reported as 421
+    await c.closed()
+
+
+async def test_failed_tls_handshake_closes_the_session(make_listener: MakeListener) -> None:
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await c.ehlo()
+    await c.cmd("STARTTLS", "220 2.0.0")
+    await c.send(b"MAIL FROM:<plaintext@example.com>\r\n" * 3)  # not a TLS ClientHello
+    await c.closed()
+    assert intake.senders == []
+    await asyncio.wait_for(listener.stop(grace=1), REPLY_TIMEOUT)  # nothing left dangling
+
+
+async def test_idle_timer_restarts_with_each_data_line(make_listener: MakeListener) -> None:
+    listener, intake = await make_listener(idle_timeout=0.5)
+    c = await Client.connect(listener.port)
+    await c.ehlo()
+    await c.cmd("MAIL FROM:<app@example.com>", "250 2.1.0")
+    await c.cmd("RCPT TO:<user@example.org>", "250 2.1.5")
+    await c.cmd("DATA", "354 ")
+    await c.send(b"Subject: slow but steady\r\n\r\n")
+    for i in range(8):  # 0.8 s of DATA in all, never 0.5 s without a line
+        await asyncio.sleep(0.1)
+        await c.send(f"line {i}".encode() + b"\r\n")
+    await c.send(b".\r\n")
+    await c.expect("250 2.0.0")
+    assert len(intake.submitted) == 1
+
+
+def test_starttls_auth_and_implicit_tls_under_uvloop(
+    cert_files: tuple[str, str], client_tls: ssl.SSLContext
+) -> None:
+    # relay serve runs on uvloop; aiosmtpd's STARTTLS swaps protocols on the transport.
+    import uvloop
+
+    async def dialog() -> None:
+        intake = FakeIntake(allow=())
+        for tls in (TlsMode.STARTTLS, TlsMode.IMPLICIT):
+            settings = ListenerSettings(
+                "uv", "127.0.0.1", 0, tls, *cert_files, hostname="relay.test"
+            )
+            listener = Listener(settings, intake)
+            await listener.start()
+            try:
+                if tls is TlsMode.STARTTLS:
+                    c = await Client.connect(listener.port)
+                    await c.ehlo()
+                    await c.starttls(client_tls)
+                else:
+                    c = await Client.connect(listener.port, tls=client_tls)
+                await c.ehlo()
+                await c.auth_plain("alice", PASSWORD, "235 2.7.0")
+                reply = await c.send_message(BODY)
+                assert reply[-1].startswith("250 2.0.0")
+                await c.cmd("QUIT", "221 2.0.0")
+                c.writer.close()
+            finally:
+                await listener.stop(grace=1)
+        assert [message_body(e) for _, e in intake.submitted] == [("ESMTPSA", BODY)] * 2
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(dialog(), 20))
+    finally:
+        loop.close()
