@@ -14,6 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
+from relay.auth import Users
+from relay.auth import load_users as read_users
 from relay.config import ConfigErrors, load_config
 from relay.config.model import Config
 from relay.delivery import Deliverer, DnsResolver
@@ -43,14 +45,19 @@ def listener_settings(config: Config) -> list[ListenerSettings]:
     return out
 
 
-def load_users(config: Config) -> object | None:
-    from relay.auth import load_users_file
-
+def load_users(config: Config) -> Users | None:
     f = config.relay.clients.users_file
     if not f:
         return None
     p = Path(f)
-    return load_users_file(p if p.is_absolute() else config.base_dir / p)
+    return read_users(p if p.is_absolute() else config.base_dir / p)
+
+
+def mail_log_path(config: Config) -> str:
+    target = config.relay.log.mail_log
+    if target == "-" or Path(target).is_absolute():
+        return target
+    return str(config.base_dir / target)
 
 
 def sd_notify(message: str) -> None:
@@ -75,7 +82,7 @@ class Relay:
         self.config = config
         self.location = location
         self.metrics = Metrics()
-        self.events = MailLog(config.relay.log.mail_log, self.metrics)
+        self.events = MailLog(mail_log_path(config), self.metrics)
         self.listeners: list[Listener] = []
         self.stopping = asyncio.Event()
 
@@ -86,7 +93,7 @@ class Relay:
         self.scheduler = Scheduler(cfg, self.spool, self.deliverer, self.events)
         recovered = self.scheduler.recover(self.spool.iter_pending())
         log.info("recovered %d unfinished messages from %s", recovered, cfg.spool_path)
-        self.intake = Intake(cfg, self.spool, self.scheduler, self.events, users=load_users(cfg))  # type: ignore[arg-type]
+        self.intake = Intake(cfg, self.spool, self.scheduler, self.events, users=load_users(cfg))
         self.scheduler.start()
         for settings in listener_settings(cfg):
             lst = Listener(settings, self.intake, logger=logging.getLogger(f"relay.listener.{settings.name}"))
@@ -109,7 +116,7 @@ class Relay:
             log.warning("%s", w)
         self.config = new
         self.scheduler.reconfigure(new)
-        self.intake = Intake(new, self.spool, self.scheduler, self.events, users=load_users(new))  # type: ignore[arg-type]
+        self.intake = Intake(new, self.spool, self.scheduler, self.events, users=load_users(new))
         for lst in self.listeners:
             lst.set_intake(self.intake)
         log.info("configuration reloaded")
@@ -133,6 +140,8 @@ async def run(location: str | None) -> int:
         return 2
     logging.basicConfig(level=config.relay.log.level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # aiosmtpd logs every command at INFO under "mail.log"; our own mail log is the record.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
     for w in config.warnings:
         log.warning("%s", w)
     relay = Relay(config, location)
