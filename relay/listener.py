@@ -254,7 +254,7 @@ def _strip_keyword(keyword: str, arg: str | None) -> str | None:
 def _valid_helo(arg: str | None) -> bool:
     # A domain or address literal (RFC 5321 § 4.1.1.1): printable ASCII, no spaces. It
     # goes into our Received header, so nothing else is accepted.
-    return bool(arg) and len(arg or "") <= 255 and all("!" <= c <= "~" for c in arg or "")
+    return arg is not None and 0 < len(arg) <= 255 and all("!" <= c <= "~" for c in arg)
 
 
 def _b64decode(text: str) -> bytes | None:
@@ -374,7 +374,7 @@ class _SmtpSession(SMTP):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        self._writer.write(reply.encode("ascii") + b"\r\n")
+        self._writer.write(reply.encode("ascii", "replace") + b"\r\n")
         transport.close()
         # close() waits for the peer to read our last bytes; a peer that never reads
         # must not hold the connection open forever.
