@@ -2,7 +2,7 @@
 
 It is the only place where an accepted SMTP transaction becomes a queued message: attribute
 (trusted tags, sender), route (by the current config), check intake limits, strip the tag
-headers, add our Received header, make it durable, hand it to the scheduler. The listener
+headers, make it durable, hand it to the scheduler. The listener
 answers 250 only after `submit` returns.
 """
 
@@ -18,11 +18,11 @@ from relay.config.model import Config
 from relay.errors import AccessDenied, PolicyError, RelayError
 from relay.events import MailLog
 from relay.listener import SessionInfo
-from relay.message import header_values, received_header, remove_headers
+from relay.message import header_values, remove_headers
 from relay.model import Disposition, Envelope
 from relay.policy import AppliedLimit, Attribution, applicable_limits, attribute, route
 from relay.scheduler import Entry, Scheduler
-from relay.spool import Spool, new_queue_id
+from relay.spool import Spool
 
 log = logging.getLogger("relay.intake")
 
@@ -100,11 +100,10 @@ class Intake:
         except Exception as exc:  # fail closed: a policy bug or timeout is 451 4.3.5, never 250
             log.exception("policy failed for a message from %s", client)
             raise PolicyError(reason=f"policy failed: {exc!r}") from exc
-        att, upstream_id, data, qid = prepared
+        att, upstream_id, data = prepared
         started = time.monotonic()
-        await self.spool.put(sender=envelope.sender, recipients=list(envelope.recipients), data=data,
-                             client=client, org=att.org, account=att.account, upstream=upstream_id,
-                             queue_id=qid)
+        qid = await self.spool.put(sender=envelope.sender, recipients=list(envelope.recipients), data=data,
+                                   client=client, org=att.org, account=att.account, upstream=upstream_id)
         now = time.time()
         self.events.metrics.spool_commit.observe(time.monotonic() - started)
         self.events.emit(Disposition.RECEIVED, queue_id=qid, client=client, org=att.org,
@@ -115,7 +114,7 @@ class Intake:
                                      dict.fromkeys(envelope.recipients, 0), 0.0, upstream_id))
         return qid
 
-    async def _prepare(self, session: SessionInfo, env: Envelope) -> tuple[Attribution, str, bytes, str]:
+    async def _prepare(self, session: SessionInfo, env: Envelope) -> tuple[Attribution, str, bytes]:
         cfg = self.config
         names = (cfg.relay.attribution.org_header, cfg.relay.attribution.account_header)
         tag_org = next(iter(header_values(env.data, names[0])), None)
@@ -125,9 +124,5 @@ class Intake:
         if self.limiter is not None:
             limits = applicable_limits(cfg, att, env.sender, session.user or session.peer_ip)
             await self.limiter.check_message(limits, len(env.recipients))
-        qid = new_queue_id()
-        data = remove_headers(env.data, names)
-        trace = received_header(helo=session.helo, client_ip=session.peer_ip, by=cfg.hostname, queue_id=qid,
-                                tls=session.tls, auth=session.user is not None,
-                                recipient=env.recipients[0] if len(env.recipients) == 1 else None)
-        return att, r.upstream.id, trace + data, qid
+        # The listener already put its Received: header first; the tags are client headers.
+        return att, r.upstream.id, remove_headers(env.data, names)

@@ -1,12 +1,9 @@
 """Pure byte-level header handling of an accepted message: read and strip the trusted tag
-headers, add our `Received:` trace header. Only the header block is touched; the body is
-never copied more than once (we splice bytes, we do not parse MIME).
+headers. Only the header block is parsed; the body is spliced, never parsed as MIME.
 """
 
 from __future__ import annotations
 
-import email.utils
-import time
 from collections.abc import Iterable
 
 CRLF = b"\r\n"
@@ -70,19 +67,3 @@ def remove_headers(data: bytes, names: Iterable[str]) -> bytes:
         pos = e
     parts.append(data[pos:])
     return b"".join(parts)
-
-
-def received_header(
-    *, helo: str, client_ip: str, by: str, queue_id: str, tls: bool, auth: bool,
-    recipient: str | None, now: float | None = None,
-) -> bytes:
-    """RFC 5321 § 4.4 trace field; protocol name per RFC 3848 (ESMTP, ESMTPS, ESMTPA, ESMTPSA)."""
-    proto = "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
-    helo_clean = "".join(c for c in helo if c.isprintable() and c not in "()\\") or "unknown"
-    ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
-    date = email.utils.formatdate(now if now is not None else time.time(), localtime=False)
-    for_part = f"\r\n\tfor <{recipient}>" if recipient else ""
-    return (
-        f"Received: from {helo_clean} ([{ip}])\r\n\tby {by} (egress-relay) with {proto} id {queue_id}"
-        f"{for_part};\r\n\t{date}\r\n"
-    ).encode("utf-8", "replace")

@@ -3,8 +3,8 @@ standing in for SendGrid, Mailjet and a customer's own server (issue: the relay 
 
 from __future__ import annotations
 
-import socket
 import smtplib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -241,7 +241,7 @@ def test_smuggling_with_bare_line_endings_never_yields_a_second_message(tmp_path
                     f = s.makefile("rb")
                     f.readline()
                     s.sendall(b"EHLO app.test\r\n")
-                    while (line := f.readline())[3:4] == b"-":
+                    while f.readline()[3:4] == b"-":
                         pass
                     s.sendall(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
                     for _ in range(3):
@@ -250,8 +250,12 @@ def test_smuggling_with_bare_line_endings_never_yields_a_second_message(tmp_path
                               + b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@y.test>\r\nDATA\r\n"
                               + b"Subject: smuggled\r\n\r\nsmuggled" + end + b"\r\n.\r\n")
                     reply = f.readline()
-                    assert reply[:1] in (b"2", b"5"), reply
+                    # Bare CR/LF in DATA is refused outright (Postfix's smtpd_forbid_bare_newline).
+                    assert reply.startswith(b"554 5.6.0"), (end, reply)
                     s.sendall(b"QUIT\r\n")
-            time.sleep(1.5)
-    assert not any(b"smuggled" in m.data.split(b"\r\n\r\n", 1)[0] for m in sink.messages)
-    assert not any("victim@y.test" in m.rcpt_tos for m in sink.messages)
+            # A clean message afterwards is the synchronisation point: once it is delivered,
+            # anything smuggled would have been delivered too.
+            send(relay.port, "a@x.test", ["after@y.test"])
+            sink.wait_for(1, 15)
+            relay.wait_events("delivered", 1)
+    assert [m.rcpt_tos for m in sink.messages] == [["after@y.test"]]

@@ -146,7 +146,6 @@ class Spool:
         upstream: str,
         is_dsn: bool = False,
         received_at: float | None = None,
-        queue_id: str | None = None,
     ) -> str:
         """Store a message; returns its new queue id once it is committed and fsynced.
         Raises SpoolError when it could not be made durable (then nothing of it is kept).
@@ -157,8 +156,7 @@ class Spool:
             raise ValueError("a message needs at least one recipient")
         if self._closed:
             raise SpoolError(reason="spool is closed")
-        # The caller may pick the id first (the Received: header carries it); else we do.
-        queue_id = queue_id or new_queue_id()
+        queue_id = new_queue_id()
         rcpts = [SpoolRecipient(rcpt=r, status=RcptStatus.PENDING) for r in recipients]
         row = (
             queue_id,
