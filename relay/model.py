@@ -93,6 +93,7 @@ class Upstream:
     command_timeout: float = (
         60.0  # per SMTP command; DATA end waits up to 10 min (RFC 5321 § 4.5.3.2.6)
     )
+    data_timeout: float = 600.0  # DATA: the 354 and the reply to the final "."
     # Set when the upstream cannot be used as configured (e.g. its credential is missing):
     # mail routed to it waits in the queue, deferred with this reason, until a reload fixes it.
     unavailable: str | None = None

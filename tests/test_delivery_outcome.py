@@ -139,7 +139,7 @@ def test_parse_reply_is_always_one_line_and_consistent(code: int, message: str) 
         assert reply.text.startswith(reply.enhanced)
         assert reply.enhanced[0] == str(code)[0]
     assert outcome.classify(reply) is (
-        Outcome.DELIVERED if code < 400 else Outcome.DEFERRED if code < 500 else Outcome.BOUNCED
+        Outcome.DELIVERED if code < 300 else Outcome.DEFERRED if code < 500 else Outcome.BOUNCED
     )
     if code >= 500:
         assert not outcome.is_throttled(reply)

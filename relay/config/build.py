@@ -149,6 +149,7 @@ class Builder:
             ),
             connect_timeout=conf.connect_timeout,
             command_timeout=conf.command_timeout,
+            data_timeout=conf.data_timeout,
             unavailable=unavailable,
         )
 

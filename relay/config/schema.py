@@ -120,6 +120,7 @@ class UpstreamConf(Strict):
     ca_file: str | None = None
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 60.0
+    data_timeout: Duration = 600.0  # the reply to the final "." (RFC 5321 § 4.5.3.2.6)
     throttle: ThrottleConf = Field(default_factory=ThrottleConf)
 
 

@@ -89,6 +89,12 @@ def error_reply(
     if tls is not None:
         return _tls_reply(tls, upstream, peer)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if not 200 <= exc.code < 600:
+            # aiosmtplib's -1: a line that is not a reply at all, or one too long to read.
+            # Our words, with the peer's garbage quoted (bounded by aiosmtplib's line limit).
+            return outcome.bad_connection(
+                f"invalid reply from {peer} during {stage} (from {source}): {exc.message}"
+            )
         return outcome.parse_reply(exc.code, exc.message)
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
         return outcome.bad_connection(

@@ -69,7 +69,7 @@ class Deliverer:
         idle_timeout: float = 30.0,
         max_idle_per_key: int = 4,
         logger: logging.Logger | None = None,
-        data_timeout: float = DATA_TIMEOUT,
+        data_timeout: float = DATA_TIMEOUT,  # a cap; each upstream's data_timeout applies too
         quit_timeout: float = 5.0,
     ) -> None:
         self._resolver = resolver
@@ -231,8 +231,9 @@ class Deliverer:
                 raise
             if response.code != 250:
                 reply = outcome.parse_reply(response.code, response.message)
-                # A refused sender refuses the whole message: 5xx bounces, 4xx defers.
-                return self._finish(recipients, results, pending, reply)
+                # A refused sender refuses the whole message: 5xx bounces, 4xx defers. Any
+                # other code (e.g. a 252) accepted nothing: deferred, never "delivered".
+                return self._finish(recipients, results, pending, reply, deferred=reply.code < 400)
 
             accepted: list[str] = []
             for rcpt in pending:
@@ -244,7 +245,9 @@ class Deliverer:
                     accepted.append(rcpt)
                     continue
                 reply = outcome.parse_reply(response.code, response.message)
-                results[rcpt] = self._result(rcpt, reply)
+                # Not 250/251 and not a refusal (a 252, a 3xx, garbage): nothing was
+                # accepted for this recipient, so it waits; it is never marked delivered.
+                results[rcpt] = self._result(rcpt, reply, deferred=reply.code < 400)
                 if response.code == 421:
                     # The server is closing the channel (RFC 5321 § 3.8): the remaining
                     # recipients were not tried, so they wait with the same reply.
@@ -257,7 +260,9 @@ class Deliverer:
                 # aiosmtplib dot-stuffs and CRLF-normalises (RFC 5321 § 4.5.2). Its one
                 # timeout covers both the 354 and the final reply, so the 354 wait gets the
                 # long final-reply budget too; harmless, since both are bounded.
-                response = await smtp.data(data, timeout=self._data_timeout)
+                response = await smtp.data(
+                    data, timeout=min(upstream.data_timeout, self._data_timeout)
+                )
             except aiosmtplib.SMTPDataError as exc:
                 response = aiosmtplib.SMTPResponse(exc.code, exc.message)
             reply = outcome.parse_reply(response.code, response.message)

@@ -47,12 +47,17 @@ def enhanced_code(code: int, text: str) -> str | None:
 
 
 def classify(reply: Reply) -> Outcome:
-    """2xx (and 3xx, which only intermediate steps see) → delivered, 4xx → deferred, 5xx → bounced."""
-    if reply.code < 400:
+    """2xx → delivered, 5xx → bounced, 4xx → deferred.
+
+    Anything else is not a valid final reply (RFC 5321 § 4.2.1: the first digit is 2 to 5;
+    a 1xx or 3xx cannot end a command, and a misbehaving server can send " 25" or "999"):
+    deferred, failing closed — never counted as a delivery, never bounced.
+    """
+    if 200 <= reply.code < 300:
         return Outcome.DELIVERED
-    if reply.code < 500:
-        return Outcome.DEFERRED
-    return Outcome.BOUNCED
+    if 500 <= reply.code < 600:
+        return Outcome.BOUNCED
+    return Outcome.DEFERRED
 
 
 def is_throttled(reply: Reply) -> bool:
