@@ -23,6 +23,7 @@ from relay.events import MailLog, Metrics
 from relay.intake import Intake
 from relay.listener import Listener, ListenerSettings
 from relay.model import TlsMode
+from relay.penalty import PenaltyBox
 from relay.scheduler import Scheduler
 from relay.spool import Spool
 
@@ -93,7 +94,9 @@ class Relay:
         self.scheduler = Scheduler(cfg, self.spool, self.deliverer, self.events)
         recovered = self.scheduler.recover(self.spool.iter_pending())
         log.info("recovered %d unfinished messages from %s", recovered, cfg.spool_path)
-        self.intake = Intake(cfg, self.spool, self.scheduler, self.events, users=load_users(cfg))
+        self.penalty = PenaltyBox()  # failed-AUTH memory; survives reloads, not restarts
+        self.intake = Intake(cfg, self.spool, self.scheduler, self.events, users=load_users(cfg),
+                             penalty=self.penalty)
         self.scheduler.start()
         for settings in listener_settings(cfg):
             lst = Listener(settings, self.intake, logger=logging.getLogger(f"relay.listener.{settings.name}"))
@@ -116,7 +119,8 @@ class Relay:
             log.warning("%s", w)
         self.config = new
         self.scheduler.reconfigure(new)
-        self.intake = Intake(new, self.spool, self.scheduler, self.events, users=load_users(new))
+        self.intake = Intake(new, self.spool, self.scheduler, self.events, users=load_users(new),
+                             penalty=self.penalty)
         for lst in self.listeners:
             lst.set_intake(self.intake)
         log.info("configuration reloaded")

@@ -15,11 +15,12 @@ import time
 from typing import Protocol
 
 from relay.config.model import Config
-from relay.errors import AccessDenied, PolicyError, RelayError
+from relay.errors import AccessDenied, PolicyError, RelayError, TemporaryError
 from relay.events import MailLog
 from relay.listener import SessionInfo
 from relay.message import header_values, remove_headers
 from relay.model import Disposition, Envelope
+from relay.penalty import PenaltyBox
 from relay.policy import AppliedLimit, Attribution, applicable_limits, attribute, route
 from relay.scheduler import Entry, Scheduler
 from relay.spool import Spool
@@ -50,6 +51,7 @@ class Intake:
         users: Users | None = None,
         limiter: IntakeLimiter | None = None,
         policy_timeout: float = 10.0,
+        penalty: PenaltyBox | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -58,6 +60,9 @@ class Intake:
         self.users = users
         self.limiter = limiter
         self.policy_timeout = policy_timeout
+        # Failed-AUTH accounting across connections; the app passes one box that outlives
+        # config reloads.
+        self.penalty = penalty if penalty is not None else PenaltyBox()
         self._networks = [ipaddress.ip_network(n) for n in config.relay.clients.networks]
 
     def allowlisted(self, ip: str) -> bool:
@@ -71,12 +76,26 @@ class Intake:
 
     # -- listener hooks ----------------------------------------------------------------
     def check_connect(self, peer_ip: str) -> None:
-        return None  # unknown networks may still AUTH; the relay-access check is at MAIL
+        # Unknown networks may still AUTH (the relay-access check is at MAIL), unless they
+        # are in the AUTH penalty box. Allowlisted networks need no AUTH: never blocked here.
+        if not self.allowlisted(peer_ip) and self.penalty.blocked_for(peer_ip) > 0:
+            raise _auth_blocked()
 
     def authenticate(self, session: SessionInfo, user: str, password: str) -> bool:
+        if self.penalty.blocked_for(session.peer_ip) > 0:
+            # Refused before the password is checked: a blocked guesser learns nothing.
+            self.events.emit(Disposition.REJECTED, client=session.peer_ip, reason="auth_blocked",
+                             user=user)
+            raise _auth_blocked()
         ok = self.users is not None and self.users.verify(user, password)
-        if not ok:
+        if ok:
+            self.penalty.success(session.peer_ip)
+        else:
             self.events.emit(Disposition.REJECTED, client=session.peer_ip, reason="auth", user=user)
+            cooloff = self.penalty.failure(session.peer_ip)
+            if cooloff:
+                log.warning("%s: too many failed AUTH attempts, blocked for %.0fs",
+                            session.peer_ip, cooloff)
         return ok
 
     def check_sender(self, session: SessionInfo, sender: str) -> None:
@@ -126,3 +145,9 @@ class Intake:
             await self.limiter.check_message(limits, len(env.recipients))
         # The listener already put its Received: header first; the tags are client headers.
         return att, r.upstream.id, remove_headers(env.data, names)
+
+
+def _auth_blocked() -> TemporaryError:
+    # 421 closes the connection (RFC 5321 § 3.8); 4.7.0 is "other security" (RFC 3463).
+    return TemporaryError("Too many authentication failures from your address, try again later",
+                          code=421, enhanced="4.7.0")

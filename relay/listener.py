@@ -400,6 +400,10 @@ class _SmtpSession(SMTP):
         if text.startswith(_UNKNOWN_COMMAND_PREFIX):
             text = _UNKNOWN_COMMAND
         text = _LOOP_REPLIES.get(text, text)
+        if text.startswith("421 "):
+            # RFC 5321 § 3.8: a 421 reply closes the channel, whichever check raised it.
+            self.goodbye(text)
+            return
         await super().push(text)
         if len(text) > 3 and text[3] == "-":
             return  # continuation line of a multi-line reply
