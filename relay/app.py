@@ -19,6 +19,7 @@ from relay.auth import load_users as read_users
 from relay.config import ConfigErrors, load_config
 from relay.config.model import Config
 from relay.delivery import Deliverer, DnsResolver
+from relay.errors import SpoolError
 from relay.events import MailLog, Metrics
 from relay.intake import Intake
 from relay.listener import Listener, ListenerSettings
@@ -161,7 +162,12 @@ async def run(location: str | None) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await relay.start()
+    try:
+        await relay.start()
+    except SpoolError as exc:
+        # e.g. a read-only or missing spool: never listen without a place to keep mail.
+        log.error("cannot start: %s", exc.reason)
+        return 1
     await stop.wait()
     log.info("stopping: no new connections, finishing transactions in progress")
     await relay.stop()

@@ -121,8 +121,14 @@ class Intake:
             raise PolicyError(reason=f"policy failed: {exc!r}") from exc
         att, upstream_id, data = prepared
         started = time.monotonic()
-        qid = await self.spool.put(sender=envelope.sender, recipients=list(envelope.recipients), data=data,
-                                   client=client, org=att.org, account=att.account, upstream=upstream_id)
+        try:
+            qid = await self.spool.put(sender=envelope.sender, recipients=list(envelope.recipients),
+                                       data=data, client=client, org=att.org, account=att.account,
+                                       upstream=upstream_id)
+        except RelayError as exc:  # disk full, read-only, …: 451 4.3.0, and a mail-log line
+            self.events.emit(Disposition.REJECTED, client=client, sender=envelope.sender,
+                             reason=type(exc).__name__, reply=exc.reply(), detail=exc.reason)
+            raise
         now = time.time()
         self.events.metrics.spool_commit.observe(time.monotonic() - started)
         self.events.emit(Disposition.RECEIVED, queue_id=qid, client=client, org=att.org,
