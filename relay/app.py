@@ -13,20 +13,27 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay.auth import Users
 from relay.auth import load_users as read_users
 from relay.config import ConfigErrors, load_config
 from relay.config.model import Config
+from relay.config.secrets import SecretUnavailable, resolve_secret
 from relay.delivery import Deliverer, DnsResolver
 from relay.errors import SpoolError
 from relay.events import MailLog, Metrics
 from relay.intake import Intake
 from relay.listener import Listener, ListenerSettings
+from relay.logsetup import configure as configure_logging
+from relay.logsetup import remember_config_secrets
 from relay.model import TlsMode
 from relay.penalty import PenaltyBox
 from relay.scheduler import Scheduler
 from relay.spool import Spool
+
+if TYPE_CHECKING:
+    from relay.admin import AdminServer
 
 log = logging.getLogger("relay")
 
@@ -62,6 +69,17 @@ def mail_log_path(config: Config) -> str:
     return str(config.base_dir / target)
 
 
+def admin_token(config: Config) -> str | None:
+    """The admin API token, re-read from its reference (None: open endpoints only)."""
+    ref = config.relay.admin.token
+    if not ref:
+        return None
+    try:
+        return resolve_secret(ref, base_dir=config.base_dir).reveal()
+    except SecretUnavailable:
+        return None  # `relay check` warned; the API then fails closed (403)
+
+
 def sd_notify(message: str) -> None:
     """systemd readiness protocol (sd_notify(3)) without libsystemd: one datagram."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -87,6 +105,10 @@ class Relay:
         self.events = MailLog(mail_log_path(config), self.metrics)
         self.listeners: list[Listener] = []
         self.stopping = asyncio.Event()
+        self.ready = False  # /readyz: listeners bound and accepting
+        self.admin: AdminServer | None = None
+        self.reload_errors: list[str] = []  # of the last refused reload (`relay reload` shows them)
+        self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
         cfg = self.config
@@ -99,6 +121,7 @@ class Relay:
         self.intake = Intake(cfg, self.spool, self.scheduler, self.events, users=load_users(cfg),
                              penalty=self.penalty)
         self.scheduler.start()
+        await self._start_admin(cfg)
         for settings in listener_settings(cfg):
             lst = Listener(settings, self.intake, logger=logging.getLogger(f"relay.listener.{settings.name}"))
             await lst.start()
@@ -106,16 +129,41 @@ class Relay:
             # Tests and operators wait for this exact line.
             print(f"relay: listening {settings.name} {settings.address}:{lst.port} tls={settings.tls.value}",
                   file=sys.stderr, flush=True)
+        self.ready = True
         sd_notify("READY=1\nSTATUS=accepting mail")
+
+    async def _start_admin(self, cfg: Config) -> None:
+        a = cfg.relay.admin
+        if not a.enabled:
+            return
+        from relay.admin import AdminServer
+
+        self.admin = AdminServer(self, a.address, a.port, admin_token(cfg))
+        await self.admin.start()
+        # Like the listening lines: tests and operators read the bound port here.
+        print(f"relay: admin API http://{a.address}:{self.admin.port}", file=sys.stderr, flush=True)
 
     async def reload(self) -> bool:
         """SIGHUP: the new config replaces the old only if it validates; secrets are re-read."""
+        async with self._reload_lock:  # SIGHUP and POST /reload may arrive together
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         try:
             new = await asyncio.to_thread(load_config, self.location)
         except ConfigErrors as exc:
+            self.reload_errors = [str(e) for e in exc.errors]
             for e in exc.errors:
                 log.error("reload refused, old configuration keeps running: %s", e)
             return False
+        self.reload_errors = []
+        if self.admin is not None:
+            self.admin.api.set_token(admin_token(new))
+            if (new.relay.admin.address, new.relay.admin.port) != (
+                self.config.relay.admin.address, self.config.relay.admin.port
+            ):
+                log.warning("admin API address changes take effect at the next restart")
+        remember_config_secrets(new, [t for t in [admin_token(new)] if t])
         for w in new.warnings:
             log.warning("%s", w)
         self.config = new
@@ -128,9 +176,12 @@ class Relay:
         return True
 
     async def stop(self, grace: float = 30.0) -> None:
+        self.ready = False
         sd_notify("STOPPING=1")
         await asyncio.gather(*(lst.stop(grace) for lst in self.listeners))
         await self.scheduler.stop(grace=min(grace, 10.0))
+        if self.admin is not None:
+            await self.admin.stop()
         await self.deliverer.close()
         await self.spool.close()
         self.events.close()
@@ -143,10 +194,9 @@ async def run(location: str | None) -> int:
         for e in exc.errors:
             print(e, file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.relay.log.level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # aiosmtpd logs every command at INFO under "mail.log"; our own mail log is the record.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # One JSON object per line (or text), AUTH arguments and known secrets redacted.
+    configure_logging(config.relay.log.level, config.relay.log.format)
+    remember_config_secrets(config, [t for t in [admin_token(config)] if t])
     for w in config.warnings:
         log.warning("%s", w)
     relay = Relay(config, location)

@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("hash-password", help="read a password on stdin, print its users-file hash")
     sp.set_defaults(func=cmd_hash_password)
+
+    from relay.opscli import add_subcommands  # queue, reload, test-upstream, check-domain
+
+    add_subcommands(sub)
     return p
 
 

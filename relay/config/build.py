@@ -301,6 +301,7 @@ class Builder:
                 pool=oc.pool,
                 members=members,
                 limits=oc.limits,
+                dkim_selectors=tuple(oc.dkim_selectors),
             )
         if self.errors:
             return None

@@ -27,6 +27,7 @@ class Org:
     pool: str | None
     members: dict[str, Member]
     limits: RateConf
+    dkim_selectors: tuple[str, ...] = ()  # configured ones; () = the upstream's usual ones
 
 
 @dataclass(frozen=True)

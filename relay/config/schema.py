@@ -186,6 +186,7 @@ class DnsConf(Strict):
 class LogConf(Strict):
     mail_log: str = "-"  # "-" = standard error, else a file path
     level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"  # the relay's own log on stderr (the journal)
 
 
 class RelayConf(Strict):
@@ -224,3 +225,8 @@ class OrgConf(Strict):
     upstreams: dict[Name, UpstreamConf] = Field(default_factory=dict)
     members: dict[Mailbox, MemberConf] = Field(default_factory=dict)
     limits: RateConf = Field(default_factory=RateConf)
+    # DKIM selectors published for the domains (`relay check-domain`); default: the
+    # upstream's usual ones (SendGrid s1, s2; Mailjet mailjet), none for a customer server.
+    dkim_selectors: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]] = (
+        Field(default_factory=list)
+    )

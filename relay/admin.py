@@ -1,0 +1,317 @@
+"""The admin HTTP API (aiohttp): health, readiness, metrics, egress IPs, the queue and its
+actions, reload, and test connection. Documented in docs/openapi.yaml.
+
+Bound to loopback by default. `/healthz`, `/readyz` and `/metrics` are open (the usual
+contract for probes and Prometheus scrapers on loopback); everything else needs
+`Authorization: Bearer <admin.token>`, compared in constant time. With no token configured
+those endpoints answer 403 and say so: an admin API without a token is read-only by design.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from relay.config.units import parse_duration
+from relay.delivery import DnsResolver
+from relay.egress import as_dict, render
+from relay.probe import TargetError, adhoc_upstream, configured_upstream, probe, sources_for
+from relay.queueops import ACTIONS, Filters, QueueOps
+
+if TYPE_CHECKING:
+    from relay.app import Relay
+
+log = logging.getLogger("relay.admin")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+NO_TOKEN = (
+    "the admin API has no token configured (admin.token in relay.yaml): only /healthz, /readyz"
+    " and /metrics are served"
+)
+MAX_PROBE_TIMEOUT = 60.0
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, indent=2, default=str) + "\n",
+        status=status,
+        content_type="application/json",
+    )
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return _json({"error": message, **extra}, status)
+
+
+class AdminApi:
+    """The routes; `relay` is the running Relay (its current config, scheduler, spool)."""
+
+    def __init__(self, relay: Relay, token: str | None) -> None:
+        self.relay = relay
+        self.token = token
+
+    def set_token(self, token: str | None) -> None:
+        """Reload: the token is a secret, re-read like the others."""
+        self.token = token
+
+    @property
+    def ops(self) -> QueueOps:
+        return QueueOps(self.relay.scheduler, self.relay.spool)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth], client_max_size=64 * 1024)
+        r = app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/egress-ips", self.egress_ips)
+        r.add_get("/queue", self.queue_summary)
+        r.add_get("/queue/messages", self.queue_list)
+        r.add_post("/queue/actions", self.queue_actions)
+        r.add_get("/queue/messages/{queue_id}", self.queue_show)
+        r.add_delete("/queue/messages/{queue_id}", self.queue_delete)
+        r.add_post("/queue/messages/{queue_id}/{action}", self.queue_action)
+        r.add_post("/reload", self.reload)
+        r.add_post("/test-upstream", self.test_upstream)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        if not self.token:
+            return _error(403, NO_TOKEN)
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), self.token.encode()
+        ):
+            resp = _error(401, "missing or wrong token (Authorization: Bearer <admin token>)")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="egress-relay"'
+            return resp
+        return await handler(request)
+
+    # -- open -------------------------------------------------------------------------
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        r = self.relay
+        ready = r.ready
+        body = {
+            "ready": ready,
+            "listeners": {lst.settings.name: lst.port for lst in r.listeners} if ready else {},
+            "queued": len(r.scheduler.entries) if ready else None,
+        }
+        return _json(body, 200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        m = self.relay.metrics
+        # Queue depth and oldest age come from the scheduler at scrape time: a gauge that is
+        # only updated on events would go stale when nothing happens (the worrying case).
+        now = time.time()
+        m.queue_depth.clear()
+        m.queue_oldest.clear()
+        for upstream, (n, oldest) in self.relay.scheduler.depth().items():
+            m.queue_depth.labels(upstream or "unrouted").set(n)
+            m.queue_oldest.labels(upstream or "unrouted").set(max(0.0, now - oldest))
+        body = generate_latest(m.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # -- token --------------------------------------------------------------------------
+    async def egress_ips(self, request: web.Request) -> web.Response:
+        config = self.relay.config
+        pool = request.query.get("pool")
+        if pool is not None and pool not in config.pools:
+            return _error(404, f"unknown pool '{pool}'")
+        fmt = request.query.get("format")
+        if fmt is None:
+            fmt = "text" if "text/plain" in request.headers.get("Accept", "") else "json"
+        if fmt == "json":
+            return _json(as_dict(config, pool))
+        if fmt in ("text", "spf"):
+            return web.Response(text=render(config, pool, fmt) + "\n")
+        return _error(400, "format must be json, text or spf")
+
+    async def queue_summary(self, request: web.Request) -> web.Response:
+        return _json(await self.ops.summary())
+
+    @staticmethod
+    def _filters(q: Any) -> Filters:
+        older = q.get("older_than")
+        try:
+            return Filters(
+                org=q.get("org") or None,
+                account=q.get("account") or None,
+                upstream=q.get("upstream") or None,
+                older_than=parse_duration(older) if older not in (None, "") else None,
+                limit=int(q.get("limit", 1000)),
+            )
+        except (ValueError, TypeError) as exc:
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": str(exc)}), content_type="application/json"
+            ) from None
+
+    async def queue_list(self, request: web.Request) -> web.Response:
+        f = self._filters(request.query)
+        messages = await self.ops.messages(f)
+        return _json({"count": len(messages), "messages": messages})
+
+    async def queue_show(self, request: web.Request) -> web.Response:
+        qid = request.match_info["queue_id"]
+        shown = await self.ops.show(qid)
+        return _json(shown) if shown is not None else _error(404, f"{qid}: not in the queue")
+
+    async def _act(self, action: str, qid: str, reason: str | None) -> web.Response:
+        result, text = await self.ops.act(action, qid, reason=reason)
+        status = {"ok": 200, "not_found": 404, "conflict": 409}[result]
+        return _json({"queue_id": qid, "action": action, "result": result, "text": text}, status)
+
+    async def queue_delete(self, request: web.Request) -> web.Response:
+        return await self._act("delete", request.match_info["queue_id"], None)
+
+    async def queue_action(self, request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        if action not in ACTIONS or action == "delete":
+            return _error(404, f"unknown action '{action}' (retry, hold, release, bounce)")
+        body = await self._body(request, optional=True)
+        return await self._act(action, request.match_info["queue_id"], body.get("reason"))
+
+    async def queue_actions(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        action = body.get("action")
+        if action not in ACTIONS:
+            return _error(400, f"action must be one of {', '.join(ACTIONS)}")
+        ids = body.get("ids")
+        if ids is not None and (
+            not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)
+        ):
+            return _error(400, "ids must be a list of queue ids")
+        f = self._filters(body)
+        if ids is None and f.empty and not body.get("all"):
+            return _error(
+                400, "give ids, a filter (org, account, upstream, older_than) or all: true"
+            )
+        return _json(await self.ops.act_many(action, ids, f, reason=body.get("reason")))
+
+    async def reload(self, request: web.Request) -> web.Response:
+        ok = await self.relay.reload()
+        if ok:
+            return _json({"reloaded": True, "warnings": self.relay.config.warnings})
+        return _json(
+            {
+                "reloaded": False,
+                "errors": self.relay.reload_errors,
+                "note": "the previous configuration keeps running",
+            },
+            422,
+        )
+
+    async def test_upstream(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        config = self.relay.config
+        opts = {
+            k: body.pop(k, None)
+            for k in (
+                "upstream",
+                "pool",
+                "source",
+                "all_sources",
+                "mail_from",
+                "rcpt_to",
+                "send_to",
+                "timeout",
+            )
+        }
+        try:
+            if opts["upstream"]:
+                if body:
+                    return _error(400, "give either upstream or a server description, not both")
+                upstream = configured_upstream(config, str(opts["upstream"]))
+            else:
+                if not body:
+                    return _error(400, "give upstream (a configured name) or host, port, tls, ...")
+                upstream = adhoc_upstream(config, body)
+            sources = sources_for(
+                config,
+                upstream,
+                pool=opts["pool"],
+                source=opts["source"],
+                all_sources=bool(opts["all_sources"]),
+            )
+            timeout = float(opts["timeout"]) if opts["timeout"] is not None else 15.0
+        except (TargetError, ValueError, TypeError) as exc:
+            return _error(400, str(exc))
+        timeout = max(0.1, min(timeout, MAX_PROBE_TIMEOUT))
+        resolver = DnsResolver(config.relay.dns.hosts, lifetime=config.relay.dns.timeout)
+        reports = []
+        for src in sources:
+            rep = await probe(
+                upstream,
+                src,
+                resolver,
+                mail_from=opts["mail_from"],
+                rcpt_to=opts["rcpt_to"],
+                send_to=opts["send_to"],
+                timeout=timeout,
+            )
+            reports.append(rep.as_dict())
+        log.info(
+            "test-upstream %s from %s: %s",
+            upstream.id,
+            ", ".join(s.address for s in sources),
+            "ok" if all(r["ok"] for r in reports) else "failed",
+        )
+        return _json({"ok": all(r["ok"] for r in reports), "reports": reports})
+
+    @staticmethod
+    async def _body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+        if optional and not request.can_read_body:
+            return {}
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": "the body must be a JSON object"}),
+                content_type="application/json",
+            ) from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": "the body must be a JSON object"}),
+                content_type="application/json",
+            )
+        return body
+
+
+class AdminServer:
+    """The API on its own TCP site; start/stop from the Relay."""
+
+    def __init__(self, relay: Relay, address: str, port: int, token: str | None) -> None:
+        self.api = AdminApi(relay, token)
+        self.address = address
+        self.requested_port = port
+        self._runner: web.AppRunner | None = None
+        self.port = port
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.address, self.requested_port, reuse_address=True)
+        await site.start()
+        server = site._server  # the bound port when 0 was asked for
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

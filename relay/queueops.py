@@ -1,0 +1,193 @@
+"""Operator actions on the queue (retry, hold, release, delete, bounce) and its views
+(summary, list, show), as the admin API and `relay queue` use them.
+
+Every action goes through the scheduler first — so a held message is not started again and a
+retried one is dispatched now — and is then written to the spool, so it survives a restart.
+Results are plain dicts (the API's JSON); nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from relay.message import header_end
+from relay.scheduler import ACTIVE, READY, WAITING, Scheduler
+from relay.spool import Spool, SpoolMessage
+
+log = logging.getLogger("relay.queue")
+
+ACTIONS = ("retry", "hold", "release", "delete", "bounce")
+_STATES = {WAITING: "waiting", READY: "ready", ACTIVE: "delivering"}
+MAX_LIST = 10_000
+MAX_HEADER_BYTES = 16_384
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    org: str | None = None
+    account: str | None = None
+    upstream: str | None = None
+    older_than: float | None = None  # seconds of age
+    limit: int = 1000
+
+    @property
+    def empty(self) -> bool:
+        return not (self.org or self.account or self.upstream or self.older_than)
+
+
+class QueueOps:
+    def __init__(self, scheduler: Scheduler, spool: Spool) -> None:
+        self.scheduler = scheduler
+        self.spool = spool
+
+    # -- views ------------------------------------------------------------------------
+    async def summary(self) -> dict[str, Any]:
+        s = await self.spool.summary()
+        now = time.time()
+
+        def age(t: float | None) -> float | None:
+            return None if t is None else round(max(0.0, now - t), 1)
+
+        s["oldest_age"] = age(s.get("oldest_received_at"))
+        for group in ("by_upstream", "by_org"):
+            for g in s[group].values():
+                g["oldest_age"] = age(g.get("oldest_received_at"))
+        return s
+
+    async def messages(self, f: Filters) -> list[dict[str, Any]]:
+        older = time.time() - f.older_than if f.older_than else None
+        rows = await self.spool.list(
+            org=f.org,
+            account=f.account,
+            upstream=f.upstream,
+            older_than=older,
+            limit=max(1, min(f.limit, MAX_LIST)),
+        )
+        return [self._brief(m) for m in rows]
+
+    async def show(self, queue_id: str) -> dict[str, Any] | None:
+        m = await self.spool.get(queue_id)
+        if m is None:
+            return None
+        out = self._brief(m)
+        out["recipients"] = [
+            {
+                "recipient": r.rcpt,
+                "status": r.status.value,
+                "attempts": r.attempts,
+                "next_attempt": r.next_attempt or None,
+                "last_reply": r.last_reply or None,
+            }
+            for r in m.recipients
+        ]
+        e = self.scheduler.entries.get(queue_id)
+        out["scheduler"] = (
+            None
+            if e is None
+            else {
+                "state": "held" if e.held else _STATES.get(e.state, "?"),
+                "upstream": e.upstream or None,
+                "next_attempt": e.next_attempt or None,
+                "last_reply": e.last_reply or None,
+            }
+        )
+        try:
+            body = await self.spool.read_body(queue_id)
+        except KeyError:
+            body = b""
+        head = body[: min(header_end(body), MAX_HEADER_BYTES)]
+        out["headers"] = head.decode("utf-8", "replace")
+        return out
+
+    @staticmethod
+    def _brief(m: SpoolMessage) -> dict[str, Any]:
+        pending = m.pending
+        return {
+            "queue_id": m.queue_id,
+            "received_at": m.received_at,
+            "age": round(max(0.0, time.time() - m.received_at), 1),
+            "sender": m.sender,
+            "org": m.org,
+            "account": m.account,
+            "upstream": m.upstream,
+            "client": m.client,
+            "size": m.size,
+            "held": m.held,
+            "is_dsn": m.is_dsn,
+            "pending": [r.rcpt for r in pending],
+            "last_reply": next((r.last_reply for r in pending if r.last_reply), None),
+        }
+
+    # -- actions ----------------------------------------------------------------------
+    async def act(
+        self, action: str, queue_id: str, *, reason: str | None = None
+    ) -> tuple[str, str]:
+        """(result, text): result is ok | not_found | conflict."""
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}")
+        e = self.scheduler.entries.get(queue_id)
+        in_flight = e is not None and e.state == ACTIVE
+        if action == "hold":
+            known = self.scheduler.hold(queue_id)
+            known = await self.spool.set_held(queue_id, True) or known
+            if not known:
+                return "not_found", f"{queue_id}: not in the queue"
+            log.info("queue: %s held by the operator", queue_id)
+            return "ok", "held" + (" (the attempt in progress finishes first)" if in_flight else "")
+        if action == "release":
+            known = await self.spool.set_held(queue_id, False)
+            known = self.scheduler.release(queue_id) or known
+            if not known:
+                return "not_found", f"{queue_id}: not in the queue"
+            log.info("queue: %s released by the operator", queue_id)
+            return "ok", "released"
+        if action == "retry":
+            if e is None:
+                return "not_found", f"{queue_id}: not in the queue"
+            if e.held:
+                return "conflict", f"{queue_id} is held: release it to deliver it"
+            self.scheduler.retry_now(queue_id)
+            log.info("queue: %s retried now by the operator", queue_id)
+            return "ok", "delivering now" if in_flight else "dispatched now"
+        if action == "delete":
+            known = self.scheduler.forget(queue_id)
+            known = await self.spool.delete(queue_id) or known
+            if not known:
+                return "not_found", f"{queue_id}: not in the queue"
+            log.warning("queue: %s deleted by the operator (no DSN)", queue_id)
+            return "ok", "deleted" + (
+                " (an attempt in progress may still deliver it)" if in_flight else ""
+            )
+        # bounce: every pending recipient bounced with a DSN to the sender (scheduler.bounce)
+        if e is None:
+            return "not_found", f"{queue_id}: not in the queue"
+        if in_flight:
+            return (
+                "conflict",
+                f"{queue_id}: a delivery attempt is in progress; try again in a moment",
+            )
+        text = "5.0.0 " + (reason or "returned to sender by the relay administrator")
+        if not await self.scheduler.bounce(queue_id, text):
+            return "conflict", f"{queue_id}: could not be bounced now; try again"
+        log.warning("queue: %s bounced by the operator", queue_id)
+        return (
+            "ok",
+            "bounced (DSN queued to the sender)" if e.sender else "bounced (null sender: no DSN)",
+        )
+
+    async def act_many(
+        self, action: str, ids: list[str] | None, f: Filters, *, reason: str | None = None
+    ) -> dict[str, Any]:
+        """The action on every listed id, or on every message matching the filters."""
+        if ids is None:
+            ids = [m["queue_id"] for m in await self.messages(f)]
+        results = {}
+        counts: dict[str, int] = {}
+        for qid in ids:
+            result, text = await self.act(action, qid, reason=reason)
+            results[qid] = {"result": result, "text": text}
+            counts[result] = counts.get(result, 0) + 1
+        return {"action": action, "matched": len(ids), "counts": counts, "results": results}
