@@ -1,0 +1,279 @@
+"""The three scenarios: throughput (relay vs Postfix), latency-bound upstream, and scale
+(a large queue built while the upstream is down, restart, summary, drain)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import procs
+from benchmarks.clients import ProbeResult, probe, run_smtp_source
+from benchmarks.mtas import Postfix, Relay
+from benchmarks.sinks import Sink
+
+
+@dataclass
+class Settings:
+    messages: int = 20_000
+    sessions: int = 50
+    size: int = 5_000
+    upstream_connections: int = 20
+    reuse: bool = False  # smtp-source -d
+    probe_seconds: float = 10.0
+    latency_messages: int = 4_000
+    delay: float = 0.1
+    scale_messages: int = 200_000
+    workdir: Path = Path("/var/tmp")
+    profile: Path | None = None  # write a py-spy profile of the relay here (throughput)
+
+    def deadline(self, messages: int, min_rate: float = 50.0) -> float:
+        """Every wait is bounded: generous for a slow machine, never unbounded."""
+        return 60.0 + messages / min_rate
+
+
+@dataclass
+class Throughput:
+    mta: str
+    messages: int
+    seconds: float = float("nan")
+    ingest_seconds: float = float("nan")
+    cpu_seconds: float = float("nan")
+    rss_peak: int = 0
+    main_thread_cpu: float = float("nan")  # relay: the event loop's own thread
+    probe: ProbeResult | None = None
+    probe_rate: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1000 * self.cpu_seconds / self.messages
+
+
+def _start(kind: str, base: Path, sink_port: int, s: Settings) -> Relay | Postfix:
+    if kind == "relay":
+        return Relay(base / "relay", sink_port, max_connections=s.upstream_connections).start()
+    return Postfix(base / "postfix", sink_port, max_connections=s.upstream_connections).start()
+
+
+def _py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
+    py_spy = Path(sys.executable).with_name("py-spy")
+    cmd = [str(py_spy), "record", "--pid", str(pid), "--rate", "200", "--threads",
+           "--duration", str(int(seconds)), "--format", "raw", "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    time.sleep(1.0)  # py-spy attaches; the measured window starts after
+    return proc
+
+
+def throughput(kind: str, base: Path, s: Settings, *, with_probe: bool = True) -> Throughput:
+    """smtp-source -> MTA -> smtp-sink; end-to-end until the sink counted every message."""
+    res = Throughput(kind, s.messages)
+    with Sink(procs.free_port()) as sink:
+        mta = _start(kind, base, sink.port, s)
+        spy = None
+        try:
+            if s.profile is not None and kind == "relay":
+                s.profile.parent.mkdir(parents=True, exist_ok=True)
+                spy = _py_spy(mta.pid, s.profile, s.deadline(s.messages, 200))
+            cpu0 = mta.cpu_seconds()
+            main0 = procs.thread_cpu(mta.pid).get(mta.pid, 0.0)
+            t0 = time.monotonic()
+            took, _ = run_smtp_source(mta.port, s.messages, s.sessions, s.size, reuse=s.reuse,
+                                      timeout=s.deadline(s.messages))
+            res.ingest_seconds = took
+            end = sink.wait_for(s.messages, t0 + s.deadline(s.messages))
+            cpu1 = mta.cpu_seconds()
+            if kind == "relay":
+                res.main_thread_cpu = procs.thread_cpu(mta.pid).get(mta.pid, 0.0) - main0
+            if end is None:
+                res.notes.append(f"timed out: the sink counted {sink.count}/{s.messages}")
+                end = time.monotonic()
+            res.seconds = end - t0
+            res.cpu_seconds = cpu1 - cpu0
+            res.rss_peak = mta.rss()[1]
+            res.notes.append(f"upstream sessions ended so far: {sink.sessions}")
+            if spy is not None:
+                spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
+                spy.wait(60)
+                spy = None
+            if with_probe and s.probe_seconds > 0:
+                rate = res.rate / 2
+                res.probe_rate = rate
+                before = sink.count
+                res.probe = asyncio.run(probe(mta.port, rate, s.probe_seconds, s.size))
+                sink.wait_for(before + res.probe.sent, time.monotonic() + s.deadline(res.probe.sent))
+            if isinstance(mta, Relay):
+                delivered = mta.count_events("delivered")
+                deferred = mta.count_events("deferred")
+                if deferred:
+                    res.notes.append(f"relay deferred {deferred} deliveries")
+                res.notes.append(f"relay mail log: {delivered} delivered")
+        finally:
+            if spy is not None:
+                spy.kill()
+            mta.stop()
+    return res
+
+
+@dataclass
+class Latency:
+    mta: str
+    messages: int
+    ceiling: float
+    seconds: float = float("nan")
+    steady_seconds: float = float("nan")
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def steady_rate(self) -> float:
+        """From the sink's first message to its last: the delivery rate itself."""
+        return (self.messages - 1) / self.steady_seconds
+
+
+def latency(kind: str, base: Path, s: Settings) -> Latency:
+    """The upstream answers each final dot after `delay` and allows `upstream_connections`
+    at once: the ceiling is connections / delay messages per second."""
+    res = Latency(kind, s.latency_messages, s.upstream_connections / s.delay)
+    with Sink(procs.free_port(), delay=s.delay) as sink:
+        mta = _start(kind, base, sink.port, s)
+        try:
+            t0 = time.monotonic()
+            run_smtp_source(mta.port, s.latency_messages, s.sessions, s.size, reuse=s.reuse,
+                            timeout=s.deadline(s.latency_messages))
+            end = sink.wait_for(s.latency_messages, t0 + s.deadline(s.latency_messages, 20))
+            if end is None:
+                res.notes.append(f"timed out: the sink counted {sink.count}/{s.latency_messages}")
+                end = time.monotonic()
+            res.seconds = end - t0
+            res.steady_seconds = end - (sink.first_at or t0)
+        finally:
+            mta.stop()
+    return res
+
+
+@dataclass
+class Scale:
+    messages: int
+    ingest_seconds: float = float("nan")
+    rss_after_ingest: tuple[int, int] = (0, 0)
+    stop_seconds: float = float("nan")
+    summary_seconds: float = float("nan")
+    summary_how: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+    spool_bytes: int = 0
+    flush_seconds: float = float("nan")
+    recovery_seconds: float = float("nan")
+    recovered: int | None = None
+    rss_after_recovery: tuple[int, int] = (0, 0)
+    drain_seconds: float = float("nan")
+    rss_after_drain: tuple[int, int] = (0, 0)
+    notes: list[str] = field(default_factory=list)
+
+
+def _summary(relay: Relay) -> tuple[float, str, dict[str, Any]]:
+    """Time the queue summary of a stopped relay: `relay queue summary` if the CLI has it,
+    else Spool.summary() on its spool directory (open and close not included)."""
+    probe_cli = subprocess.run([sys.executable, "-m", "relay.cli", "queue", "--help"],
+                               capture_output=True, text=True, timeout=30)
+    if probe_cli.returncode == 0 and "summary" in probe_cli.stdout:
+        cmd = [sys.executable, "-m", "relay.cli", "queue", "summary", "-c", str(relay.dir)]
+        t0 = time.monotonic()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - t0
+        if r.returncode == 0:
+            return took, "`relay queue summary` (whole command, Python start-up included)", {
+                "output": r.stdout[-400:]}
+    from relay.spool import Spool
+
+    async def run() -> tuple[float, dict[str, Any]]:
+        spool = await Spool.open(relay.dir / "spool")
+        try:
+            t0 = time.monotonic()
+            out = await spool.summary()
+            return time.monotonic() - t0, out
+        finally:
+            await spool.close()
+
+    took, out = asyncio.run(run())
+    return took, "Spool.summary() on the stopped relay's spool (no `relay queue` CLI yet)", out
+
+
+def _flush(relay: Relay) -> tuple[float, int]:
+    """Make every deferred recipient due now, through the Spool API (the offline equivalent
+    of Postfix's `postqueue -f`): the drain then starts as soon as the relay is up."""
+    from relay.spool import RecipientUpdate, Spool
+
+    async def run() -> int:
+        spool = await Spool.open(relay.dir / "spool")
+        n = 0
+        try:
+            batch: list[asyncio.Future[None]] = []
+            for m in spool.iter_pending():
+                ups = [RecipientUpdate(r.rcpt, r.status, r.attempts, 0.0, r.last_reply)
+                       for r in m.pending]
+                batch.append(asyncio.ensure_future(spool.update(m.queue_id, ups)))
+                n += 1
+                if len(batch) >= 2000:
+                    await asyncio.gather(*batch)
+                    batch = []
+            await asyncio.gather(*batch)
+        finally:
+            await spool.close()
+        return n
+
+    t0 = time.monotonic()
+    n = asyncio.run(run())
+    return time.monotonic() - t0, n
+
+
+def scale(base: Path, s: Settings) -> Scale:
+    """Queue `scale_messages` while the upstream refuses connections; stop; summary; restart
+    (recovery time, RSS); then the upstream comes back and the queue drains."""
+    res = Scale(s.scale_messages)
+    sink_port = procs.free_port()  # nothing listens here until the drain: connection refused
+    # One failed attempt per message, then a long wait: the queue builds without a retry storm.
+    relay = Relay(base / "relay-scale", sink_port, max_connections=s.upstream_connections,
+                  retry_schedule=["2h"])
+    relay.start()
+    try:
+        t0 = time.monotonic()
+        run_smtp_source(relay.port, s.scale_messages, s.sessions, s.size, reuse=True,
+                        timeout=s.deadline(s.scale_messages, 100))
+        res.ingest_seconds = time.monotonic() - t0
+        res.rss_after_ingest = relay.rss()
+        res.stop_seconds = relay.stop()
+    finally:
+        relay.kill()
+    res.spool_bytes = sum(p.stat().st_size for p in (relay.dir / "spool").iterdir() if p.is_file())
+    res.summary_seconds, res.summary_how, res.summary = _summary(relay)
+    res.flush_seconds, flushed = _flush(relay)
+    res.notes.append(f"flushed {flushed} messages (next attempt = now) before the restart, untimed")
+    with Sink(sink_port) as sink:
+        relay.start(timeout=s.deadline(s.scale_messages, 1000))
+        try:
+            assert relay.listening_at is not None
+            res.recovery_seconds = relay.listening_at - relay.started_at
+            res.recovered = relay.recovered
+            res.rss_after_recovery = relay.rss()
+            end = sink.wait_for(s.scale_messages, relay.listening_at + s.deadline(s.scale_messages, 50))
+            if end is None:
+                res.notes.append(f"drain timed out: the sink counted {sink.count}/{s.scale_messages}")
+                end = time.monotonic()
+            res.drain_seconds = end - relay.listening_at
+            res.rss_after_drain = relay.rss()
+        finally:
+            relay.stop()
+    return res
