@@ -24,6 +24,7 @@ from relay.delivery import Deliverer, DnsResolver
 from relay.errors import SpoolError
 from relay.events import MailLog, Metrics
 from relay.intake import Intake
+from relay.limits import Limits
 from relay.listener import Listener, ListenerSettings
 from relay.logsetup import configure as configure_logging
 from relay.logsetup import remember_config_secrets
@@ -113,13 +114,17 @@ class Relay:
     async def start(self) -> None:
         cfg = self.config
         self.spool = await Spool.open(cfg.spool_path)
-        self.deliverer = Deliverer(DnsResolver(cfg.relay.dns.hosts, lifetime=cfg.relay.dns.timeout))
-        self.scheduler = Scheduler(cfg, self.spool, self.deliverer, self.events)
+        self.limits = Limits.from_config(cfg, self.metrics)
+        self.deliverer = Deliverer(
+            DnsResolver(cfg.relay.dns.hosts, lifetime=cfg.relay.dns.timeout),
+            unpooled=lambda up: self.limits.store.shared and up.throttle.max_connections is not None,
+        )
+        self.scheduler = Scheduler(cfg, self.spool, self.deliverer, self.events, gate=self.limits.gate)
         recovered = self.scheduler.recover(self.spool.iter_pending())
         log.info("recovered %d unfinished messages from %s", recovered, cfg.spool_path)
         self.penalty = PenaltyBox()  # failed-AUTH memory; survives reloads, not restarts
         self.intake = Intake(cfg, self.spool, self.scheduler, self.events, users=load_users(cfg),
-                             penalty=self.penalty)
+                             penalty=self.penalty, limiter=self.limits.limiter)
         self.scheduler.start()
         await self._start_admin(cfg)
         for settings in listener_settings(cfg):
@@ -168,12 +173,23 @@ class Relay:
             log.warning("%s", w)
         self.config = new
         self.scheduler.reconfigure(new)
+        await self._reload_limits(new)
         self.intake = Intake(new, self.spool, self.scheduler, self.events, users=load_users(new),
-                             penalty=self.penalty)
+                             penalty=self.penalty, limiter=self.limits.limiter)
         for lst in self.listeners:
             lst.set_intake(self.intake)
         log.info("configuration reloaded")
         return True
+
+    async def _reload_limits(self, new: Config) -> None:
+        """Same limits backend: keep counters and leases, take the new values. A new backend
+        (e.g. memory → Redis): new limits from now on; the old ones are closed."""
+        if self.limits.same_backend(new.relay.limits):
+            self.limits.reconfigure(new.relay.limits)
+            return
+        old, self.limits = self.limits, Limits.from_config(new, self.metrics)
+        self.scheduler.gate = self.limits.gate
+        await old.close()
 
     async def stop(self, grace: float = 30.0) -> None:
         self.ready = False
@@ -182,6 +198,7 @@ class Relay:
         await self.scheduler.stop(grace=min(grace, 10.0))
         if self.admin is not None:
             await self.admin.stop()
+        await self.limits.close()
         await self.deliverer.close()
         await self.spool.close()
         self.events.close()

@@ -38,6 +38,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_route(args: argparse.Namespace) -> int:
     from relay.explain import as_text, explain
+    from relay.limits.usage import as_text as usage_text
 
     config = _load(args)
     if config is None:
@@ -48,8 +49,23 @@ def cmd_route(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     d = explain(config, args.sender, org=args.org, account=args.account, client=args.client)
-    print(json.dumps(d, indent=2) if args.json else as_text(d))
+    d["current_use"] = _current_use(config, args)
+    text = "\n".join([as_text(d), *usage_text(d["current_use"])])
+    print(json.dumps(d, indent=2) if args.json else text)
     return 0
+
+
+def _current_use(config: Config, args: argparse.Namespace) -> dict[str, object]:
+    """Live counters of the limits that apply (readable with the Redis backend only)."""
+    import asyncio
+
+    from relay.limits.usage import current_use
+    from relay.policy import applicable_limits, attribute, route
+
+    att = attribute(config, args.sender, tag_org=args.org, tag_account=args.account)
+    limits = applicable_limits(config, att, args.sender, args.client)
+    upstream = route(config, att).upstream
+    return asyncio.run(current_use(config.relay.limits, limits, upstream))
 
 
 def cmd_egress_ips(args: argparse.Namespace) -> int:

@@ -43,7 +43,12 @@ def explain(
                     "hourly",
                     "daily",
                 )
-            },
+            }
+            | (
+                {"quotas": [f"{n} per {sec}s" for n, sec in up.throttle.quotas]}
+                if up.throttle.quotas
+                else {}
+            ),
         },
         "routed_by": r.rule,
         "egress_pool": {

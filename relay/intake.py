@@ -80,6 +80,18 @@ class Intake:
         # are in the AUTH penalty box. Allowlisted networks need no AUTH: never blocked here.
         if not self.allowlisted(peer_ip) and self.penalty.blocked_for(peer_ip) > 0:
             raise _auth_blocked()
+        if self.limiter is not None:
+            try:
+                self.limiter.connection_opened(peer_ip)  # concurrent connections per client
+            except RelayError as exc:
+                self.events.emit(Disposition.REJECTED, client=peer_ip, reason=type(exc).__name__,
+                                 detail=exc.reason, reply=exc.reply())
+                raise
+
+    def connection_closed(self, peer_ip: str) -> None:
+        """The listener: a connection that passed check_connect has ended."""
+        if self.limiter is not None:
+            self.limiter.connection_closed(peer_ip)
 
     def authenticate(self, session: SessionInfo, user: str, password: str) -> bool:
         if self.penalty.blocked_for(session.peer_ip) > 0:
@@ -114,7 +126,8 @@ class Intake:
             prepared = await asyncio.wait_for(self._prepare(session, envelope), self.policy_timeout)
         except RelayError as exc:
             self.events.emit(Disposition.REJECTED, client=client, sender=envelope.sender,
-                             reason=type(exc).__name__, reply=exc.reply())
+                             reason=type(exc).__name__, reply=exc.reply(),
+                             detail=exc.reason if exc.reason != exc.client_text else None)
             raise
         except Exception as exc:  # fail closed: a policy bug or timeout is 451 4.3.5, never 250
             log.exception("policy failed for a message from %s", client)

@@ -38,7 +38,7 @@ import ipaddress
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
@@ -108,6 +108,14 @@ class Intake(Protocol):
     def check_recipient(self, session: SessionInfo, sender: str, rcpt: str) -> None: ...
 
     async def submit(self, session: SessionInfo, envelope: Envelope) -> str: ...
+
+
+@runtime_checkable
+class ConnectionObserver(Protocol):
+    """Optional for an Intake: told when a connection that passed check_connect ends (so
+    it can count concurrent connections per client)."""
+
+    def connection_closed(self, peer_ip: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -309,6 +317,7 @@ class _SmtpSession(SMTP):
         self._in_data = False
         self._auth_user: str | None = None  # valid while self.session.authenticated
         self._txn_intake: Intake | None = None
+        self._connect_intake: Intake | None = None  # the one whose check_connect passed
         self._body_8bit = False
         self._session_timer: asyncio.TimerHandle | None = None
 
@@ -338,6 +347,12 @@ class _SmtpSession(SMTP):
         if self._session_timer is not None:
             self._session_timer.cancel()
         self._listener._unregister(self)
+        opened, self._connect_intake = self._connect_intake, None
+        if isinstance(opened, ConnectionObserver):
+            try:
+                opened.connection_closed(self._peer_ip)
+            except Exception:
+                self._log.exception("connection_closed hook failed")
         self._log.debug("%s:%d disconnected", self._peer_ip, self._peer_port)
         super().connection_lost(error)
 
@@ -352,8 +367,10 @@ class _SmtpSession(SMTP):
             pass  # the client went away; connection_lost() cleans up
 
     def _check_connect(self) -> str | None:
+        intake = self._listener.intake
         try:
-            self._listener.intake.check_connect(self._peer_ip)
+            intake.check_connect(self._peer_ip)
+            self._connect_intake = intake
         except Exception as exc:
             self._log_refusal("connect", exc)
             # Only 421 and 554 may replace the greeting (RFC 5321 § 3.1, § 4.2.3).
@@ -377,8 +394,11 @@ class _SmtpSession(SMTP):
         self._writer.write(reply.encode("ascii", "replace") + b"\r\n")
         transport.close()
         # close() waits for the peer to read our last bytes; a peer that never reads
-        # must not hold the connection open forever.
-        self.loop.call_later(_CLOSE_FLUSH_TIMEOUT, _abort, transport)
+        # must not hold the connection open forever. After STARTTLS, abort the socket's own
+        # transport: the TLS one waits for the peer's close_notify, and once closed twice
+        # (aiosmtpd does) its abort() is a no-op — the session would never end.
+        raw = self._original_transport
+        self.loop.call_later(_CLOSE_FLUSH_TIMEOUT, _abort, raw if raw is not None else transport)
         # Stop the command loop too: nothing the client pipelined after this point may
         # still run (aiosmtpd's own QUIT does the same).
         if self._handler_coroutine is not None:

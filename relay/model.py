@@ -71,6 +71,7 @@ class Throttle:
     max_messages_per_connection: int | None = None
     hourly: int | None = None
     daily: int | None = None
+    quotas: tuple[tuple[int, int], ...] = ()  # (messages, window seconds), beyond hourly/daily
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 Waiting messages sit in one timer heap; due messages are routed by the *current* policy and
 join their upstream's ready queue, which is fair between organisations (round robin over
 per-organisation queues) so one organisation's campaign cannot starve another's receipts.
-Each upstream has at most `max_connections` deliveries in flight; the `Gate` (relay.throttle)
+Each upstream has at most `max_connections` deliveries in flight; the `Gate` (relay.limits)
 decides when the next may start (minimum interval, hourly/daily quotas, shared leases) and an
 upstream that answers "slow down" pauses as a whole. Outcomes are written back to the spool;
 bounced and expired recipients produce one DSN. Nothing here ever drops a message: every
@@ -54,8 +54,10 @@ class Deliverer(Protocol):
 
 
 class Gate(Protocol):
-    """Upstream throttles (relay.throttle). `acquire` returns 0 when a delivery may start now
-    (and counts it), else the seconds to wait; `release` ends a started delivery."""
+    """Upstream throttles (relay.limits.gate). `acquire` returns 0 when a delivery may start
+    now (and counts it), else the seconds to wait; `release` ends a started delivery.
+    `slow_down` is the pause after a rate-limit reply (growing while they repeat);
+    `recovered` tells it a delivery went through."""
 
     async def acquire(self, upstream: Upstream) -> float: ...
     async def release(self, upstream: Upstream) -> None: ...
@@ -150,11 +152,15 @@ class UpstreamQueue:
         return None
 
     def unpop(self, e: Entry) -> None:
-        """Put back at the head (a throttle said not yet)."""
+        """Put back at the head (a throttle said not yet). The organisation gets its turn
+        back too: `pop` sent it to the end of the line, and if it stayed there, a throttle
+        that opens once per pop would only ever let the *other* organisation through."""
         q = self.by_org.get(e.org)
         if q is None:
             q = self.by_org[e.org] = deque()
-            self.turn.appendleft(e.org)
+        else:
+            self.turn.remove(e.org)
+        self.turn.appendleft(e.org)
         q.appendleft(e)
         self.size += 1
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.certs import CertAuthority
+from tests.redisproc import RedisServer
 from tests.sinks import Sink
 
 MakeSink = Callable[..., Coroutine[Any, Any, Sink]]
@@ -33,3 +34,10 @@ async def make_sink() -> AsyncIterator[MakeSink]:
     yield make
     for sink in sinks:
         await sink.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, empty, stopped after the test."""
+    with RedisServer() as server:
+        yield server

@@ -145,7 +145,12 @@ class Builder:
             verify_tls=conf.verify_tls,
             ca_file=str(base_dir / conf.ca_file) if conf.ca_file else None,
             throttle=Throttle(
-                t.max_connections, t.min_interval, t.max_messages_per_connection, t.hourly, t.daily
+                t.max_connections,
+                t.min_interval,
+                t.max_messages_per_connection,
+                t.hourly,
+                t.daily,
+                tuple(t.quotas),
             ),
             connect_timeout=conf.connect_timeout,
             command_timeout=conf.command_timeout,

@@ -8,6 +8,7 @@ every file at once.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -46,11 +47,24 @@ def _hostname(value: str) -> str:
     except ValueError:
         pass
     label = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-    import re
-
     if len(value) > 253 or not re.fullmatch(rf"{label}(\.{label})*\.?", value):
         raise ValueError(f"'{value}' is not a valid host name or IP address")
     return value.rstrip(".").lower()
+
+
+_QUOTA = re.compile(r"^\s*(\d+)\s+per\s+(\S+)\s*$")
+
+
+def _quota(value: object) -> tuple[int, int]:
+    """'500 per 10m' → (500, 600): a message quota over a window of whole seconds."""
+    if isinstance(value, str) and (m := _QUOTA.match(value)):
+        count, seconds = int(m.group(1)), parse_duration(m.group(2))
+        if count >= 1 and seconds >= 1 and seconds == int(seconds):
+            return count, int(seconds)
+    raise ValueError(
+        f"'{value}' is not a quota (use 'COUNT per DURATION', e.g. '500 per 10m';"
+        " a count of at least 1 over whole seconds)"
+    )
 
 
 def _mailbox(value: str) -> str:
@@ -64,6 +78,7 @@ IPAddress = Annotated[str, AfterValidator(_ip)]
 Network = Annotated[str, AfterValidator(_network)]
 SecretRef = Annotated[str, AfterValidator(_secret_ref)]
 HostName = Annotated[str, AfterValidator(_hostname)]
+Quota = Annotated[tuple[int, int], BeforeValidator(_quota)]
 Mailbox = Annotated[str, AfterValidator(_mailbox)]
 
 
@@ -103,6 +118,9 @@ class ThrottleConf(Strict):
     max_messages_per_connection: PositiveInt | None = None
     hourly: PositiveInt | None = None
     daily: PositiveInt | None = None
+    # Further quotas over any window, e.g. ["500 per 10m"]; hourly/daily are the same thing
+    # over 1h and 1d. All are fixed windows that start with the first message (relay.limits).
+    quotas: list[Quota] = Field(default_factory=list)
 
 
 class UpstreamConf(Strict):
@@ -138,6 +156,15 @@ class LimitsConf(Strict):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
     on_backend_failure: Literal["local", "tempfail"] = "local"
+    node_id: Name | None = None  # names this node's leases in Redis; default host-pid
+    redis_timeout: Duration = 0.5  # per Redis operation: a dead Redis is noticed fast
+    redis_retry: Duration = 5.0  # while degraded, how often Redis is tried again
+    # While Redis is unreachable (on_backend_failure: local) each node enforces this share
+    # of every shared limit on its own (set it to 1/number of nodes).
+    fallback_share: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    lease_ttl: Duration = 30.0  # a crashed node's concurrency slots free up after this
+    slow_down_initial: Duration = 30.0  # first pause after an upstream's rate-limit reply
+    slow_down_max: Duration = 900.0  # the pause doubles per repeat, up to this
     client: RateConf = Field(default_factory=RateConf)
     organisation: RateConf = Field(default_factory=RateConf)
     account: RateConf = Field(default_factory=RateConf)

@@ -9,7 +9,7 @@ what to do with deferred recipients, and concurrency limits are the scheduler's 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiosmtplib
 
@@ -71,7 +71,13 @@ class Deliverer:
         logger: logging.Logger | None = None,
         data_timeout: float = DATA_TIMEOUT,  # a cap; each upstream's data_timeout applies too
         quit_timeout: float = 5.0,
+        unpooled: Callable[[Upstream], bool] | None = None,
     ) -> None:
+        # `unpooled(upstream)`: its connections must not outlive a delivery (closed, QUIT
+        # awaited, before deliver returns). The shared concurrency leases of relay.limits
+        # are held around each delivery; an idle pooled connection would be open without
+        # one, and two nodes could then exceed the upstream's max_connections together.
+        self._unpooled = unpooled
         self._resolver = resolver
         self._log = logger or logging.getLogger("relay.delivery")
         self._data_timeout = data_timeout
@@ -126,7 +132,8 @@ class Deliverer:
 
         # At most two sessions: a pooled one that may have died while idle, then a fresh
         # one. A fresh session's failure is final for this attempt.
-        session = self._pool.checkout(key)
+        one_shot = self._unpooled is not None and self._unpooled(upstream)
+        session = None if one_shot else self._pool.checkout(key)
         for _ in range(2):
             if session is None:
                 try:
@@ -155,7 +162,12 @@ class Deliverer:
             except BaseException:
                 session.smtp.close()  # cancelled mid-transaction: the session is in an unknown state
                 raise
-            self._pool.checkin(session, max_messages=upstream.throttle.max_messages_per_connection)
+            if one_shot:
+                await self._pool.close_now(session)
+            else:
+                self._pool.checkin(
+                    session, max_messages=upstream.throttle.max_messages_per_connection
+                )
             return results
         raise AssertionError("unreachable: a fresh session never raises _StaleConnection")
 

@@ -65,6 +65,14 @@ class Pool:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
+    async def close_now(self, session: Session) -> None:
+        """Close a session we are done with and wait for it (QUIT, bounded by quit_timeout)."""
+        self._cancel_timer(session)
+        if session.alive:
+            await self._quit(session)
+        else:
+            session.smtp.close()
+
     def idle_count(self, key: PoolKey | None = None) -> int:
         if key is not None:
             return len(self._idle.get(key, ()))
