@@ -8,9 +8,14 @@ backoff), lease expiry after a crash, and the Redis fallback (local or tempfail)
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +35,7 @@ from relay.limits import (
 from relay.model import Throttle, TlsMode, Upstream
 from relay.policy import AppliedLimit
 from tests.redisproc import RedisServer
+from tests.relayproc import RelayConfig
 
 
 def upstream(uid: str = "sink", **throttle: object) -> Upstream:
@@ -272,7 +278,9 @@ async def test_redis_down_with_tempfail_refuses_intake_and_holds_deliveries(
     with pytest.raises(RateLimited) as info:
         await limits.limiter.check_message(org, 1)
     assert info.value.reply().startswith("451 4.7.1 rate limits temporarily unavailable")
-    assert await limits.gate.acquire(upstream()) >= 1  # deliveries wait; nothing bounced
+    # Throttled upstreams wait (nothing bounced); one without throttles has nothing to count.
+    assert await limits.gate.acquire(upstream(hourly=100)) >= 1
+    assert await limits.gate.acquire(upstream()) == 0
     await limits.close()
 
 
@@ -284,3 +292,64 @@ async def test_fallback_scales_shared_limits() -> None:
         Limits(LimitsConf(backend="redis", redis_url="redis://127.0.0.1:1/0"), Metrics()).store,
         Failover,
     )
+
+
+# -- relay route: current use ---------------------------------------------------------------
+
+
+def _route(config_dir: Path, sender: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relay.cli",
+            "route",
+            "-c",
+            str(config_dir),
+            "--sender",
+            sender,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+async def test_route_shows_current_use_from_redis_and_says_when_it_cannot(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    orgs = [{"org": "acme", "domains": ["acme.test"], "limits": {"per_hour": 10}}]
+    upstreams = {
+        "plain": {
+            "host": "127.0.0.1",
+            "port": 2525,
+            "tls": "none",
+            "allow_plaintext": True,
+            "throttle": {"hourly": 50},
+        }
+    }
+    limits_conf = {"backend": "redis", "redis_url": redis_server.url}
+    shared = RelayConfig(
+        tmp_path / "redis",
+        upstreams=upstreams,
+        default_upstream="plain",
+        orgs=orgs,
+        limits=limits_conf,
+    ).write()
+    local = RelayConfig(
+        tmp_path / "memory", upstreams=upstreams, default_upstream="plain", orgs=orgs
+    ).write()
+    limits = Limits(LimitsConf(**limits_conf), Metrics())  # type: ignore[arg-type]
+    for _ in range(3):
+        await limits.limiter.check_message([applied("organisation", "acme", per_hour=10)], 1)
+    assert await limits.gate.acquire(upstream("plain", hourly=50)) == 0
+    await limits.close()
+
+    use = (await asyncio.to_thread(_route, shared, "bob@acme.test"))["current_use"]
+    assert {"limit": "organisation acme: 10 messages per hour", "used": 3} in use["intake"]
+    assert use["upstream"]["quotas"] == [{"limit": "50 messages per hour", "used": 1}]
+    note = (await asyncio.to_thread(_route, local, "bob@acme.test"))["current_use"]["note"]
+    assert "memory" in note and "not visible" in note

@@ -104,7 +104,7 @@ def bench(
             upstreams=upstreams,
             default_upstream="capped",
             orgs=orgs,
-            limits={**limits, "slow_down_initial": "1500ms"},
+            limits={**limits, "slow_down_initial": "1500ms", "client": {"max_connections": 3}},
         ).write()
         relay = stack.enter_context(RelayProcess(cfg))
         yield Bench(relay, sinks, throttled_at)
@@ -174,6 +174,29 @@ def test_intake_limit_answers_451_and_logs_the_hit(bench: Bench) -> None:
     [rejected] = [e for e in relay.events("rejected") if e.get("reason") == "RateLimited"]
     assert rejected["detail"].startswith("limit organisation capped")
     assert sorted(bench.sinks["capped"].recipients) == ["r0@y.test", "r1@y.test", "r3@y.test"]
+
+
+def test_concurrent_connections_per_client_are_capped(bench: Bench) -> None:
+    port = bench.relay.port
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(smtplib.SMTP("127.0.0.1", port, timeout=10)) for _ in range(3)]
+        with pytest.raises(smtplib.SMTPConnectError) as info:
+            smtplib.SMTP("127.0.0.1", port, timeout=10)
+        assert info.value.smtp_code == 421
+        assert b"4.7.1 client 127.0.0.1: 3 concurrent connections exceeded" in info.value.smtp_error
+        held.pop().quit()
+        deadline = time.monotonic() + 10
+        while True:  # the relay counts the closed connection as soon as it sees it go
+            try:
+                stack.enter_context(smtplib.SMTP("127.0.0.1", port, timeout=10))
+                break
+            except smtplib.SMTPConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    rejected = [
+        e for e in bench.relay.events("rejected") if "max_connections" in e.get("detail", "")
+    ]
+    assert rejected and rejected[0]["client"] == "127.0.0.1"
 
 
 def test_a_throttle_that_refuses_every_other_try_still_serves_both_organisations() -> None:

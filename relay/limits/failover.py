@@ -67,6 +67,8 @@ class Failover(Store):
     ) -> T:
         now = self._clock()
         if not self.degraded or now >= self._next_probe:
+            if self.degraded:
+                self._next_probe = now + self.retry  # one probe per interval, not one per call
             try:
                 result = await shared()
             except BACKEND_ERRORS as exc:

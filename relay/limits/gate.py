@@ -10,6 +10,9 @@ Quotas (`hourly`, `daily`, `quotas: ["N per 10m"]`) are fixed windows that start
 first message: exactly N messages per window, counted atomically across nodes. Leases are
 renewed every `lease_ttl / 3` while deliveries run.
 
+With `on_backend_failure: tempfail` and Redis unreachable, throttled upstreams wait; an
+upstream without throttles keeps going (there is nothing to count).
+
 Slow-down: an upstream that answers with a rate-limit reply (421, 451 4.7.x, the SendGrid
 and Mailjet throttling texts; relay.delivery.outcome) pauses for `slow_down_initial`, then
 twice as long each time it does it again right after a pause, up to `slow_down_max`; one
@@ -89,7 +92,10 @@ class UpstreamGate:
     async def _acquire(self, upstream: Upstream) -> float:
         t = upstream.throttle
         key = upstream.id
-        paused = await self.store.paused(key)
+        try:
+            paused = await self.store.paused(key)
+        except BackendUnavailable:
+            paused = 0.0  # advisory: this node's own pause still holds (the scheduler's)
         if paused > 0:
             return paused
         quotas = quota_windows(upstream)
