@@ -125,6 +125,50 @@ async def test_null_sender_dsn_and_binary_body_round_trip(spool: Spool) -> None:
     msg = await spool.get(qid)
     assert msg is not None and msg.sender == "" and msg.is_dsn
     assert await spool.read_body(qid) == data
+    other = sqlite3.connect(spool.db_path)  # the disk copy, not the in-memory one
+    try:
+        row = other.execute(
+            "SELECT b.data FROM messages m JOIN bodies b ON b.id = m.id WHERE m.queue_id = ?",
+            (qid,),
+        ).fetchone()
+    finally:
+        other.close()
+    assert row[0] == data
+
+
+async def test_bodies_are_served_from_memory_until_the_first_update(tmp_path: Path) -> None:
+    bodies = [b"Subject: %d\r\n\r\n" % i + b"x" * 100 for i in range(3)]
+    spool = await Spool.open(tmp_path / "spool", body_cache_bytes=2 * len(bodies[0]))
+    try:
+        q = [await put(spool, data=b) for b in bodies]
+        # The newest two are cached: the very object the listener handed in, no copy.
+        assert await spool.read_body(q[2]) is bodies[2]
+        # The oldest was evicted past the cap: read back from disk.
+        first = await spool.read_body(q[0])
+        assert first == bodies[0] and first is not bodies[0]
+        # An attempt's outcome drops it: a retry reads the disk copy.
+        retry = RecipientUpdate("b@example.org", RcptStatus.PENDING, 1, 9e9, "451 4.4.1 later")
+        await spool.update(q[2], [retry])
+        again = await spool.read_body(q[2])
+        assert again == bodies[2] and again is not bodies[2]
+        # A deleted message is gone from memory too.
+        assert await spool.delete(q[1])
+        with pytest.raises(KeyError):
+            await spool.read_body(q[1])
+    finally:
+        await spool.close()
+    with pytest.raises(SpoolError):
+        await spool.read_body(q[0])
+
+
+async def test_body_cache_can_be_disabled(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool", body_cache_bytes=0)
+    try:
+        qid = await put(spool, data=BODY + b"!")
+        body = await spool.read_body(qid)
+        assert body == BODY + b"!"
+    finally:
+        await spool.close()
 
 
 async def test_unknown_ids(spool: Spool) -> None:

@@ -33,6 +33,10 @@ log = logging.getLogger("relay.spool")
 
 T = TypeVar("T")
 LOCK_NAME = "spool.lock"
+# Bodies of committed messages kept in memory for their first delivery attempt (oldest
+# dropped first past this size): the scheduler then gets the very bytes object the listener
+# received, without a thread hop, an SQLite read and a copy per message.
+BODY_CACHE_BYTES = 32 * 1024 * 1024
 
 
 def _open_database(db_path: Path, max_bytes: int | None) -> sqlite3.Connection:
@@ -87,11 +91,19 @@ class Spool:
     Writes (put, update, set_held, delete) go through the writer thread and resolve after
     COMMIT. `update` is durable once awaited too; a caller that fires it and forgets risks
     only losing the newest recipient state on a crash, which re-delivers (a duplicate),
-    never loses mail. Reads use a separate connection off the event loop.
+    never loses mail. Reads use a separate connection off the event loop, except a body
+    still in the bounded in-memory cache of committed bodies (dropped at the message's first
+    update or delete), which `read_body` returns as is.
     """
 
     def __init__(
-        self, directory: Path, writer: Writer, reader: sqlite3.Connection, lock_fd: int
+        self,
+        directory: Path,
+        writer: Writer,
+        reader: sqlite3.Connection,
+        lock_fd: int,
+        *,
+        body_cache_bytes: int = BODY_CACHE_BYTES,
     ) -> None:
         self.directory = directory
         self.db_path = directory / DB_NAME
@@ -100,13 +112,23 @@ class Spool:
         self._reader_lock = threading.Lock()
         self._lock_fd = lock_fd
         self._closed = False
+        self._bodies: dict[str, bytes] = {}  # insertion order = eviction order
+        self._body_bytes = 0
+        self._body_cache_bytes = body_cache_bytes
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], *, max_bytes: int | None = None) -> Spool:
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = None,
+        body_cache_bytes: int = BODY_CACHE_BYTES,
+    ) -> Spool:
         """Open (creating if needed) the spool in directory `path`.
 
         max_bytes caps the database size: past it `put` fails with SpoolError (451), so a
-        full queue answers "try later" instead of filling the disk.
+        full queue answers "try later" instead of filling the disk. body_cache_bytes bounds
+        the in-memory copy of recently committed bodies (0 disables it).
         """
         directory = Path(path)
 
@@ -124,7 +146,7 @@ class Spool:
                 raise SpoolError(reason=f"cannot open spool {directory}: {exc}") from exc
             writer = Writer(conn)
             writer.start()
-            return cls(directory, writer, reader, lock_fd)
+            return cls(directory, writer, reader, lock_fd, body_cache_bytes=body_cache_bytes)
 
         return await asyncio.to_thread(blocking)
 
@@ -188,7 +210,23 @@ class Spool:
             raise
         except Exception as exc:  # the listener must only ever see SpoolError (451)
             raise SpoolError(reason=f"spool put failed: {exc!r}") from exc
+        # Only after COMMIT: a body is never readable from memory unless it is on disk.
+        self._cache_body(queue_id, data)
         return queue_id
+
+    def _cache_body(self, queue_id: str, data: bytes) -> None:
+        if len(data) > self._body_cache_bytes:
+            return
+        self._bodies[queue_id] = data
+        self._body_bytes += len(data)
+        while self._body_bytes > self._body_cache_bytes:
+            oldest = next(iter(self._bodies))
+            self._body_bytes -= len(self._bodies.pop(oldest))
+
+    def _forget_body(self, queue_id: str) -> None:
+        data = self._bodies.pop(queue_id, None)
+        if data is not None:
+            self._body_bytes -= len(data)
 
     async def update(
         self, queue_id: str, updates: Sequence[RecipientUpdate], *, upstream: str | None = None
@@ -197,6 +235,8 @@ class Spool:
         remains PENDING the message and its body are deleted. Unknown ids are ignored (an
         operator may have deleted the message meanwhile)."""
         by_rcpt = {u.rcpt: u for u in updates}
+        # After an attempt the body has served its purpose; a retry reads it from disk.
+        self._forget_body(queue_id)
 
         def op(conn: sqlite3.Connection) -> None:
             row = conn.execute(
@@ -242,6 +282,7 @@ class Spool:
 
     async def delete(self, queue_id: str) -> bool:
         """Remove a message and its body; False if the id is unknown."""
+        self._forget_body(queue_id)
 
         def op(conn: sqlite3.Connection) -> bool:
             row = conn.execute("SELECT id FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
@@ -273,6 +314,11 @@ class Spool:
 
     async def read_body(self, queue_id: str) -> bytes:
         """The message bytes as received; KeyError if the id is unknown."""
+        if self._closed:
+            raise SpoolError(reason="spool is closed")
+        cached = self._bodies.get(queue_id)
+        if cached is not None:
+            return cached
 
         def fn(conn: sqlite3.Connection) -> bytes | None:
             row = conn.execute(
