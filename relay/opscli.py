@@ -267,9 +267,14 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    config = _load(args.config) if args.config else None
-    if config is not None and not config.relay.admin.enabled and args.url is None:
-        return _reload_by_signal(config)
+    if args.config:
+        # Validate here first: a configuration that does not load is never sent for.
+        config = _load(args.config)
+        if config is None:
+            print("reload refused: the previous configuration keeps running", file=sys.stderr)
+            return 1
+        if not config.relay.admin.enabled and args.url is None:
+            return _reload_by_signal(config)
     try:
         status, data = AdminClient.from_args(args).call("POST", "/reload")
     except AdminError as exc:
