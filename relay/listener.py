@@ -36,6 +36,7 @@ import collections
 import email.utils
 import ipaddress
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -320,6 +321,7 @@ class _SmtpSession(SMTP):
         self._connect_intake: Intake | None = None  # the one whose check_connect passed
         self._body_8bit = False
         self._session_timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     # ---- connection lifecycle ------------------------------------------------------------
 
@@ -346,6 +348,8 @@ class _SmtpSession(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._session_timer is not None:
             self._session_timer.cancel()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()  # gone: never touch its (reusable) descriptor again
         self._listener._unregister(self)
         opened, self._connect_intake = self._connect_intake, None
         if isinstance(opened, ConnectionObserver):
@@ -398,7 +402,9 @@ class _SmtpSession(SMTP):
         # transport: the TLS one waits for the peer's close_notify, and once closed twice
         # (aiosmtpd does) its abort() is a no-op — the session would never end.
         raw = self._original_transport
-        self.loop.call_later(_CLOSE_FLUSH_TIMEOUT, _abort, raw if raw is not None else transport)
+        self._abort_timer = self.loop.call_later(
+            _CLOSE_FLUSH_TIMEOUT, _abort, raw if raw is not None else transport
+        )
         # Stop the command loop too: nothing the client pipelined after this point may
         # still run (aiosmtpd's own QUIT does the same).
         if self._handler_coroutine is not None:
@@ -906,3 +912,16 @@ class _SmtpSession(SMTP):
 def _abort(transport: asyncio.BaseTransport) -> None:
     if isinstance(transport, asyncio.WriteTransport):
         transport.abort()  # a no-op once the connection is gone
+    # Some transports ignore abort() in the middle of a TLS shutdown (uvloop's, under
+    # aiosmtpd's STARTTLS layer); shutting the socket down ends the session in any case:
+    # the read side sees EOF and the protocol's connection_lost follows.
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.is_closing():
+        return  # aborted (or lost) as it should be: its descriptor may already be reused
+    try:
+        # A duplicate, because uvloop's transport socket refuses shutdown(); shutting a
+        # duplicate down shuts the one connection down.
+        with sock.dup() as dup:
+            dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
