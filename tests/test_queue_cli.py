@@ -3,15 +3,19 @@ filters, show, and the actions by id and by filter; token handling."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from relay.cli import main
 from tests.adminapi import ENV, TOKEN, admin_url, relay_with_admin
 from tests.relayproc import RelayProcess, send
 from tests.sinks import Script, ThreadedSink
@@ -37,13 +41,28 @@ def running(tmp_path: Path) -> Iterator[tuple[RelayProcess, ThreadedSink, list[s
             yield relay, sink, ids
 
 
-def queue(relay: RelayProcess, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ["PATH"]}
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def queue(relay: RelayProcess, *args: str, token: str | None = TOKEN) -> Run:
+    """`relay queue ...` run in this process (its HTTP to the relay is real; in-process only
+    saves an interpreter start per call)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.environ.pop("RELAY_ADMIN_TOKEN", None)
     if token is not None:
-        env["RELAY_ADMIN_TOKEN"] = token
-    cmd = [sys.executable, "-m", "relay.cli", "queue", "-c", str(relay.config_dir),
-           "--url", admin_url(relay), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+        os.environ["RELAY_ADMIN_TOKEN"] = token
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(["queue", "-c", str(relay.config_dir), "--url", admin_url(relay), *args])
+    finally:
+        os.environ.pop("RELAY_ADMIN_TOKEN", None)
+        if saved is not None:
+            os.environ["RELAY_ADMIN_TOKEN"] = saved
+    return Run(rc, out.getvalue(), err.getvalue())
 
 
 def test_views(running: tuple[RelayProcess, ThreadedSink, list[str]]) -> None:
