@@ -65,7 +65,7 @@ class Raw:
         self.greeting = self.reply()
 
     def reply(self) -> str:
-        lines = []
+        lines: list[str] = []
         while True:
             line = self.file.readline()
             if not line:

@@ -168,8 +168,8 @@ def test_guessing_across_connections_is_cut_off_per_address(
     # Connection 1: the per-connection limit (3 failures, then 421) still applies.
     s = _session(relay.port, guesser, client_tls)
     assert [_auth(s, "app", f"guess{i}")[0] for i in range(3)] == [535, 535, 535]
-    code, text = s.noop()  # the goodbye that followed the third 535
-    assert (code, text[:5]) == (421, b"4.7.0")
+    code, raw = s.noop()  # the goodbye that followed the third 535
+    assert (code, raw[:5]) == (421, b"4.7.0")
     with pytest.raises(smtplib.SMTPServerDisconnected):
         s.noop()
     # Connection 2: failures 4 and 5 from this address start the cool-off; the next AUTH
@@ -183,7 +183,8 @@ def test_guessing_across_connections_is_cut_off_per_address(
     # Connection 3: refused at the greeting for the cool-off.
     with pytest.raises(smtplib.SMTPConnectError) as refused:
         smtplib.SMTP("127.0.0.1", relay.port, source_address=(guesser, 0), timeout=10)
-    assert refused.value.smtp_code == 421 and refused.value.smtp_error.startswith(b"4.7.0")
+    error: bytes | str = refused.value.smtp_error
+    assert refused.value.smtp_code == 421 and error[:5] in (b"4.7.0", "4.7.0")
     # Another address with the right password is unaffected and can relay.
     s = _session(relay.port, "127.0.0.67", client_tls)
     assert _auth(s, "app", PASSWORD)[0] == 235

@@ -36,6 +36,10 @@ class Located:
         return 1
 
 
+# Far beyond any real configuration (thousands of values), far below a memory problem.
+MAX_VALUES = 100_000
+
+
 class _Walker:
     def __init__(self, file: str) -> None:
         self.file = file
@@ -43,8 +47,22 @@ class _Walker:
         self.errors: list[ConfigError] = []
         self._constructor = yaml.SafeLoader(stream="")
         self._open: set[int] = set()  # collections being walked: a recursive alias loops
+        self._visited = 0
 
     def walk(self, node: yaml.Node, path: Path) -> Any:
+        # Aliases share nodes, so a small text can stand for an exponential tree ("billion
+        # laughs"): every value visited counts, and the walk is bounded.
+        self._visited += 1
+        if self._visited > MAX_VALUES:
+            if self._visited == MAX_VALUES + 1:
+                self.errors.append(
+                    ConfigError(
+                        self.file,
+                        node.start_mark.line + 1,
+                        f"the document expands to more than {MAX_VALUES} values (aliases?)",
+                    )
+                )
+            return _INVALID
         self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
             if id(node) in self._open:
