@@ -289,3 +289,39 @@ def test_a_tls_client_that_stops_reading_is_still_cut_off(
         elapsed = time.monotonic() - started
         assert elapsed < 9, elapsed  # idle timeout (1 s) + the close flush bound (5 s)
         relay.stop(timeout=10)  # and nothing holds the relay's shutdown
+
+
+def test_a_connection_flood_from_one_client_is_capped_and_others_are_served(
+    tmp_path: Path, sink: ThreadedSink
+) -> None:
+    cfg = _relay(tmp_path, sink)
+    cfg.doc["limits"] = {"client": {"max_connections": 3}}
+    cfg.doc["clients"] = {"networks": ["127.0.0.0/8"]}
+    with RelayProcess(cfg.write()) as relay, clients():
+        held = [Raw(relay.port) for _ in range(3)]
+        assert all(c.greeting.startswith("220") for c in held)
+        flood = []
+        for _ in range(20):  # a flood beyond the cap: each refused at once, none pinned
+            sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+            f = sock.makefile("rb")
+            flood.append(f.readline())
+            assert f.read() == b""  # and closed
+            f.close()
+            sock.close()
+        assert all(line.startswith(b"421 4.7.1") for line in flood), flood[:2]
+        # Another client is served meanwhile; and the flooder again once one closed.
+        send(relay.port, "a@x.test", ["other@y.test"], source="127.0.0.5")
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:
+            c = Raw(relay.port)
+            if c.greeting.startswith("220") or time.monotonic() > deadline:
+                break
+            c.close()  # the close of the held connection may not be counted yet
+        assert c.greeting.startswith("220")
+        assert c.cmd("EHLO app.test").startswith("250")
+        sink.wait_for(1, 15)
+        relay.wait_events("delivered", 1)
+        rejected = relay.events("rejected")
+    assert len(rejected) >= 20 and all(e["client"] == "127.0.0.1" for e in rejected)
+    assert [m.rcpt_tos for m in sink.messages] == [["other@y.test"]]
