@@ -218,6 +218,8 @@ class Scheduler:
     def start(self) -> None:
         self._running = True
         self._loop_task = asyncio.create_task(self._timer_loop(), name="scheduler-timers")
+        for uq in self.queues.values():  # mail enqueued before start waits in ready queues
+            self._spawn(uq)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop starting deliveries; give those in flight `grace` seconds, then cancel them

@@ -39,7 +39,7 @@ class Rig:
     def events(self, kind: str) -> list[dict[str, Any]]:
         return [e for line in self.log.read_text().splitlines() if (e := json.loads(line))["event"] == kind]
 
-    async def wait_event(self, kind: str, n: int = 1, within: float = 5.0) -> list[dict[str, Any]]:
+    async def wait_event(self, kind: str, n: int = 1, within: float = 15.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + within
         while len(found := self.events(kind)) < n:
             assert time.monotonic() < deadline, f"no {n} '{kind}' events in {within}s: {self.log.read_text()}"
@@ -56,14 +56,17 @@ def plain(sink: Sink, **throttle: Any) -> dict[str, Any]:
 async def rig_factory(tmp_path: Path) -> AsyncIterator[Any]:
     made: list[tuple[Scheduler, Spool, Deliverer, MailLog]] = []
 
-    async def make(upstreams: dict[str, Any], orgs: tuple[dict[str, Any], ...] = (), **relay: Any) -> Rig:
+    async def make(
+        upstreams: dict[str, Any], orgs: tuple[dict[str, Any], ...] = (), *, start: bool = True, **relay: Any
+    ) -> Rig:
         d = RelayConfig(tmp_path / f"cfg{len(made)}", upstreams=upstreams, orgs=orgs, **relay).write()
         config = load_config(d)
         spool = await Spool.open(d / "spool")
         deliverer = Deliverer(DnsResolver())
         log = MailLog(str(d / "mail.log"))
         sched = Scheduler(config, spool, deliverer, log)
-        sched.start()
+        if start:
+            sched.start()
         made.append((sched, spool, deliverer, log))
         return Rig(d, spool, sched, d / "mail.log")
 
@@ -77,17 +80,19 @@ async def rig_factory(tmp_path: Path) -> AsyncIterator[Any]:
 
 async def test_one_organisations_backlog_does_not_starve_another(make_sink: Any, rig_factory: Any) -> None:
     sink = await make_sink(script=Script(data_delay=0.01))
-    rig = await rig_factory({"up": plain(sink, max_connections=1)}, default_upstream="up")
+    rig = await rig_factory({"up": plain(sink, max_connections=1)}, default_upstream="up", start=False)
+    # Both backlogs are queued before delivery starts, so the order is the scheduler's alone.
     for i in range(30):
         await rig.submit("bulk@a.test", [f"a{i}@x.test"], org="campaign")
     for i in range(3):
         await rig.submit("receipts@b.test", [f"b{i}@x.test"], org="shop")
-    await sink.wait_for(33, 20)
+    rig.scheduler.start()
+    await sink.wait_for(33, 30)
     order = [m.rcpt_tos[0] for m in sorted(sink.messages, key=lambda m: m.timestamp)]
     last_b = max(order.index(f"b{i}@x.test") for i in range(3))
-    # Round robin between organisations: the shop's 3 receipts go out within the first ~8,
-    # not after the campaign's 30 invitations.
-    assert last_b < 10, order
+    # Round robin between organisations: the shop's 3 receipts alternate with the campaign's
+    # first invitations instead of waiting behind all 30.
+    assert last_b <= 6, order
 
 
 async def test_hold_keeps_a_message_back_and_release_sends_it(make_sink: Any, rig_factory: Any) -> None:
@@ -103,7 +108,7 @@ async def test_hold_keeps_a_message_back_and_release_sends_it(make_sink: Any, ri
     await asyncio.sleep(0.6)
     assert sink.messages == []
     assert rig.scheduler.release(qid)
-    await sink.wait_for(1, 5)
+    await sink.wait_for(1, 15)
     assert sink.messages[0].rcpt_tos == ["r@y.test"]
 
 
@@ -115,7 +120,7 @@ async def test_retry_now_skips_the_wait(make_sink: Any, rig_factory: Any) -> Non
     [deferred] = await rig.wait_event("deferred")
     assert deferred["retry_in"] > 3000
     assert rig.scheduler.retry_now(qid)
-    await sink.wait_for(1, 5)
+    await sink.wait_for(1, 15)
     [delivered] = await rig.wait_event("delivered")
     assert delivered["attempt"] == 2
     assert qid not in rig.scheduler.entries
@@ -145,7 +150,7 @@ async def test_reload_reroutes_queued_mail_at_its_next_attempt(make_sink: Any, r
                       retry={"schedule": ["0.3s"], "jitter": 0, "max_age": "1h"})
     cfg.write()
     rig.scheduler.reconfigure(load_config(rig.dir))
-    await new.wait_for(1, 5)
+    await new.wait_for(1, 15)
     [delivered] = await rig.wait_event("delivered")
     assert delivered["upstream"] == "new"
     assert new.messages[0].rcpt_tos == ["r@y.test"]
