@@ -82,6 +82,11 @@ class NoGate:
 
 
 WAITING, READY, ACTIVE = 0, 1, 2
+_FINAL_EVENT = {
+    RcptStatus.DELIVERED: Disposition.DELIVERED,
+    RcptStatus.BOUNCED: Disposition.BOUNCED,
+    RcptStatus.EXPIRED: Disposition.EXPIRED,
+}
 
 
 @dataclass(slots=True)
@@ -402,46 +407,18 @@ class Scheduler:
                 reply=str(res.reply),
             )
             throttled |= res.throttled
-            if res.outcome is Outcome.DELIVERED:
-                updates.append(
-                    RecipientUpdate(
-                        res.recipient, RcptStatus.DELIVERED, attempts, 0.0, str(res.reply)
-                    )
-                )
-                self.events.emit(Disposition.DELIVERED, **fields)
-                e.pending.pop(res.recipient, None)
-            elif res.outcome is Outcome.BOUNCED:
-                updates.append(
-                    RecipientUpdate(
-                        res.recipient, RcptStatus.BOUNCED, attempts, 0.0, str(res.reply)
-                    )
-                )
-                self.events.emit(Disposition.BOUNCED, **fields)
-                failed.append((res.recipient, "bounced", res.reply))
-                e.pending.pop(res.recipient, None)
-            else:
-                when = self.retry.next_attempt(
-                    now=now, received_at=e.received_at, failures=attempts, rand=self.rand.random()
-                )
-                if when is None:
-                    updates.append(
-                        RecipientUpdate(
-                            res.recipient, RcptStatus.EXPIRED, attempts, 0.0, str(res.reply)
-                        )
-                    )
-                    self.events.emit(Disposition.EXPIRED, **fields)
-                    failed.append((res.recipient, "expired", res.reply))
-                    e.pending.pop(res.recipient, None)
-                else:
-                    updates.append(
-                        RecipientUpdate(
-                            res.recipient, RcptStatus.PENDING, attempts, when, str(res.reply)
-                        )
-                    )
-                    self.events.emit(Disposition.DEFERRED, **fields, retry_in=round(when - now, 1))
-                    e.pending[res.recipient] = attempts
-                    e.last_reply = str(res.reply)
-                    next_times.append(when)
+            status, when = self._next_state(e, res, attempts, now)
+            updates.append(RecipientUpdate(res.recipient, status, attempts, when, str(res.reply)))
+            if status is RcptStatus.PENDING:
+                self.events.emit(Disposition.DEFERRED, **fields, retry_in=round(when - now, 1))
+                e.pending[res.recipient] = attempts
+                e.last_reply = str(res.reply)
+                next_times.append(when)
+                continue
+            self.events.emit(_FINAL_EVENT[status], **fields)
+            e.pending.pop(res.recipient, None)
+            if status is not RcptStatus.DELIVERED:
+                failed.append((res.recipient, status.value, res.reply))
         await self.spool.update(e.queue_id, updates, upstream=upstream.id)
         if throttled:
             pause = self.gate.slow_down(upstream)
@@ -459,6 +436,19 @@ class Scheduler:
             self._reschedule(e, min(next_times) if next_times else now)
         else:
             self.entries.pop(e.queue_id, None)
+
+    def _next_state(
+        self, e: Entry, res: RecipientResult, attempts: int, now: float
+    ) -> tuple[RcptStatus, float]:
+        """A recipient's state after this attempt, and when to try it next (0 when final)."""
+        if res.outcome is Outcome.DELIVERED:
+            return RcptStatus.DELIVERED, 0.0
+        if res.outcome is Outcome.BOUNCED:
+            return RcptStatus.BOUNCED, 0.0
+        when = self.retry.next_attempt(
+            now=now, received_at=e.received_at, failures=attempts, rand=self.rand.random()
+        )
+        return (RcptStatus.EXPIRED, 0.0) if when is None else (RcptStatus.PENDING, when)
 
     def _reschedule(self, e: Entry, when: float) -> None:
         e.next_attempt = when
