@@ -76,14 +76,15 @@ class Relay(MTA):
         (self.dir / "policies").mkdir(exist_ok=True)
         (self.dir / "relay.yaml").write_text(yaml.safe_dump(self.doc, sort_keys=False))
 
-    def start(self, timeout: float = 120.0, *, cmd_prefix: list[str] | None = None) -> Relay:
-        """Start and wait for the listening line (after spool recovery)."""
+    def start(self, timeout: float = 120.0, *, command: list[str] | None = None) -> Relay:
+        """Start and wait for the listening line (after spool recovery). `command` replaces
+        `python -m relay.cli` (e.g. another build or a patched entry point to compare)."""
         self.write()
         self.lines, self.listening_at, self.recovered = [], None, None
         self._ready.clear()
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
-            [*(cmd_prefix or []), sys.executable, "-m", "relay.cli", "serve", "-c", str(self.dir)],
+            [*(command or [sys.executable, "-m", "relay.cli"]), "serve", "-c", str(self.dir)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         self.pid = self.proc.pid
@@ -91,9 +92,6 @@ class Relay(MTA):
         if not self._ready.wait(timeout) or self.listening_at is None:
             self.kill()
             raise RuntimeError("relay did not start listening:\n" + self.output())
-        if cmd_prefix:  # e.g. py-spy: the relay is its child
-            kids = procs.descendants(self.proc.pid)
-            self.pid = kids[-1] if kids else self.proc.pid
         return self
 
     def _read(self, proc: subprocess.Popen[str]) -> None:

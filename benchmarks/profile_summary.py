@@ -6,8 +6,8 @@ by pipeline stage.
 
 Each sample goes to the first rule (in order) that matches any frame of its stack; the
 order puts specific costs (mail log, logging, spool) before the stage that called them.
-Leaf samples in a thread pool's `_worker` are a thread blocked in `queue.get` (py-spy does
-not always see a lock wait as idle) and are reported apart.
+Shares are of the event-loop thread, the one that limits throughput; other threads are
+listed apart.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 
 # (bucket, substrings: any frame containing one of them)
 RULES: list[tuple[str, tuple[str, ...]]] = [
-    ("spool writer thread: SQLite inserts/updates, COMMIT", ("spool-writer",)),
     ("mail log: JSON line + metrics (events.MailLog.emit)", ("MailLog.emit",)),
     ("python logging (relay/aiosmtpd loggers, redaction)", ("Logger._log", "Logger.info",
                                                              "Logger.debug", "Logger.warning")),
@@ -35,48 +34,58 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("delivery: QUIT of retired pooled sessions", ("Pool._quit", "Pool.retire")),
     ("delivery: aiosmtplib transaction (MAIL/RCPT/DATA)", ("Deliverer._transaction",)),
     ("scheduler: record outcome, dispatch, workers", ("Scheduler.",)),
-    ("idle pool threads (lock waits seen as busy)", ("concurrent/futures/thread.py",)),
     ("event loop itself (uvloop C: epoll, transports, callbacks)", ("Runner.run",)),
 ]
 
 
-def summarise(path: Path) -> tuple[int, collections.Counter[str]]:
+def summarise(path: Path) -> tuple[int, collections.Counter[str], collections.Counter[str]]:
+    """(main-thread samples, main-thread buckets, other threads' samples by thread and leaf).
+
+    Only the event-loop thread's shares are CPU: py-spy counts a thread blocked in fsync or
+    in a lock wait as busy, so the other threads' samples are wall time (use the harness's
+    /proc per-thread CPU for them)."""
     buckets: collections.Counter[str] = collections.Counter()
+    others: collections.Counter[str] = collections.Counter()
     total = 0
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         stack, count = line.rsplit(" ", 1)
         n = int(count)
-        total += n
         frames = stack.split(";")
+        if "MainThread" not in frames[0]:
+            thread = frames[0].split(":", 1)[-1].strip()
+            thread = "to_thread pool" if thread.startswith("uvloop_") else thread
+            others[f"{thread}: {frames[-1].split(' (')[0]}"] += n
+            continue
+        total += n
         for name, needles in RULES:
             if any(needle in f for f in frames for needle in needles):
                 # The catch-all loop bucket only when the loop is the leaf itself.
                 if name.startswith("event loop") and "Runner.run" not in frames[-1]:
                     continue
-                if name.startswith("idle pool") and "_worker" not in frames[-1]:
-                    continue
                 buckets[name] += n
                 break
         else:
             buckets["other"] += n
-    return total, buckets
+    return total, buckets, others
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("profile", type=Path)
-    ap.add_argument("--cpu-ms", type=float, help="measured CPU ms per message, to scale the shares")
+    ap.add_argument("--cpu-ms", type=float,
+                    help="measured event-loop-thread CPU ms per message, to scale the shares")
     a = ap.parse_args()
-    total, buckets = summarise(a.profile)
-    idle = buckets.pop("idle pool threads (lock waits seen as busy)", 0)
-    busy = total - idle
-    print(f"{busy} busy samples ({idle} idle pool-thread samples left out)")
+    total, buckets, others = summarise(a.profile)
+    print(f"event-loop thread: {total} samples")
     for name, n in buckets.most_common():
-        share = n / busy
-        extra = f"  ~{share * a.cpu_ms:.2f} ms/msg" if a.cpu_ms else ""
+        share = n / total
+        extra = f"  ~{share * a.cpu_ms:.3f} ms/msg" if a.cpu_ms else ""
         print(f"{100 * share:5.1f}%  {name}{extra}")
+    print("other threads (wall time, not CPU: fsync and lock waits count as busy):")
+    for name, n in others.most_common(8):
+        print(f"{n:7d}  {name}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,12 +72,12 @@ def ms(x: float) -> str:
 def print_throughput(runs: list[Throughput]) -> None:
     print("\n== throughput: smtp-source -> MTA -> smtp-sink (end-to-end, durable) ==")
     print(f"{'mta':8} {'messages':>8} {'seconds':>8} {'msg/s':>8} {'ingest s':>9} "
-          f"{'CPU ms/msg':>10} {'peak RSS MB':>11}")
+          f"{'CPU ms/msg':>10} {'peak RSS MB':>11} {'load1':>5}")
     for r in runs:
         # A process tree's summed RSS counts shared pages many times: shown for the relay only.
         rss = f"{r.rss_peak / 2**20:11.1f}" if r.mta == "relay" else f"{'-':>11}"
         print(f"{r.mta:8} {r.messages:8d} {r.seconds:8.2f} {r.rate:8.0f} {r.ingest_seconds:9.2f} "
-              f"{r.cpu_ms:10.3f} {rss}")
+              f"{r.cpu_ms:10.3f} {rss} {r.load:5.1f}")
     relays = [r for r in runs if r.mta == "relay"]
     pfs = [r for r in runs if r.mta == "postfix"]
     for a, b in zip(relays, pfs, strict=False):
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-messages", type=int, default=200_000)
     ap.add_argument("--skip-postfix", action="store_true")
     ap.add_argument("--profile", type=Path, help="py-spy raw profile of the relay's throughput run")
+    ap.add_argument("--relay-command", type=shlex.split,
+                    help="run the relay with this instead of `python -m relay.cli` (A/B a patch)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                     help="spools and queues go here (must be a real disk, not tmpfs)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -126,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(messages=a.messages, sessions=a.sessions, size=a.size,
                  upstream_connections=a.upstream_connections, reuse=a.reuse,
                  probe_seconds=a.probe_seconds, latency_messages=a.latency_messages,
-                 scale_messages=a.scale_messages, workdir=a.workdir, profile=a.profile)
+                 scale_messages=a.scale_messages, workdir=a.workdir, profile=a.profile,
+                 relay_command=a.relay_command)
     kinds = ["relay"] + ([] if a.skip_postfix else ["postfix"])
     info = machine()
     print(f"machine: {info['cpus']} CPUs, {info['cpu']}, Python {info['python']}, "
-          f"kernel {info['kernel']}, commit {info['commit']}, scratch on {fs}")
+          f"kernel {info['kernel']}, commit {info['commit']}, scratch on {fs}, "
+          f"load average {os.getloadavg()[0]:.1f} (the figures assume an otherwise idle machine)")
     out: dict[str, Any] = {"machine": info, "settings": {k: str(v) for k, v in asdict(s).items()}}
     base = Path(tempfile.mkdtemp(prefix="relay-bench-", dir=a.workdir))
     base.chmod(0o755)  # Postfix's unprivileged daemons traverse it
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 lat.append(r)
                 print(f"{k:8} {r.messages} messages in {r.seconds:.2f} s: {r.rate:.1f} msg/s "
                       f"({100 * r.rate / r.ceiling:.1f}% of {r.ceiling:.0f}); from first delivery: "
-                      f"{r.steady_rate:.1f} msg/s ({100 * r.steady_rate / r.ceiling:.1f}%)")
+                      f"{r.steady_rate:.1f} msg/s ({100 * r.steady_rate / r.ceiling:.1f}%); "
+                      f"load {r.load:.1f}")
                 for n in r.notes:
                     print(f"  {k}: {n}")
             out["latency"] = [asdict(r) for r in lat]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ class Settings:
     scale_messages: int = 200_000
     workdir: Path = Path("/var/tmp")
     profile: Path | None = None  # write a py-spy profile of the relay here (throughput)
+    relay_command: list[str] | None = None  # instead of `python -m relay.cli`
 
     def deadline(self, messages: int, min_rate: float = 50.0) -> float:
         """Every wait is bounded: generous for a slow machine, never unbounded."""
@@ -45,6 +47,7 @@ class Throughput:
     cpu_seconds: float = float("nan")
     rss_peak: int = 0
     main_thread_cpu: float = float("nan")  # relay: the event loop's own thread
+    load: float = float("nan")  # 1-minute load average at the end: other work on the machine
     probe: ProbeResult | None = None
     probe_rate: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -60,7 +63,8 @@ class Throughput:
 
 def _start(kind: str, base: Path, sink_port: int, s: Settings) -> Relay | Postfix:
     if kind == "relay":
-        return Relay(base / "relay", sink_port, max_connections=s.upstream_connections).start()
+        return Relay(base / "relay", sink_port, max_connections=s.upstream_connections).start(
+            command=s.relay_command)
     return Postfix(base / "postfix", sink_port, max_connections=s.upstream_connections).start()
 
 
@@ -100,6 +104,7 @@ def throughput(kind: str, base: Path, s: Settings, *, with_probe: bool = True) -
             res.seconds = end - t0
             res.cpu_seconds = cpu1 - cpu0
             res.rss_peak = mta.rss()[1]
+            res.load = os.getloadavg()[0]
             res.notes.append(f"upstream sessions ended so far: {sink.sessions}")
             if spy is not None:
                 spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
@@ -131,6 +136,7 @@ class Latency:
     ceiling: float
     seconds: float = float("nan")
     steady_seconds: float = float("nan")
+    load: float = float("nan")
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -159,6 +165,7 @@ def latency(kind: str, base: Path, s: Settings) -> Latency:
                 end = time.monotonic()
             res.seconds = end - t0
             res.steady_seconds = end - (sink.first_at or t0)
+            res.load = os.getloadavg()[0]
         finally:
             mta.stop()
     return res
@@ -247,7 +254,7 @@ def scale(base: Path, s: Settings) -> Scale:
     # One failed attempt per message, then a long wait: the queue builds without a retry storm.
     relay = Relay(base / "relay-scale", sink_port, max_connections=s.upstream_connections,
                   retry_schedule=["2h"])
-    relay.start()
+    relay.start(command=s.relay_command)
     try:
         t0 = time.monotonic()
         run_smtp_source(relay.port, s.scale_messages, s.sessions, s.size, reuse=True,
@@ -260,9 +267,10 @@ def scale(base: Path, s: Settings) -> Scale:
     res.spool_bytes = sum(p.stat().st_size for p in (relay.dir / "spool").iterdir() if p.is_file())
     res.summary_seconds, res.summary_how, res.summary = _summary(relay)
     res.flush_seconds, flushed = _flush(relay)
-    res.notes.append(f"flushed {flushed} messages (next attempt = now) before the restart, untimed")
+    res.notes.append(f"flushed {flushed} messages (next attempt = now) through the Spool API "
+                     f"before the restart in {res.flush_seconds:.1f} s (not part of any figure)")
     with Sink(sink_port) as sink:
-        relay.start(timeout=s.deadline(s.scale_messages, 1000))
+        relay.start(timeout=s.deadline(s.scale_messages, 1000), command=s.relay_command)
         try:
             assert relay.listening_at is not None
             res.recovery_seconds = relay.listening_at - relay.started_at
