@@ -168,15 +168,17 @@ def main(argv: list[str] | None = None) -> int:
             mb = 2**20
             print(f"ingest (smtp-source -d, upstream refusing): {sc.ingest_seconds:.1f} s "
                   f"({sc.messages / sc.ingest_seconds:.0f} msg/s); RSS {sc.rss_after_ingest[0] / mb:.0f} MB "
-                  f"(peak {sc.rss_after_ingest[1] / mb:.0f} MB); spool {sc.spool_bytes / mb:.0f} MB; "
-                  f"SIGTERM -> exit {sc.stop_seconds:.1f} s")
-            print(f"queue summary: {ms(sc.summary_seconds)} ms via {sc.summary_how}")
+                  f"(peak {sc.rss_after_ingest[1] / mb:.0f} MB); spool {sc.spool_bytes / mb:.0f} MB")
+            print(f"`relay queue summary` with the queue full: {ms(sc.summary_running_seconds)} ms "
+                  f"(whole command); Spool.summary() on the stopped spool: "
+                  f"{ms(sc.summary_offline_seconds)} ms; SIGTERM -> exit {sc.stop_seconds:.1f} s")
             print(f"restart recovery (start -> listening, 'recovered {sc.recovered} unfinished "
                   f"messages'): {sc.recovery_seconds:.1f} s; RSS after recovery "
-                  f"{sc.rss_after_recovery[0] / mb:.0f} MB")
-            print(f"drain when the upstream is back: {sc.drain_seconds:.1f} s "
-                  f"({sc.messages / sc.drain_seconds:.0f} msg/s); RSS {sc.rss_after_drain[0] / mb:.0f} MB "
-                  f"(peak {sc.rss_after_drain[1] / mb:.0f} MB)")
+                  f"{sc.rss_after_recovery[0] / mb:.0f} MB; `relay queue summary` while it drains: "
+                  f"{ms(sc.summary_after_restart_seconds)} ms")
+            print(f"drain (listening -> the sink counted every message): "
+                  f"{sc.drain_seconds:.1f} s ({sc.messages / sc.drain_seconds:.0f} msg/s); RSS "
+                  f"{sc.rss_after_drain[0] / mb:.0f} MB (peak {sc.rss_after_drain[1] / mb:.0f} MB)")
             for n in sc.notes:
                 print(f"  {n}")
             out["scale"] = asdict(sc)

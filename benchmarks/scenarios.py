@@ -10,7 +10,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from benchmarks import procs
 from benchmarks.clients import ProbeResult, probe, run_smtp_source
@@ -176,51 +175,52 @@ class Scale:
     messages: int
     ingest_seconds: float = float("nan")
     rss_after_ingest: tuple[int, int] = (0, 0)
+    summary_running_seconds: float = float("nan")  # `relay queue summary`, relay up, queue full
+    summary_output: str = ""
     stop_seconds: float = float("nan")
-    summary_seconds: float = float("nan")
-    summary_how: str = ""
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary_offline_seconds: float = float("nan")  # Spool.summary() on the stopped spool
     spool_bytes: int = 0
-    flush_seconds: float = float("nan")
     recovery_seconds: float = float("nan")
     recovered: int | None = None
     rss_after_recovery: tuple[int, int] = (0, 0)
+    summary_after_restart_seconds: float = float("nan")
+    flush_seconds: float = float("nan")
     drain_seconds: float = float("nan")
     rss_after_drain: tuple[int, int] = (0, 0)
     notes: list[str] = field(default_factory=list)
 
 
-def _summary(relay: Relay) -> tuple[float, str, dict[str, Any]]:
-    """Time the queue summary of a stopped relay: `relay queue summary` if the CLI has it,
-    else Spool.summary() on its spool directory (open and close not included)."""
-    probe_cli = subprocess.run([sys.executable, "-m", "relay.cli", "queue", "--help"],
-                               capture_output=True, text=True, timeout=30)
-    if probe_cli.returncode == 0 and "summary" in probe_cli.stdout:
-        cmd = [sys.executable, "-m", "relay.cli", "queue", "summary", "-c", str(relay.dir)]
-        t0 = time.monotonic()
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        took = time.monotonic() - t0
-        if r.returncode == 0:
-            return took, "`relay queue summary` (whole command, Python start-up included)", {
-                "output": r.stdout[-400:]}
+def _relay_queue(relay: Relay, *args: str, timeout: float = 600) -> tuple[float, str]:
+    """Time one `relay queue ...` command (whole command: interpreter start-up included)."""
+    cmd = [sys.executable, "-m", "relay.cli", "queue", "-c", str(relay.dir), *args]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    took = time.monotonic() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-500:]}")
+    return took, r.stdout
+
+
+def _offline_summary(relay: Relay) -> float:
+    """Spool.summary() on a stopped relay's spool (what the admin API runs), open excluded."""
     from relay.spool import Spool
 
-    async def run() -> tuple[float, dict[str, Any]]:
+    async def run() -> float:
         spool = await Spool.open(relay.dir / "spool")
         try:
             t0 = time.monotonic()
-            out = await spool.summary()
-            return time.monotonic() - t0, out
+            await spool.summary()
+            return time.monotonic() - t0
         finally:
             await spool.close()
 
-    took, out = asyncio.run(run())
-    return took, "Spool.summary() on the stopped relay's spool (no `relay queue` CLI yet)", out
+    return asyncio.run(run())
 
 
-def _flush(relay: Relay) -> tuple[float, int]:
-    """Make every deferred recipient due now, through the Spool API (the offline equivalent
-    of Postfix's `postqueue -f`): the drain then starts as soon as the relay is up."""
+def _flush(relay: Relay) -> int:
+    """Make every deferred recipient due now through the Spool API, relay stopped: the
+    offline equivalent of Postfix's `postqueue -f`. (`relay queue retry --all` acts on the
+    oldest 1,000 messages only: the admin API's list limit.)"""
     from relay.spool import RecipientUpdate, Spool
 
     async def run() -> int:
@@ -241,19 +241,21 @@ def _flush(relay: Relay) -> tuple[float, int]:
             await spool.close()
         return n
 
-    t0 = time.monotonic()
-    n = asyncio.run(run())
-    return time.monotonic() - t0, n
+    return asyncio.run(run())
 
 
 def scale(base: Path, s: Settings) -> Scale:
-    """Queue `scale_messages` while the upstream refuses connections; stop; summary; restart
-    (recovery time, RSS); then the upstream comes back and the queue drains."""
+    """Queue `scale_messages` while the upstream refuses connections; `relay queue summary`;
+    stop; everything made due; the upstream comes back and the relay restarts: recovery
+    time, RSS, `relay queue summary` again, and the drain."""
     res = Scale(s.scale_messages)
     sink_port = procs.free_port()  # nothing listens here until the drain: connection refused
+    os.environ.setdefault("RELAY_ADMIN_TOKEN", "bench-" + os.urandom(8).hex())
     # One failed attempt per message, then a long wait: the queue builds without a retry storm.
     relay = Relay(base / "relay-scale", sink_port, max_connections=s.upstream_connections,
-                  retry_schedule=["2h"])
+                  retry_schedule=["2h"],
+                  extra={"admin": {"enabled": True, "address": "127.0.0.1",
+                                   "port": procs.free_port(), "token": "env:RELAY_ADMIN_TOKEN"}})
     relay.start(command=s.relay_command)
     try:
         t0 = time.monotonic()
@@ -261,14 +263,17 @@ def scale(base: Path, s: Settings) -> Scale:
                         timeout=s.deadline(s.scale_messages, 100))
         res.ingest_seconds = time.monotonic() - t0
         res.rss_after_ingest = relay.rss()
+        res.summary_running_seconds, res.summary_output = _relay_queue(relay, "summary")
         res.stop_seconds = relay.stop()
     finally:
         relay.kill()
     res.spool_bytes = sum(p.stat().st_size for p in (relay.dir / "spool").iterdir() if p.is_file())
-    res.summary_seconds, res.summary_how, res.summary = _summary(relay)
-    res.flush_seconds, flushed = _flush(relay)
-    res.notes.append(f"flushed {flushed} messages (next attempt = now) through the Spool API "
-                     f"before the restart in {res.flush_seconds:.1f} s (not part of any figure)")
+    res.summary_offline_seconds = _offline_summary(relay)
+    t0 = time.monotonic()
+    flushed = _flush(relay)
+    res.flush_seconds = time.monotonic() - t0
+    res.notes.append(f"made {flushed} messages due now through the Spool API, relay stopped, in "
+                     f"{res.flush_seconds:.1f} s (not part of any figure)")
     with Sink(sink_port) as sink:
         relay.start(timeout=s.deadline(s.scale_messages, 1000), command=s.relay_command)
         try:
@@ -276,7 +281,10 @@ def scale(base: Path, s: Settings) -> Scale:
             res.recovery_seconds = relay.listening_at - relay.started_at
             res.recovered = relay.recovered
             res.rss_after_recovery = relay.rss()
-            end = sink.wait_for(s.scale_messages, relay.listening_at + s.deadline(s.scale_messages, 50))
+            # While the whole queue drains at full speed.
+            res.summary_after_restart_seconds, _ = _relay_queue(relay, "summary")
+            end = sink.wait_for(s.scale_messages,
+                                relay.listening_at + s.deadline(s.scale_messages, 50))
             if end is None:
                 res.notes.append(f"drain timed out: the sink counted {sink.count}/{s.scale_messages}")
                 end = time.monotonic()
