@@ -89,6 +89,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def closed_port() -> int:
+    """A loopback port below the kernel's ephemeral range that nobody listens on: an upstream
+    that is "down". (Inside the range, one of many connection attempts can get that very
+    port as its source and connect to itself: TCP simultaneous open.)"""
+    import random
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(10_000, max(10_001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 def filesystem_type(path: str | os.PathLike[str]) -> str:
     """The mount type holding `path` (tmpfs would make fsync free and the figures void)."""
     best, kind = "", "?"

@@ -249,7 +249,7 @@ def scale(base: Path, s: Settings) -> Scale:
     stop; everything made due; the upstream comes back and the relay restarts: recovery
     time, RSS, `relay queue summary` again, and the drain."""
     res = Scale(s.scale_messages)
-    sink_port = procs.free_port()  # nothing listens here until the drain: connection refused
+    sink_port = procs.closed_port()  # nothing listens here until the drain: refused
     os.environ.setdefault("RELAY_ADMIN_TOKEN", "bench-" + os.urandom(8).hex())
     # One failed attempt per message, then a long wait: the queue builds without a retry storm.
     relay = Relay(base / "relay-scale", sink_port, max_connections=s.upstream_connections,
