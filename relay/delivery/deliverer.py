@@ -67,7 +67,7 @@ class Deliverer:
         resolver: Resolver,
         *,
         idle_timeout: float = 30.0,
-        max_idle_per_key: int = 4,
+        max_idle_per_key: int = 20,  # the scheduler's default concurrency per upstream
         logger: logging.Logger | None = None,
         data_timeout: float = DATA_TIMEOUT,  # a cap; each upstream's data_timeout applies too
         quit_timeout: float = 5.0,
@@ -165,8 +165,13 @@ class Deliverer:
             if one_shot:
                 await self._pool.close_now(session)
             else:
+                # Keep as many idle sessions as deliveries may run at once: when 20 finish
+                # together, 20 are reused instead of 16 being QUIT and reopened moments
+                # later (benchmarks/RESULTS.md: 9,000 upstream sessions per 20,000 → 1).
                 self._pool.checkin(
-                    session, max_messages=upstream.throttle.max_messages_per_connection
+                    session,
+                    max_messages=upstream.throttle.max_messages_per_connection,
+                    max_idle=upstream.throttle.max_connections,
                 )
             return results
         raise AssertionError("unreachable: a fresh session never raises _StaleConnection")

@@ -41,13 +41,16 @@ class Pool:
         self._idle.pop(key, None)
         return None
 
-    def checkin(self, session: Session, *, max_messages: int | None) -> None:
-        """Return a session after a delivery: keep it idle, or retire it."""
+    def checkin(
+        self, session: Session, *, max_messages: int | None, max_idle: int | None = None
+    ) -> None:
+        """Return a session after a delivery: keep it idle, or retire it. `max_idle`
+        overrides the pool-wide cap for this key (the upstream's own concurrency)."""
         if (
             self._closed
             or not session.alive
             or (max_messages is not None and session.messages >= max_messages)
-            or len(self._idle.get(session.key, ())) >= self._max_idle
+            or len(self._idle.get(session.key, ())) >= (max_idle or self._max_idle)
         ):
             self.retire(session)
             return
