@@ -277,7 +277,20 @@ async def test_connection_is_reused_for_several_messages(
     assert len(sink.messages) == 3
     assert len(sink.sessions) == 1
     assert sink.sessions[0].commands.count("MAIL") == 3
-    assert sink.sessions[0].commands.count("RSET") == 2  # liveness check before reuse
+    # Each transaction ended with DATA's reply, which resets the server: no RSET needed.
+    assert sink.sessions[0].commands.count("RSET") == 0
+
+
+async def test_rset_before_reusing_a_session_whose_transaction_did_not_finish(
+    make_sink: MakeSink, deliverer: Deliverer
+) -> None:
+    sink = await make_sink(script=Script(rcpt={"gone@x.test": "550 5.1.1 no such user"}))
+    up = upstream(sink)
+    [refused] = await deliverer.deliver(up, SRC2, "s@saas.test", ["gone@x.test"], MSG)
+    assert refused.outcome is Outcome.BOUNCED  # MAIL accepted, no DATA: state not reset
+    [result] = await deliverer.deliver(up, SRC2, "s@saas.test", ["r@x.test"], MSG)
+    assert result.outcome is Outcome.DELIVERED
+    assert sink.sessions[0].commands == ["EHLO", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "DATA"]
 
 
 async def test_max_messages_per_connection(make_sink: MakeSink, deliverer: Deliverer) -> None:
@@ -326,13 +339,38 @@ async def test_pooled_connection_refusing_rset_reconnects(
 ) -> None:
     # The connection looks alive but the server closes it at the next command: nothing
     # was sent yet, so the deliverer opens a fresh one without bothering the scheduler.
-    sink = await make_sink(script=Script(rset=["421 4.4.2 idle too long, closing"]))
+    sink = await make_sink(
+        script=Script(
+            rset=["421 4.4.2 idle too long, closing"], rcpt={"gone@x.test": "550 5.1.1 no"}
+        )
+    )
     up = upstream(sink)
-    await deliverer.deliver(up, SRC2, "s@saas.test", ["r1@x.test"], MSG)
+    await deliverer.deliver(
+        up, SRC2, "s@saas.test", ["gone@x.test"], MSG
+    )  # leaves a transaction open
     [result] = await deliverer.deliver(up, SRC2, "s@saas.test", ["r2@x.test"], MSG)
     assert result.outcome is Outcome.DELIVERED, result.reply
     assert len(sink.sessions) == 2
     assert sink.sessions[0].commands[-1] == "RSET"
+    assert sink.recipients == ["r2@x.test"]
+
+
+async def test_pooled_connection_closed_at_mail_reconnects(
+    make_sink: MakeSink, deliverer: Deliverer
+) -> None:
+    # Without an RSET first, a server that dropped our idle connection says so at MAIL.
+    mails: list[str] = []
+
+    def mail(sender: str) -> str | None:
+        mails.append(sender)
+        return "421 4.4.2 idle too long, closing" if len(mails) == 2 else None
+
+    sink = await make_sink(script=Script(mail_fn=mail))
+    up = upstream(sink)
+    await deliverer.deliver(up, SRC2, "s@saas.test", ["r1@x.test"], MSG)
+    [result] = await deliverer.deliver(up, SRC2, "s@saas.test", ["r2@x.test"], MSG)
+    assert result.outcome is Outcome.DELIVERED, result.reply
+    assert len(sink.sessions) == 2 and len(mails) == 3
     assert sink.recipients == ["r1@x.test", "r2@x.test"]
 
 

@@ -47,6 +47,9 @@ class Session:
     peer: str  # "203.0.113.5:465", for reply texts and logs
     source: str  # the egress address we bound to
     messages: int = 0  # MAIL transactions started on this connection
+    # True when the last transaction ended with DATA's final reply, which resets the
+    # server's state (RFC 5321 § 4.1.1.4): the next one needs no RSET first.
+    clean: bool = False
     idle_handle: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property

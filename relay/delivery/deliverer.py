@@ -191,8 +191,10 @@ class Deliverer:
         timeout = upstream.command_timeout
         results: dict[str, RecipientResult] = {}
         try:
-            if reused:
-                # Liveness check and a clean transaction state in one round trip.
+            if reused and not session.clean:
+                # Liveness check and a clean transaction state in one round trip. After a
+                # completed transaction it is skipped: a dead connection then shows at MAIL
+                # (disconnect or 421), which is retried once on a fresh connection too.
                 try:
                     response = await smtp.execute_command(b"RSET", timeout=timeout)
                 except (aiosmtplib.SMTPException, OSError) as exc:
@@ -238,6 +240,7 @@ class Deliverer:
 
             stage = "MAIL FROM"
             session.messages += 1
+            session.clean = False
             try:
                 response = await smtp.execute_command(
                     b"MAIL", b"FROM:" + _path(sender, encoding), *params, timeout=timeout
@@ -246,6 +249,8 @@ class Deliverer:
                 if reused:
                     raise _StaleConnection from exc
                 raise
+            if response.code == 421 and reused:
+                raise _StaleConnection  # the server closed our idle connection
             if response.code != 250:
                 reply = outcome.parse_reply(response.code, response.message)
                 # A refused sender refuses the whole message: 5xx bounces, 4xx defers. Any
@@ -283,6 +288,7 @@ class Deliverer:
             except aiosmtplib.SMTPDataError as exc:
                 response = aiosmtplib.SMTPResponse(exc.code, exc.message)
             reply = outcome.parse_reply(response.code, response.message)
+            session.clean = True
             return self._finish(recipients, results, accepted, reply)
         except _StaleConnection:
             raise
