@@ -178,12 +178,25 @@ class QueueOps:
             "bounced (DSN queued to the sender)" if e.sender else "bounced (null sender: no DSN)",
         )
 
+    def _matching_ids(self, f: Filters) -> list[str]:
+        """Every queued message matching the filters, from the scheduler's index of the
+        whole queue: a bulk action covers all of them, not one page of a listing."""
+        cutoff = time.time() - f.older_than if f.older_than else None
+        return [
+            qid
+            for qid, e in list(self.scheduler.entries.items())
+            if (f.org is None or e.org == f.org)
+            and (f.account is None or e.account == f.account)
+            and (f.upstream is None or e.upstream == f.upstream)
+            and (cutoff is None or e.received_at < cutoff)
+        ]
+
     async def act_many(
         self, action: str, ids: list[str] | None, f: Filters, *, reason: str | None = None
     ) -> dict[str, Any]:
         """The action on every listed id, or on every message matching the filters."""
         if ids is None:
-            ids = [m["queue_id"] for m in await self.messages(f)]
+            ids = self._matching_ids(f)
         results = {}
         counts: dict[str, int] = {}
         for qid in ids:

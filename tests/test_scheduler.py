@@ -188,3 +188,24 @@ async def test_recover_resumes_what_the_spool_holds(make_sink: Any, rig_factory:
         await fresh.stop(grace=2)
     assert sorted(sink.recipients) == [f"r{i}@y.test" for i in range(5)]
     assert (await rig.spool.summary())["messages"] == 0
+
+
+async def test_bulk_queue_action_covers_every_match_not_one_listing_page(
+    make_sink: Any, rig_factory: Any
+) -> None:
+    from relay.queueops import Filters, QueueOps
+
+    sink = await make_sink()
+    rig = await rig_factory({"up": plain(sink)}, default_upstream="up", start=False)
+    ids = [await rig.submit("a@x.test", [f"r{i}@y.test"], org="acme") for i in range(5)]
+    other = await rig.submit("b@x.test", ["s@y.test"], org="globex")
+    ops = QueueOps(rig.scheduler, rig.spool)
+    result = await ops.act_many("hold", None, Filters(org="acme", limit=2))
+    assert result["matched"] == 5 and sorted(result["results"]) == sorted(ids)
+    assert all(rig.scheduler.entries[q].held for q in ids)
+    assert not rig.scheduler.entries[other].held
+    rig.scheduler.start()
+    await sink.wait_for(1, 15)
+    assert [m.rcpt_tos for m in sink.messages] == [["s@y.test"]]
+    stored = [await rig.spool.get(q) for q in ids]
+    assert all(m is not None and m.held for m in stored)  # persisted, survives a restart
