@@ -385,16 +385,23 @@ class Scheduler:
         t.add_done_callback(self._tasks.discard)
 
     def _note_health(self, upstream: Upstream, results: Sequence[RecipientResult]) -> None:
-        """A "slow down" reply pauses the upstream's whole ready queue, at once (before this
-        worker takes its next message); a delivery resets the slow-down."""
-        if any(r.throttled for r in results):
+        """A "slow down" reply, or no answer from the host, pauses the upstream's whole
+        ready queue at once (before this worker takes its next message); a delivery resets
+        the slow-down."""
+        throttled = any(r.throttled for r in results)
+        # No answer from the host at all (refused, unreachable, timed out before the
+        # greeting): like Postfix's dead destination, stop every queued message from
+        # trying its own connection; they wait in the ready queue until the pause ends.
+        unreachable = bool(results) and all(
+            r.outcome is Outcome.DEFERRED and r.reply.enhanced == "4.4.1" for r in results
+        )
+        if throttled or unreachable:
             pause = self.gate.slow_down(upstream)
             uq = self.queues.get(upstream.id)
             if uq is not None:
                 uq.paused_until = max(uq.paused_until, self.clock() + pause)
-            log.warning(
-                "upstream %s asked to slow down; pausing its queue %.0fs", upstream.id, pause
-            )
+            why = "asked to slow down" if throttled else "is not answering"
+            log.warning("upstream %s %s; pausing its queue %.0fs", upstream.id, why, pause)
         elif any(r.outcome is Outcome.DELIVERED for r in results):
             self.gate.recovered(upstream)
 

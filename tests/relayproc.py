@@ -56,6 +56,9 @@ class RelayConfig:
             "admin": {"enabled": False},
             "log": {"mail_log": "mail.log", "level": "info"},
             "dns": {"hosts": hosts or {"mx.test": ["127.0.0.1"]}},
+            # A down or throttling upstream pauses its whole queue (30 s by default);
+            # tests that bring an upstream back want that pause short.
+            "limits": {"slow_down_initial": "0.5s", "slow_down_max": "2s"},
         }
         self.doc.update(relay)
         self.orgs = list(orgs)

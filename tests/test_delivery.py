@@ -778,3 +778,24 @@ async def test_failed_sessions_leak_no_sockets(
         gc.collect()  # a socket nobody closed would be closed here, with a ResourceWarning
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_socket_connected_to_itself_is_refused() -> None:
+    import errno
+    import socket
+
+    from relay.delivery.connection import refuse_self_connect
+
+    # TCP simultaneous open: bound to a port and connected to that same port, a socket
+    # connects to itself (what a retry to a down loopback upstream can hit by chance).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.connect(s.getsockname())
+        with pytest.raises(ConnectionRefusedError) as info:
+            refuse_self_connect(s)
+        assert info.value.errno == errno.ECONNREFUSED
+    with socket.socket() as listener, socket.socket() as client:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        client.connect(listener.getsockname())
+        refuse_self_connect(client)  # a normal connection passes

@@ -29,27 +29,49 @@ class Rig:
     scheduler: Scheduler
     log: Path
 
-    async def submit(self, sender: str, rcpts: list[str], org: str = "default", subject: str = "s") -> str:
+    async def submit(
+        self, sender: str, rcpts: list[str], org: str = "default", subject: str = "s"
+    ) -> str:
         data = f"Subject: {subject}\r\n\r\nbody\r\n".encode()
-        qid = await self.spool.put(sender=sender, recipients=rcpts, data=data, client="test", org=org,
-                                   account=sender, upstream="")
-        self.scheduler.enqueue(Entry(qid, sender, org, sender, time.time(), False, False, dict.fromkeys(rcpts, 0)))
+        qid = await self.spool.put(
+            sender=sender,
+            recipients=rcpts,
+            data=data,
+            client="test",
+            org=org,
+            account=sender,
+            upstream="",
+        )
+        self.scheduler.enqueue(
+            Entry(qid, sender, org, sender, time.time(), False, False, dict.fromkeys(rcpts, 0))
+        )
         return qid
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        return [e for line in self.log.read_text().splitlines() if (e := json.loads(line))["event"] == kind]
+        return [
+            e
+            for line in self.log.read_text().splitlines()
+            if (e := json.loads(line))["event"] == kind
+        ]
 
     async def wait_event(self, kind: str, n: int = 1, within: float = 15.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + within
         while len(found := self.events(kind)) < n:
-            assert time.monotonic() < deadline, f"no {n} '{kind}' events in {within}s: {self.log.read_text()}"
+            assert time.monotonic() < deadline, (
+                f"no {n} '{kind}' events in {within}s: {self.log.read_text()}"
+            )
             await asyncio.sleep(0.02)
         return found
 
 
 def plain(sink: Sink, **throttle: Any) -> dict[str, Any]:
-    return {"host": "127.0.0.1", "port": sink.port, "tls": "none", "allow_plaintext": True,
-            "throttle": throttle}
+    return {
+        "host": "127.0.0.1",
+        "port": sink.port,
+        "tls": "none",
+        "allow_plaintext": True,
+        "throttle": throttle,
+    }
 
 
 @pytest.fixture
@@ -57,9 +79,15 @@ async def rig_factory(tmp_path: Path) -> AsyncIterator[Any]:
     made: list[tuple[Scheduler, Spool, Deliverer, MailLog]] = []
 
     async def make(
-        upstreams: dict[str, Any], orgs: tuple[dict[str, Any], ...] = (), *, start: bool = True, **relay: Any
+        upstreams: dict[str, Any],
+        orgs: tuple[dict[str, Any], ...] = (),
+        *,
+        start: bool = True,
+        **relay: Any,
     ) -> Rig:
-        d = RelayConfig(tmp_path / f"cfg{len(made)}", upstreams=upstreams, orgs=orgs, **relay).write()
+        d = RelayConfig(
+            tmp_path / f"cfg{len(made)}", upstreams=upstreams, orgs=orgs, **relay
+        ).write()
         config = load_config(d)
         spool = await Spool.open(d / "spool")
         deliverer = Deliverer(DnsResolver())
@@ -78,9 +106,13 @@ async def rig_factory(tmp_path: Path) -> AsyncIterator[Any]:
         log.close()
 
 
-async def test_one_organisations_backlog_does_not_starve_another(make_sink: Any, rig_factory: Any) -> None:
+async def test_one_organisations_backlog_does_not_starve_another(
+    make_sink: Any, rig_factory: Any
+) -> None:
     sink = await make_sink(script=Script(data_delay=0.01))
-    rig = await rig_factory({"up": plain(sink, max_connections=1)}, default_upstream="up", start=False)
+    rig = await rig_factory(
+        {"up": plain(sink, max_connections=1)}, default_upstream="up", start=False
+    )
     # Both backlogs are queued before delivery starts, so the order is the scheduler's alone.
     for i in range(30):
         await rig.submit("bulk@a.test", [f"a{i}@x.test"], org="campaign")
@@ -95,15 +127,38 @@ async def test_one_organisations_backlog_does_not_starve_another(make_sink: Any,
     assert last_b <= 6, order
 
 
-async def test_hold_keeps_a_message_back_and_release_sends_it(make_sink: Any, rig_factory: Any) -> None:
+async def test_hold_keeps_a_message_back_and_release_sends_it(
+    make_sink: Any, rig_factory: Any
+) -> None:
     sink = await make_sink()
-    rig = await rig_factory({"up": plain(sink)}, default_upstream="up",
-                            retry={"schedule": ["0.3s"], "jitter": 0, "max_age": "1h"})
+    rig = await rig_factory(
+        {"up": plain(sink)},
+        default_upstream="up",
+        retry={"schedule": ["0.3s"], "jitter": 0, "max_age": "1h"},
+    )
     # Enqueue with a future attempt so hold happens before any delivery.
-    qid = await rig.spool.put(sender="a@x.test", recipients=["r@y.test"], data=b"Subject: h\r\n\r\nb\r\n",
-                              client="t", org="default", account="a@x.test", upstream="")
-    rig.scheduler.enqueue(Entry(qid, "a@x.test", "default", "a@x.test", time.time(), False, False,
-                                {"r@y.test": 0}, time.time() + 0.3))
+    qid = await rig.spool.put(
+        sender="a@x.test",
+        recipients=["r@y.test"],
+        data=b"Subject: h\r\n\r\nb\r\n",
+        client="t",
+        org="default",
+        account="a@x.test",
+        upstream="",
+    )
+    rig.scheduler.enqueue(
+        Entry(
+            qid,
+            "a@x.test",
+            "default",
+            "a@x.test",
+            time.time(),
+            False,
+            False,
+            {"r@y.test": 0},
+            time.time() + 0.3,
+        )
+    )
     assert rig.scheduler.hold(qid)
     await asyncio.sleep(0.6)
     assert sink.messages == []
@@ -114,8 +169,11 @@ async def test_hold_keeps_a_message_back_and_release_sends_it(make_sink: Any, ri
 
 async def test_retry_now_skips_the_wait(make_sink: Any, rig_factory: Any) -> None:
     sink = await make_sink(script=Script(data=["451 4.3.0 busy"]))
-    rig = await rig_factory({"up": plain(sink)}, default_upstream="up",
-                            retry={"schedule": ["1h"], "jitter": 0, "max_age": "5d"})
+    rig = await rig_factory(
+        {"up": plain(sink)},
+        default_upstream="up",
+        retry={"schedule": ["1h"], "jitter": 0, "max_age": "5d"},
+    )
     qid = await rig.submit("a@x.test", ["r@y.test"])
     [deferred] = await rig.wait_event("deferred")
     assert deferred["retry_in"] > 3000
@@ -130,10 +188,15 @@ async def test_retry_now_skips_the_wait(make_sink: Any, rig_factory: Any) -> Non
     assert qid not in rig.scheduler.entries
 
 
-async def test_max_age_expires_the_recipient_and_sends_one_dsn(make_sink: Any, rig_factory: Any) -> None:
+async def test_max_age_expires_the_recipient_and_sends_one_dsn(
+    make_sink: Any, rig_factory: Any
+) -> None:
     sink = await make_sink(script=Script(rcpt={"slow@y.test": "450 4.2.1 mailbox busy"}))
-    rig = await rig_factory({"up": plain(sink)}, default_upstream="up",
-                            retry={"schedule": ["0.2s"], "jitter": 0, "max_age": "0.7s"})
+    rig = await rig_factory(
+        {"up": plain(sink)},
+        default_upstream="up",
+        retry={"schedule": ["0.2s"], "jitter": 0, "max_age": "0.7s"},
+    )
     await rig.submit("alice@x.test", ["slow@y.test"])
     await sink.wait_for(1, 10)  # the DSN to alice
     [dsn] = sink.messages
@@ -143,15 +206,24 @@ async def test_max_age_expires_the_recipient_and_sends_one_dsn(make_sink: Any, r
     assert len(rig.events("deferred")) >= 2
 
 
-async def test_reload_reroutes_queued_mail_at_its_next_attempt(make_sink: Any, rig_factory: Any) -> None:
+async def test_reload_reroutes_queued_mail_at_its_next_attempt(
+    make_sink: Any, rig_factory: Any
+) -> None:
     old = await make_sink(script=Script(data=["451 4.3.0 not now"] * 100))
     new = await make_sink()
-    rig = await rig_factory({"old": plain(old), "new": plain(new)}, default_upstream="old",
-                            retry={"schedule": ["0.3s"], "jitter": 0, "max_age": "1h"})
+    rig = await rig_factory(
+        {"old": plain(old), "new": plain(new)},
+        default_upstream="old",
+        retry={"schedule": ["0.3s"], "jitter": 0, "max_age": "1h"},
+    )
     await rig.submit("a@x.test", ["r@y.test"])
     await rig.wait_event("deferred")
-    cfg = RelayConfig(rig.dir, upstreams={"old": plain(old), "new": plain(new)}, default_upstream="new",
-                      retry={"schedule": ["0.3s"], "jitter": 0, "max_age": "1h"})
+    cfg = RelayConfig(
+        rig.dir,
+        upstreams={"old": plain(old), "new": plain(new)},
+        default_upstream="new",
+        retry={"schedule": ["0.3s"], "jitter": 0, "max_age": "1h"},
+    )
     cfg.write()
     rig.scheduler.reconfigure(load_config(rig.dir))
     await new.wait_for(1, 15)
@@ -161,23 +233,35 @@ async def test_reload_reroutes_queued_mail_at_its_next_attempt(make_sink: Any, r
     assert old.messages == []
 
 
-async def test_unavailable_upstream_defers_without_connecting(make_sink: Any, rig_factory: Any) -> None:
+async def test_unavailable_upstream_defers_without_connecting(
+    make_sink: Any, rig_factory: Any
+) -> None:
     sink = await make_sink()
-    rig = await rig_factory({"up": {**plain(sink), "password": "env:RELAY_TEST_UNSET_SECRET"}},
-                            default_upstream="up")
+    rig = await rig_factory(
+        {"up": {**plain(sink), "password": "env:RELAY_TEST_UNSET_SECRET"}}, default_upstream="up"
+    )
     await rig.submit("a@x.test", ["r@y.test"])
     [d] = await rig.wait_event("deferred")
     assert "RELAY_TEST_UNSET_SECRET" in d["reply"] and d["reply"].startswith("451 4.3.5")
     assert sink.sessions == []
 
 
-async def test_recover_resumes_what_the_spool_holds(make_sink: Any, rig_factory: Any, tmp_path: Path) -> None:
+async def test_recover_resumes_what_the_spool_holds(
+    make_sink: Any, rig_factory: Any, tmp_path: Path
+) -> None:
     sink = await make_sink()
     rig = await rig_factory({"up": plain(sink)}, default_upstream="up")
     await rig.scheduler.stop(grace=1)
     for i in range(5):
-        await rig.spool.put(sender="a@x.test", recipients=[f"r{i}@y.test"], data=b"S: x\r\n\r\nb\r\n",
-                            client="t", org="default", account="a@x.test", upstream="up")
+        await rig.spool.put(
+            sender="a@x.test",
+            recipients=[f"r{i}@y.test"],
+            data=b"S: x\r\n\r\nb\r\n",
+            client="t",
+            org="default",
+            account="a@x.test",
+            upstream="up",
+        )
     config = load_config(rig.dir)
     fresh = Scheduler(config, rig.spool, Deliverer(DnsResolver()), MailLog(str(rig.log)))
     assert fresh.recover(rig.spool.iter_pending()) == 5
@@ -209,3 +293,31 @@ async def test_bulk_queue_action_covers_every_match_not_one_listing_page(
     assert [m.rcpt_tos for m in sink.messages] == [["s@y.test"]]
     stored = [await rig.spool.get(q) for q in ids]
     assert all(m is not None and m.held for m in stored)  # persisted, survives a restart
+
+
+async def test_an_upstream_that_does_not_answer_pauses_instead_of_a_retry_storm(
+    make_sink: Any, rig_factory: Any
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    up = {"host": "127.0.0.1", "port": port, "tls": "none", "allow_plaintext": True}
+    rig = await rig_factory(
+        {"up": up},
+        default_upstream="up",
+        start=False,
+        retry={"schedule": ["0.1s"], "jitter": 0, "max_age": "1h"},
+    )
+    rig.scheduler.gate.slow_down = lambda upstream: 1.0  # type: ignore[method-assign]
+    for i in range(10):
+        await rig.submit("a@x.test", [f"r{i}@y.test"])
+    rig.scheduler.start()
+    await rig.wait_event("deferred", 10)
+    await asyncio.sleep(0.8)
+    # Without the pause each message would retry every 0.1 s: ~80 more refused connections.
+    assert len(rig.events("deferred")) <= 12, len(rig.events("deferred"))
+    sink = await make_sink(port=port)
+    await sink.wait_for(10, 15)  # after the pause everything goes
+    assert sorted(sink.recipients) == sorted(f"r{i}@y.test" for i in range(10))

@@ -164,10 +164,20 @@ async def _connect_socket(
             raise _BindError(exc) from exc
         async with asyncio.timeout(connect_timeout):
             await loop.sock_connect(sock, (address, port))
+        refuse_self_connect(sock)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def refuse_self_connect(sock: socket.socket) -> None:
+    """A connect to a closed port on our own host can succeed against itself when the
+    kernel picks that same port as our source (TCP simultaneous open, RFC 793 § 3.4): we
+    would then talk to ourselves, and hold the port the upstream wants to listen on. Seen
+    with a loopback upstream while it was down; treated as the refusal it really is."""
+    if sock.getsockname()[:2] == sock.getpeername()[:2]:
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "connected to itself (port closed)")
 
 
 async def open_session(
