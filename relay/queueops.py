@@ -91,7 +91,6 @@ class QueueOps:
                 "state": "held" if e.held else _STATES.get(e.state, "?"),
                 "upstream": e.upstream or None,
                 "next_attempt": e.next_attempt or None,
-                "last_reply": e.last_reply or None,
             }
         )
         try:

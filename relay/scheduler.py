@@ -16,6 +16,7 @@ import asyncio
 import heapq
 import logging
 import random
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -104,7 +105,15 @@ class Entry:
     next_attempt: float = 0.0
     upstream: str = ""
     state: int = WAITING
-    last_reply: str = ""
+
+    def __post_init__(self) -> None:
+        # One Entry per queued message stays in memory (200,000 queued ≈ 200,000 entries):
+        # share the few distinct organisation/upstream names, and the account when it is
+        # the sender (the usual case), instead of a string object per message.
+        self.org = sys.intern(self.org)
+        self.upstream = sys.intern(self.upstream)
+        if self.account == self.sender:
+            self.account = self.sender
 
     @classmethod
     def from_spool(cls, m: SpoolMessage) -> Entry:
@@ -454,7 +463,6 @@ class Scheduler:
             if status is RcptStatus.PENDING:
                 self.events.emit(Disposition.DEFERRED, **fields, retry_in=round(when - now, 1))
                 e.pending[res.recipient] = attempts
-                e.last_reply = str(res.reply)
                 next_times.append(when)
                 continue
             self.events.emit(_FINAL_EVENT[status], **fields)
