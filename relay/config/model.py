@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class Config:
     @property
     def spool_path(self) -> Path:
         p = Path(self.relay.spool.path)
-        return p if p.is_absolute() else self.base_dir / p
+        return p if p.is_absolute() else Path(os.path.normpath(self.base_dir / p))
 
     def org_of_domain(self, domain: str) -> str | None:
         """The organisation owning `domain` or its nearest parent domain."""
