@@ -29,6 +29,11 @@ import yaml
 LISTENING = re.compile(r"relay: listening (\S+) (\S+):(\d+) tls=(\S+)")
 
 
+def plain_upstream(port: int, **extra: Any) -> dict[str, Any]:
+    """An upstream on a loopback sink without TLS (tests only: plaintext is opt-in)."""
+    return {"host": "127.0.0.1", "port": port, "tls": "none", "allow_plaintext": True, **extra}
+
+
 class RelayConfig:
     """A config directory: relay.yaml + policies/. Spool and mail log live inside it."""
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.adminapi import ENV, TOKEN, admin_url, http, relay_with_admin
-from tests.relayproc import RelayConfig, RelayProcess, send
+from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import Script, ThreadedSink
 
 
@@ -28,8 +28,7 @@ def sink() -> Iterator[ThreadedSink]:
 def config(tmp_path: Path, sink: ThreadedSink, **kw: Any) -> RelayConfig:
     return relay_with_admin(
         tmp_path / "relay",
-        upstreams={"plain": {"host": "127.0.0.1", "port": sink.port, "tls": "none",
-                             "allow_plaintext": True}},
+        upstreams={"plain": plain_upstream(sink.port)},
         default_upstream="plain",
         retry={"schedule": ["1h"], "jitter": 0, "max_age": "1d"},
         orgs=[{"org": "acme", "domains": ["acme.test"]}, {"org": "globex", "domains": ["globex.test"]}],

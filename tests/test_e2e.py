@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.certs import CertAuthority
-from tests.relayproc import RelayConfig, RelayProcess, send
+from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import Script, ThreadedSink
 
 SECRETS = {"SENDGRID_API_KEY": "SG.test-key", "MAILJET_API_KEY": "mj-user", "MAILJET_SECRET_KEY": "mj-secret",
@@ -110,8 +110,7 @@ def test_each_organisation_reaches_its_upstream_from_its_egress_ip(
 
 def test_temporary_failure_then_success_gives_one_delivery(tmp_path: Path) -> None:
     with ThreadedSink(script=Script(data=["451 4.3.0 try again later"])) as sink:
-        cfg = RelayConfig(tmp_path / "r", upstreams={"plain": {"host": "127.0.0.1", "port": sink.port,
-                                                               "tls": "none", "allow_plaintext": True}},
+        cfg = RelayConfig(tmp_path / "r", upstreams={"plain": plain_upstream(sink.port)},
                           default_upstream="plain").write()
         with RelayProcess(cfg) as relay:
             send(relay.port, "a@x.test", ["b@y.test"])
@@ -127,8 +126,7 @@ def test_temporary_failure_then_success_gives_one_delivery(tmp_path: Path) -> No
 def test_permanent_failure_bounces_with_a_dsn_quoting_the_upstream(tmp_path: Path) -> None:
     script = Script(rcpt={"gone@y.test": "550 5.1.1 <gone@y.test>: no such user here"})
     with ThreadedSink(script=script) as sink:
-        cfg = RelayConfig(tmp_path / "r", upstreams={"plain": {"host": "127.0.0.1", "port": sink.port,
-                                                               "tls": "none", "allow_plaintext": True}},
+        cfg = RelayConfig(tmp_path / "r", upstreams={"plain": plain_upstream(sink.port)},
                           default_upstream="plain").write()
         with RelayProcess(cfg) as relay:
             send(relay.port, "alice@x.test", ["gone@y.test", "ok@y.test"])
@@ -151,8 +149,7 @@ def _free_port() -> int:
 
 def test_upstream_down_then_back_gets_everything(tmp_path: Path) -> None:
     port = _free_port()
-    cfg = RelayConfig(tmp_path / "r", upstreams={"plain": {"host": "127.0.0.1", "port": port,
-                                                           "tls": "none", "allow_plaintext": True}},
+    cfg = RelayConfig(tmp_path / "r", upstreams={"plain": plain_upstream(port)},
                       default_upstream="plain").write()
     with RelayProcess(cfg) as relay:
         for i in range(5):
@@ -167,8 +164,7 @@ def test_upstream_down_then_back_gets_everything(tmp_path: Path) -> None:
 
 def test_client_from_unlisted_network_is_refused_and_nothing_arrives(tmp_path: Path) -> None:
     with ThreadedSink() as sink:
-        cfg = RelayConfig(tmp_path / "r", upstreams={"plain": {"host": "127.0.0.1", "port": sink.port,
-                                                               "tls": "none", "allow_plaintext": True}},
+        cfg = RelayConfig(tmp_path / "r", upstreams={"plain": plain_upstream(sink.port)},
                           default_upstream="plain", clients={"networks": ["127.0.0.1/32"]}).write()
         with RelayProcess(cfg) as relay:
             with smtplib.SMTP("127.0.0.1", relay.port, source_address=("127.0.0.66", 0), timeout=10) as s:
@@ -186,8 +182,7 @@ def test_client_from_unlisted_network_is_refused_and_nothing_arrives(tmp_path: P
 
 def test_kill_9_during_a_stream_loses_nothing_acknowledged(tmp_path: Path) -> None:
     port = _free_port()
-    cfg = RelayConfig(tmp_path / "r", upstreams={"plain": {"host": "127.0.0.1", "port": port,
-                                                           "tls": "none", "allow_plaintext": True}},
+    cfg = RelayConfig(tmp_path / "r", upstreams={"plain": plain_upstream(port)},
                       default_upstream="plain").write()
     acked: list[str] = []
     with ThreadedSink(port=port) as sink:
@@ -232,8 +227,7 @@ def test_kill_9_during_a_stream_loses_nothing_acknowledged(tmp_path: Path) -> No
 
 def test_smuggling_with_bare_line_endings_never_yields_a_second_message(tmp_path: Path) -> None:
     with ThreadedSink() as sink:
-        cfg = RelayConfig(tmp_path / "r", upstreams={"plain": {"host": "127.0.0.1", "port": sink.port,
-                                                               "tls": "none", "allow_plaintext": True}},
+        cfg = RelayConfig(tmp_path / "r", upstreams={"plain": plain_upstream(sink.port)},
                           default_upstream="plain").write()
         with RelayProcess(cfg) as relay:
             for end in (b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n"):

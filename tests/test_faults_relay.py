@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.relayproc import RelayConfig, RelayProcess, send
+from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import ThreadedSink
 
 
@@ -28,10 +28,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _plain(port: int) -> dict[str, object]:
-    return {"host": "127.0.0.1", "port": port, "tls": "none", "allow_plaintext": True}
 
 
 def _subject(data: bytes) -> str:
@@ -85,7 +81,7 @@ def test_full_spool_answers_451_loses_nothing_and_recovers(tmp_path: Path, small
     port = _free_port()  # the upstream is down while the spool is broken
     cfg = RelayConfig(
         tmp_path / "relay",
-        upstreams={"plain": _plain(port)},
+        upstreams={"plain": plain_upstream(port)},
         default_upstream="plain",
         spool={"path": str(small_fs / "spool")},
         retry={"schedule": ["1s"], "jitter": 0, "max_age": "1h"},
@@ -134,7 +130,7 @@ def test_read_only_spool_at_start_fails_loudly_then_delivers_everything(
     port = _free_port()
     cfg = RelayConfig(
         tmp_path / "relay",
-        upstreams={"plain": _plain(port)},
+        upstreams={"plain": plain_upstream(port)},
         default_upstream="plain",
         spool={"path": str(small_fs / "spool")},
     ).write()
@@ -160,7 +156,7 @@ def test_read_only_spool_at_start_fails_loudly_then_delivers_everything(
 def test_damaged_spool_entry_at_start_is_set_aside_and_the_rest_delivered(tmp_path: Path) -> None:
     port = _free_port()
     cfg = RelayConfig(
-        tmp_path / "relay", upstreams={"plain": _plain(port)}, default_upstream="plain"
+        tmp_path / "relay", upstreams={"plain": plain_upstream(port)}, default_upstream="plain"
     ).write()
     with RelayProcess(cfg) as relay:
         ids = [
@@ -197,7 +193,7 @@ def test_kill_9_at_random_moments_under_concurrent_load_loses_nothing(tmp_path: 
     sink_port = _free_port()
     cfg = RelayConfig(
         tmp_path / "relay",
-        upstreams={"plain": _plain(sink_port)},
+        upstreams={"plain": plain_upstream(sink_port)},
         default_upstream="plain",
         listeners=[{"name": "smtp", "address": "127.0.0.1", "port": relay_port}],
     ).write()

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.relayproc import RelayConfig, RelayProcess, send
+from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import ThreadedSink
 
 
@@ -41,12 +41,7 @@ def _relay(
     return RelayConfig(
         cdir,
         upstreams={
-            "plain": {
-                "host": "127.0.0.1",
-                "port": sink.port,
-                "tls": "none",
-                "allow_plaintext": True,
-            }
+            "plain": plain_upstream(sink.port)
         },
         default_upstream="plain",
         listeners=[lst],

@@ -14,7 +14,7 @@ import trustme
 
 from relay.auth import hash_password
 from relay.penalty import PenaltyBox
-from tests.relayproc import RelayConfig, RelayProcess, send
+from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import ThreadedSink
 
 PASSWORD = "correct horse battery staple"
@@ -122,12 +122,7 @@ def tls_relay(tmp_path: Path, relay_ca: trustme.CA) -> Iterator[tuple[RelayProce
         cfg = RelayConfig(
             cdir,
             upstreams={
-                "plain": {
-                    "host": "127.0.0.1",
-                    "port": sink.port,
-                    "tls": "none",
-                    "allow_plaintext": True,
-                }
+                "plain": plain_upstream(sink.port)
             },
             default_upstream="plain",
             listeners=[

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from relay.logsetup import REDACTED, JsonFormatter, Redactor, TextFormatter
-from tests.relayproc import RelayConfig, RelayProcess, send
+from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import ThreadedSink
 
 
@@ -74,9 +74,7 @@ def test_relay_logs_are_json_and_never_hold_secrets(tmp_path: Path) -> None:
     with ThreadedSink(auth={"user": "the-right-password"}, auth_require_tls=False) as sink:
         cfg = RelayConfig(
             tmp_path / "relay",
-            upstreams={"own": {"host": "127.0.0.1", "port": sink.port, "tls": "none",
-                               "allow_plaintext": True, "username": "user",
-                               "password": "env:OWN_PASSWORD"}},
+            upstreams={"own": plain_upstream(sink.port, username="user", password="env:OWN_PASSWORD")},
             default_upstream="own",
             log={"mail_log": "mail.log", "level": "debug", "format": "json"},
         ).write()

@@ -17,7 +17,7 @@ import pytest
 
 from relay.cli import main
 from tests.adminapi import ENV, TOKEN, admin_url, relay_with_admin
-from tests.relayproc import RelayProcess, send
+from tests.relayproc import RelayProcess, plain_upstream, send
 from tests.sinks import Script, ThreadedSink
 
 
@@ -27,8 +27,7 @@ def running(tmp_path: Path) -> Iterator[tuple[RelayProcess, ThreadedSink, list[s
     with ThreadedSink(script=defer) as sink:
         cfg = relay_with_admin(
             tmp_path / "relay",
-            upstreams={"plain": {"host": "127.0.0.1", "port": sink.port, "tls": "none",
-                                 "allow_plaintext": True}},
+            upstreams={"plain": plain_upstream(sink.port)},
             default_upstream="plain",
             retry={"schedule": ["1h"], "jitter": 0, "max_age": "1d"},
             orgs=[{"org": "acme", "domains": ["acme.test"]}, {"org": "globex", "domains": ["globex.test"]}],

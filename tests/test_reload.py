@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.adminapi import ENV, admin_url, http, relay_with_admin
-from tests.relayproc import RelayConfig, RelayProcess, send
+from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import Script, ThreadedSink
 
 
@@ -120,8 +120,7 @@ def test_reload_under_load_good_bad_good(tmp_path: Path) -> None:
         def cfg(upstream: str) -> RelayConfig:
             return RelayConfig(
                 tmp_path / "relay",
-                upstreams={name: {"host": "127.0.0.1", "port": s.port, "tls": "none",
-                                  "allow_plaintext": True} for name, s in (("a", a), ("b", b))},
+                upstreams={name: plain_upstream(s.port) for name, s in (("a", a), ("b", b))},
                 default_upstream="a",
                 retry={"schedule": ["1s"], "jitter": 0, "max_age": "1h"},
                 orgs=[{"org": "acme", "domains": ["acme.test"], "upstream": upstream}],
@@ -184,9 +183,7 @@ def test_secrets_are_reread_and_relay_reload_reports_errors(tmp_path: Path) -> N
     with ThreadedSink(auth={"user": "new-password-2"}, auth_require_tls=False) as sink:
         cfg = relay_with_admin(
             tmp_path / "relay",
-            upstreams={"own": {"host": "127.0.0.1", "port": sink.port, "tls": "none",
-                               "allow_plaintext": True, "username": "user",
-                               "password": "file:smtp-password"}},
+            upstreams={"own": plain_upstream(sink.port, username="user", password="file:smtp-password")},
             default_upstream="own",
             retry={"schedule": ["1h"], "jitter": 0, "max_age": "1d"},
             admin={"enabled": True, "address": "127.0.0.1", "port": 0, "token": "file:admin-token"},

@@ -18,7 +18,7 @@ from relay.delivery import Deliverer, DnsResolver
 from relay.events import MailLog
 from relay.scheduler import Entry, Scheduler
 from relay.spool import Spool
-from tests.relayproc import RelayConfig
+from tests.relayproc import RelayConfig, plain_upstream
 from tests.sinks import Script, Sink
 
 
@@ -65,13 +65,7 @@ class Rig:
 
 
 def plain(sink: Sink, **throttle: Any) -> dict[str, Any]:
-    return {
-        "host": "127.0.0.1",
-        "port": sink.port,
-        "tls": "none",
-        "allow_plaintext": True,
-        "throttle": throttle,
-    }
+    return plain_upstream(sink.port, throttle=throttle)
 
 
 @pytest.fixture
@@ -303,7 +297,7 @@ async def test_an_upstream_that_does_not_answer_pauses_instead_of_a_retry_storm(
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    up = {"host": "127.0.0.1", "port": port, "tls": "none", "allow_plaintext": True}
+    up = plain_upstream(port)
     rig = await rig_factory(
         {"up": up},
         default_upstream="up",

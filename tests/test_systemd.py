@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.relayproc import RelayConfig, RelayProcess, send
+from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import ThreadedSink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,8 +118,7 @@ def notify_socket(tmp_path: Path) -> socket.socket:
 def test_readiness_on_a_real_notify_socket(tmp_path: Path, notify_socket: socket.socket) -> None:
     with ThreadedSink() as sink:
         cfg = RelayConfig(tmp_path / "relay",
-                          upstreams={"s": {"host": "127.0.0.1", "port": sink.port, "tls": "none",
-                                           "allow_plaintext": True}},
+                          upstreams={"s": plain_upstream(sink.port)},
                           default_upstream="s").write()
         relay = RelayProcess(cfg, env={"NOTIFY_SOCKET": notify_socket.getsockname()})
         try:

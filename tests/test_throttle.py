@@ -20,7 +20,7 @@ import pytest
 
 from relay.scheduler import Entry, UpstreamQueue
 from tests.redisproc import RedisServer
-from tests.relayproc import RelayConfig, RelayProcess, send
+from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import Script, ThreadedSink
 
 Limits = dict[str, Any]
@@ -36,13 +36,7 @@ class Bench:
 
 
 def plain(sink: ThreadedSink, **throttle: Any) -> dict[str, Any]:
-    return {
-        "host": "127.0.0.1",
-        "port": sink.port,
-        "tls": "none",
-        "allow_plaintext": True,
-        "throttle": throttle,
-    }
+    return plain_upstream(sink.port, throttle=throttle)
 
 
 def config(directory: Path, sink: ThreadedSink, limits: Limits, **throttle: Any) -> Path:
