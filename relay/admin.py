@@ -9,9 +9,11 @@ those endpoints answer 403 and say so: an admin API without a token is read-only
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -294,16 +296,33 @@ class AdminApi:
 class AdminServer:
     """The API on its own TCP site; start/stop from the Relay."""
 
-    def __init__(self, relay: Relay, address: str, port: int, token: str | None) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        address: str,
+        port: int,
+        token: str | None,
+        *,
+        unix_path: str | None = None,
+    ) -> None:
         self.api = AdminApi(relay, token)
         self.address = address
         self.requested_port = port
+        self.unix_path = unix_path  # a worker's private API for its supervisor
         self._runner: web.AppRunner | None = None
         self.port = port
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
+        site: web.BaseSite
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)  # left by a worker that was killed
+            site = web.UnixSite(self._runner, self.unix_path)
+            await site.start()
+            os.chmod(self.unix_path, 0o600)
+            return
         site = web.TCPSite(self._runner, self.address, self.requested_port, reuse_address=True)
         await site.start()
         server = site._server  # the bound port when 0 was asked for

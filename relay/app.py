@@ -32,6 +32,8 @@ from relay.model import TlsMode
 from relay.penalty import PenaltyBox
 from relay.scheduler import Scheduler
 from relay.spool import Spool
+from relay.spool.shards import fold_surplus, shard_path
+from relay.worker import WorkerSlot
 
 if TYPE_CHECKING:
     from relay.admin import AdminServer
@@ -99,9 +101,10 @@ def sd_notify(message: str) -> None:
 class Relay:
     """One running relay node."""
 
-    def __init__(self, config: Config, location: str | None) -> None:
+    def __init__(self, config: Config, location: str | None, slot: WorkerSlot | None = None) -> None:
         self.config = config
         self.location = location
+        self.slot = slot  # None: the only process; else one of the supervisor's workers
         self.metrics = Metrics()
         self.events = MailLog(mail_log_path(config), self.metrics)
         self.listeners: list[Listener] = []
@@ -113,15 +116,17 @@ class Relay:
 
     async def start(self) -> None:
         cfg = self.config
-        self.spool = await Spool.open(cfg.spool_path)
-        self.limits = Limits.from_config(cfg, self.metrics)
+        slot = self.slot
+        spool_path = shard_path(cfg.spool_path, slot.index) if slot else cfg.spool_path
+        self.spool = await Spool.open(spool_path)
+        self.limits = Limits.from_config(cfg, self.metrics, self._partition())
         self.deliverer = Deliverer(
             DnsResolver(cfg.relay.dns.hosts, lifetime=cfg.relay.dns.timeout),
             unpooled=lambda up: self.limits.store.shared and up.throttle.max_connections is not None,
         )
         self.scheduler = Scheduler(cfg, self.spool, self.deliverer, self.events, gate=self.limits.gate)
         recovered = self.scheduler.recover(self.spool.iter_pending())
-        log.info("recovered %d unfinished messages from %s", recovered, cfg.spool_path)
+        log.info("recovered %d unfinished messages from %s", recovered, spool_path)
         self.penalty = PenaltyBox()  # failed-AUTH memory; survives reloads, not restarts
         self.intake = Intake(cfg, self.spool, self.scheduler, self.events, users=load_users(cfg),
                              penalty=self.penalty, limiter=self.limits.limiter)
@@ -129,20 +134,34 @@ class Relay:
         await self._start_admin(cfg)
         for settings in listener_settings(cfg):
             lst = Listener(settings, self.intake, logger=logging.getLogger(f"relay.listener.{settings.name}"))
-            await lst.start()
+            await lst.start(sock=slot.listening_socket(settings.name) if slot else None)
             self.listeners.append(lst)
-            # Tests and operators wait for this exact line.
-            print(f"relay: listening {settings.name} {settings.address}:{lst.port} tls={settings.tls.value}",
-                  file=sys.stderr, flush=True)
+            if slot is None:  # with workers, the supervisor prints it once for all
+                # Tests and operators wait for this exact line.
+                print(f"relay: listening {settings.name} {settings.address}:{lst.port} tls={settings.tls.value}",
+                      file=sys.stderr, flush=True)
         self.ready = True
-        sd_notify("READY=1\nSTATUS=accepting mail")
+        if slot is None:
+            sd_notify("READY=1\nSTATUS=accepting mail")
+        else:
+            slot.notify_ready()
+
+    def _partition(self) -> tuple[int, int] | None:
+        return (self.slot.index, self.slot.count) if self.slot and self.slot.count > 1 else None
 
     async def _start_admin(self, cfg: Config) -> None:
         a = cfg.relay.admin
-        if not a.enabled:
-            return
         from relay.admin import AdminServer
 
+        if self.slot is not None:
+            # A worker's API is for its supervisor only, which serves the real one.
+            if self.slot.admin_socket:
+                self.admin = AdminServer(self, a.address, 0, admin_token(cfg),
+                                         unix_path=self.slot.admin_socket)
+                await self.admin.start()
+            return
+        if not a.enabled:
+            return
         self.admin = AdminServer(self, a.address, a.port, admin_token(cfg))
         await self.admin.start()
         # Like the listening lines: tests and operators read the bound port here.
@@ -187,13 +206,14 @@ class Relay:
         if self.limits.same_backend(new.relay.limits):
             self.limits.reconfigure(new.relay.limits)
             return
-        old, self.limits = self.limits, Limits.from_config(new, self.metrics)
+        old, self.limits = self.limits, Limits.from_config(new, self.metrics, self._partition())
         self.scheduler.gate = self.limits.gate
         await old.close()
 
     async def stop(self, grace: float = 30.0) -> None:
         self.ready = False
-        sd_notify("STOPPING=1")
+        if self.slot is None:
+            sd_notify("STOPPING=1")
         await asyncio.gather(*(lst.stop(grace) for lst in self.listeners))
         await self.scheduler.stop(grace=min(grace, 10.0))
         if self.admin is not None:
@@ -204,7 +224,7 @@ class Relay:
         self.events.close()
 
 
-async def run(location: str | None) -> int:
+async def run(location: str | None, slot: WorkerSlot | None = None) -> int:
     try:
         config = load_config(location)
     except ConfigErrors as exc:
@@ -214,9 +234,19 @@ async def run(location: str | None) -> int:
     # One JSON object per line (or text), AUTH arguments and known secrets redacted.
     configure_logging(config.relay.log.level, config.relay.log.format)
     remember_config_secrets(config, [t for t in [admin_token(config)] if t])
-    for w in config.warnings:
-        log.warning("%s", w)
-    relay = Relay(config, location)
+    if slot is None:
+        for w in config.warnings:  # a worker's supervisor has said them already
+            log.warning("%s", w)
+        if config.workers > 1:
+            from relay.supervisor import supervise
+
+            return await supervise(config, location)
+        try:  # the last run had more workers: their shards' mail is ours now
+            await asyncio.to_thread(fold_surplus, config.spool_path, 1)
+        except (OSError, SpoolError) as exc:
+            log.error("cannot start: %s", getattr(exc, "reason", exc))
+            return 1
+    relay = Relay(config, location, slot)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
@@ -242,10 +272,10 @@ async def run(location: str | None) -> int:
     return 0
 
 
-def serve(location: str | None) -> int:
+def serve(location: str | None, slot: WorkerSlot | None = None) -> int:
     try:
         import uvloop
 
-        return uvloop.run(run(location))
+        return uvloop.run(run(location, slot))
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(run(location))
+        return asyncio.run(run(location, slot))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -96,8 +97,15 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay.app import serve
+    from relay.worker import WorkerSlot
 
-    return serve(args.config)
+    slot = None
+    if args.worker:  # started by a supervisor (workers > 1), never by hand
+        slot = WorkerSlot.parse(args.worker, args.listen_fds, args.ready_fd, args.admin_socket)
+        slot.bind_to_parent()
+        # A reload forwarded while this worker still starts: it reads the newest files anyway.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return serve(args.config, slot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("serve", help="run the relay")
     with_config(sp, required=False)
+    # Set by the supervisor for its worker processes (relay/supervisor.py); hidden.
+    sp.add_argument("--worker", help=argparse.SUPPRESS)
+    sp.add_argument("--listen-fds", help=argparse.SUPPRESS)
+    sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    sp.add_argument("--admin-socket", help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("check", help="validate the configuration and policies; binds nothing")

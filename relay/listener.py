@@ -187,8 +187,9 @@ class Listener:
         ctx.load_cert_chain(self.settings.cert_file, self.settings.key_file)
         return ctx
 
-    async def start(self) -> None:
-        """Bind on the running loop (no aiosmtpd Controller thread)."""
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind on the running loop (no aiosmtpd Controller thread), or serve `sock`, a
+        listening socket inherited from the supervisor (relay/supervisor.py)."""
         loop = asyncio.get_running_loop()
         s = self.settings
         ctx = None if s.tls is TlsMode.NONE else self._tls_context()
@@ -196,12 +197,12 @@ class Listener:
         extra: dict[str, Any] = {}
         if s.tls is TlsMode.IMPLICIT:
             extra = {"ssl": ctx, "ssl_handshake_timeout": min(s.idle_timeout, 60.0)}
+        if sock is not None:
+            extra["sock"] = sock
+        else:
+            extra.update(host=s.address, port=s.port, reuse_address=True)
         self._server = await loop.create_server(
-            lambda: _SmtpSession(self, starttls_ctx, loop),
-            host=s.address,
-            port=s.port,
-            reuse_address=True,
-            **extra,
+            lambda: _SmtpSession(self, starttls_ctx, loop), **extra
         )
         self.log.info(
             "listener %s listening on %s port %d (%s)", s.name, s.address, self.port, s.tls

@@ -295,10 +295,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _reload_by_signal(config: Config) -> int:
-    """Without the admin API: validate here, then SIGHUP the process that holds the spool."""
+    """Without the admin API: validate here, then SIGHUP the supervisor (workers > 1) or the
+    process that holds the spool."""
+    from relay.supervisor import running_supervisor
+
     lock = config.spool_path / "spool.lock"
     try:
-        pid = int(lock.read_text().split()[0])
+        pid = running_supervisor(config.spool_path) or int(lock.read_text().split()[0])
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError, IndexError) as exc:
         print(f"relay reload: no running relay found through {lock}: {exc}", file=sys.stderr)

@@ -21,8 +21,12 @@ from tests.relayproc import RelayProcess, plain_upstream, send
 from tests.sinks import Script, ThreadedSink
 
 
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[tuple[RelayProcess, ThreadedSink, list[str]]]:
+# workers 2: the same commands through the supervisor's API, which asks both workers and
+# merges their answers (relay/fanout.py); the queue ids land in either shard.
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+def running(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[RelayProcess, ThreadedSink, list[str]]]:
     defer = Script(rcpt_fn=lambda r: "451 4.3.0 busy" if r.endswith("@defer.test") else None)
     with ThreadedSink(script=defer) as sink:
         cfg = relay_with_admin(
@@ -31,6 +35,7 @@ def running(tmp_path: Path) -> Iterator[tuple[RelayProcess, ThreadedSink, list[s
             default_upstream="plain",
             retry={"schedule": ["1h"], "jitter": 0, "max_age": "1d"},
             orgs=[{"org": "acme", "domains": ["acme.test"]}, {"org": "globex", "domains": ["globex.test"]}],
+            workers=request.param,
         ).write()
         with RelayProcess(cfg, env=ENV) as relay:
             ids = [send(relay.port, s, [r]).split()[-1] for s, r in

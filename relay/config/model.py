@@ -31,6 +31,13 @@ class Org:
     dkim_selectors: tuple[str, ...] = ()  # configured ones; () = the upstream's usual ones
 
 
+def resolve_workers(value: int | str) -> int:
+    """The `workers` setting as a number ("auto": one per CPU this process may use)."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Config:
     file: str
@@ -52,6 +59,10 @@ class Config:
     @property
     def hostname(self) -> str:
         return self.relay.hostname
+
+    @property
+    def workers(self) -> int:
+        return resolve_workers(self.relay.workers)
 
     @property
     def spool_path(self) -> Path:

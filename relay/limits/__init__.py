@@ -24,6 +24,7 @@ from relay.events import Metrics
 from relay.limits.failover import BackendUnavailable, Failover
 from relay.limits.gate import UpstreamGate, quota_windows
 from relay.limits.intake import IntakeRateLimiter, intake_windows
+from relay.limits.partition import PartitionedStore, part
 from relay.limits.redis_store import RedisStore
 from relay.limits.store import Lease, MemoryStore, Store, Window
 
@@ -45,13 +46,22 @@ __all__ = [
 ]
 
 
-def node_id(conf: LimitsConf) -> str:
-    return conf.node_id or f"{socket.gethostname()}-{os.getpid()}"
+def node_id(conf: LimitsConf, worker: int | None = None) -> str:
+    """This process's name in shared limits. Workers of one node share a configured node id,
+    so each adds its index: their lease tokens never collide."""
+    if conf.node_id:
+        return conf.node_id if worker is None else f"{conf.node_id}-w{worker}"
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def make_store(conf: LimitsConf, metrics: Metrics | None = None) -> Store:
-    """The store `conf` asks for: memory, or Redis behind the failover."""
+def make_store(
+    conf: LimitsConf, metrics: Metrics | None = None, partition: tuple[int, int] | None = None
+) -> Store:
+    """The store `conf` asks for: memory, or Redis behind the failover. `partition` is
+    (worker index, worker count) when this process is one of several workers."""
     if conf.backend == "memory":
+        if partition is not None:
+            return PartitionedStore(*partition, node_id=node_id(conf, partition[0]))
         return MemoryStore(node_id(conf))
     if not conf.redis_url:
         raise ValueError("limits.backend redis needs limits.redis_url")
@@ -62,7 +72,11 @@ def make_store(conf: LimitsConf, metrics: Metrics | None = None) -> Store:
             gauge.set(1 if degraded else 0)
 
     return Failover(
-        RedisStore(conf.redis_url, node_id=node_id(conf), timeout=conf.redis_timeout),
+        RedisStore(
+            conf.redis_url,
+            node_id=node_id(conf, partition[0] if partition else None),
+            timeout=conf.redis_timeout,
+        ),
         share=conf.fallback_share,
         mode=conf.on_backend_failure,
         retry=conf.redis_retry,
@@ -85,12 +99,15 @@ def _backend_key(conf: LimitsConf) -> tuple[object, ...]:
 class Limits:
     """The intake limiter and the upstream gate of one node, over one store."""
 
-    def __init__(self, conf: LimitsConf, metrics: Metrics) -> None:
+    def __init__(
+        self, conf: LimitsConf, metrics: Metrics, partition: tuple[int, int] | None = None
+    ) -> None:
         self.conf = conf
         self.metrics = metrics
-        self.store = make_store(conf, metrics)
+        self.partition = partition
+        self.store = make_store(conf, metrics, partition)
         self.limiter = IntakeRateLimiter(
-            self.store, metrics, max_connections=conf.client.max_connections
+            self.store, metrics, max_connections=self._client_connections(conf)
         )
         self.gate = UpstreamGate(
             self.store,
@@ -102,8 +119,18 @@ class Limits:
         metrics.limits_degraded.set(0)
 
     @classmethod
-    def from_config(cls, config: Config, metrics: Metrics) -> Limits:
-        return cls(config.relay.limits, metrics)
+    def from_config(
+        cls, config: Config, metrics: Metrics, partition: tuple[int, int] | None = None
+    ) -> Limits:
+        return cls(config.relay.limits, metrics, partition)
+
+    def _client_connections(self, conf: LimitsConf) -> int | None:
+        """Concurrent connections per client are counted in each process (whatever the
+        backend): split them between the workers too."""
+        n = conf.client.max_connections
+        if n is None or self.partition is None:
+            return n
+        return part(n, *self.partition)
 
     def same_backend(self, conf: LimitsConf) -> bool:
         return _backend_key(conf) == _backend_key(self.conf)
@@ -111,7 +138,7 @@ class Limits:
     def reconfigure(self, conf: LimitsConf) -> None:
         """A reload with the same backend: new values, same counters and leases."""
         self.conf = conf
-        self.limiter.max_connections = conf.client.max_connections
+        self.limiter.max_connections = self._client_connections(conf)
         self.gate.lease_ttl = conf.lease_ttl
         self.gate.slow_down_initial = conf.slow_down_initial
         self.gate.slow_down_max = conf.slow_down_max

@@ -71,7 +71,7 @@ def _open_database(db_path: Path, max_bytes: int | None) -> sqlite3.Connection:
     return conn
 
 
-def _lock_directory(directory: Path) -> int:
+def lock_directory(directory: Path) -> int:
     """One process per spool: two relays delivering from one queue would send everything
     twice. flock is released by the kernel when the process dies, even by SIGKILL."""
     fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -135,7 +135,7 @@ class Spool:
         def blocking() -> Spool:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
-                lock_fd = _lock_directory(directory)
+                lock_fd = lock_directory(directory)
             except OSError as exc:
                 raise SpoolError(reason=f"cannot open spool {directory}: {exc}") from exc
             try:
