@@ -114,7 +114,7 @@ class Relay(MTA):
         return procs.cpu_seconds(self.pid, tree=True)
 
     def rss(self) -> tuple[int, int]:
-        return procs.rss_bytes(self.pid)
+        return procs.rss_bytes(self.pid, tree=True)  # the supervisor and its workers
 
     def stop(self, timeout: float = 60.0) -> float:
         """SIGTERM and wait; returns the seconds it took to exit."""

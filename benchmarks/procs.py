@@ -135,3 +135,9 @@ def thread_cpu(pid: int) -> dict[int, float]:
         f = raw[raw.rindex(")") + 2 :].split()
         out[int(tid)] = (int(f[11]) + int(f[12])) / TICK
     return out
+
+
+def loop_threads_cpu(pid: int) -> dict[int, float]:
+    """user+sys seconds of the main thread (the event loop) of `pid` and of each live
+    descendant (a relay with workers: the supervisor and every worker), by pid."""
+    return {p: thread_cpu(p).get(p, 0.0) for p in [pid, *descendants(pid)]}

@@ -91,8 +91,9 @@ def print_throughput(runs: list[Throughput]) -> None:
                   f"p50 {ms(p.quantile(0.5))} ms, p99 {ms(p.quantile(0.99))} ms, "
                   f"max {ms(max(p.latencies, default=float('nan')))} ms")
         if r.mta == "relay":
-            print(f"  relay: event-loop thread {1000 * r.main_thread_cpu / r.messages:.3f} ms/msg "
-                  f"({100 * r.main_thread_cpu / r.seconds:.0f}% of one core); other threads "
+            print(f"  relay: event-loop threads {1000 * r.main_thread_cpu / r.messages:.3f} ms/msg "
+                  f"({100 * r.main_thread_cpu / r.seconds / r.loop_processes:.0f}% of one core in "
+                  f"each of {r.loop_processes} busy processes); other threads "
                   f"(spool writer, readers) {1000 * (r.cpu_seconds - r.main_thread_cpu) / r.messages:.3f} ms/msg")
         for n in r.notes:
             print(f"  {r.mta}: {n}")
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-messages", type=int, default=4_000)
     ap.add_argument("--scale-messages", type=int, default=200_000)
     ap.add_argument("--skip-postfix", action="store_true")
+    ap.add_argument("--workers", default="auto",
+                    help="the relay's worker processes for throughput and latency (scale uses 1)")
     ap.add_argument("--profile", type=Path, help="py-spy raw profile of the relay's throughput run")
     ap.add_argument("--relay-command", type=shlex.split,
                     help="run the relay with this instead of `python -m relay.cli` (A/B a patch)")
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                  upstream_connections=a.upstream_connections, reuse=a.reuse,
                  probe_seconds=a.probe_seconds, latency_messages=a.latency_messages,
                  scale_messages=a.scale_messages, workdir=a.workdir, profile=a.profile,
-                 relay_command=a.relay_command)
+                 relay_command=a.relay_command,
+                 workers=int(a.workers) if a.workers.isdigit() else a.workers)
     kinds = ["relay"] + ([] if a.skip_postfix else ["postfix"])
     info = machine()
     print(f"machine: {info['cpus']} CPUs, {info['cpu']}, Python {info['python']}, "

@@ -31,6 +31,7 @@ class Settings:
     workdir: Path = Path("/var/tmp")
     profile: Path | None = None  # write a py-spy profile of the relay here (throughput)
     relay_command: list[str] | None = None  # instead of `python -m relay.cli`
+    workers: int | str = "auto"  # the relay's `workers:` for throughput and latency
 
     def deadline(self, messages: int, min_rate: float = 50.0) -> float:
         """Every wait is bounded: generous for a slow machine, never unbounded."""
@@ -45,7 +46,8 @@ class Throughput:
     ingest_seconds: float = float("nan")
     cpu_seconds: float = float("nan")
     rss_peak: int = 0
-    main_thread_cpu: float = float("nan")  # relay: the event loop's own thread
+    main_thread_cpu: float = float("nan")  # relay: the event loops' own threads, summed
+    loop_processes: int = 1  # relay: processes whose event loop did work (workers)
     load: float = float("nan")  # 1-minute load average at the end: other work on the machine
     probe: ProbeResult | None = None
     probe_rate: float = 0.0
@@ -62,8 +64,8 @@ class Throughput:
 
 def _start(kind: str, base: Path, sink_port: int, s: Settings) -> Relay | Postfix:
     if kind == "relay":
-        return Relay(base / "relay", sink_port, max_connections=s.upstream_connections).start(
-            command=s.relay_command)
+        return Relay(base / "relay", sink_port, max_connections=s.upstream_connections,
+                     extra={"workers": s.workers}).start(command=s.relay_command)
     return Postfix(base / "postfix", sink_port, max_connections=s.upstream_connections).start()
 
 
@@ -88,7 +90,7 @@ def throughput(kind: str, base: Path, s: Settings, *, with_probe: bool = True) -
                 s.profile.parent.mkdir(parents=True, exist_ok=True)
                 spy = _py_spy(mta.pid, s.profile, s.deadline(s.messages, 200))
             cpu0 = mta.cpu_seconds()
-            main0 = procs.thread_cpu(mta.pid).get(mta.pid, 0.0)
+            main0 = procs.loop_threads_cpu(mta.pid)
             t0 = time.monotonic()
             took, _ = run_smtp_source(mta.port, s.messages, s.sessions, s.size, reuse=s.reuse,
                                       timeout=s.deadline(s.messages))
@@ -96,7 +98,9 @@ def throughput(kind: str, base: Path, s: Settings, *, with_probe: bool = True) -
             end = sink.wait_for(s.messages, t0 + s.deadline(s.messages))
             cpu1 = mta.cpu_seconds()
             if kind == "relay":
-                res.main_thread_cpu = procs.thread_cpu(mta.pid).get(mta.pid, 0.0) - main0
+                main1 = procs.loop_threads_cpu(mta.pid)
+                res.main_thread_cpu = sum(v - main0.get(p, 0.0) for p, v in main1.items())
+                res.loop_processes = sum(1 for p, v in main1.items() if v - main0.get(p, 0.0) > 0.05)
             if end is None:
                 res.notes.append(f"timed out: the sink counted {sink.count}/{s.messages}")
                 end = time.monotonic()
@@ -254,7 +258,10 @@ def scale(base: Path, s: Settings) -> Scale:
     # One failed attempt per message, then a long wait: the queue builds without a retry storm.
     relay = Relay(base / "relay-scale", sink_port, max_connections=s.upstream_connections,
                   retry_schedule=["2h"],
-                  extra={"admin": {"enabled": True, "address": "127.0.0.1",
+                  # One worker: the RSS target is about what a queued message costs, and
+                  # every worker has its own interpreter (~50 MB) on top.
+                  extra={"workers": 1,
+                         "admin": {"enabled": True, "address": "127.0.0.1",
                                    "port": procs.free_port(), "token": "env:RELAY_ADMIN_TOKEN"}})
     relay.start(command=s.relay_command)
     try:

@@ -64,6 +64,9 @@ class Gate(Protocol):
     async def release(self, upstream: Upstream) -> None: ...
     def slow_down(self, upstream: Upstream) -> float: ...
     def recovered(self, upstream: Upstream) -> None: ...
+    def local_cap(self, limit: int) -> int:
+        """This process's part of a concurrency limit (a worker of several: less)."""
+        ...
 
 
 class NoGate:
@@ -71,6 +74,9 @@ class NoGate:
 
     async def acquire(self, upstream: Upstream) -> float:
         return 0.0
+
+    def local_cap(self, limit: int) -> int:
+        return limit
 
     async def release(self, upstream: Upstream) -> None:
         return None
@@ -304,7 +310,9 @@ class Scheduler:
     def _cap(self, upstream_id: str) -> int:
         up = self.config.upstreams.get(upstream_id)
         if up is not None and up.throttle.max_connections:
-            return up.throttle.max_connections
+            # Never more tasks than this process may hold leases: a task without one would
+            # pause the whole upstream queue until a lease frees (LEASE_POLL).
+            return self.gate.local_cap(up.throttle.max_connections)
         return self.default_concurrency
 
     def _spawn(self, uq: UpstreamQueue) -> None:

@@ -80,6 +80,9 @@ class UpstreamGate:
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- the scheduler's Gate protocol ---------------------------------------------------
+    def local_cap(self, limit: int) -> int:
+        return self.store.local_share(limit)
+
     async def acquire(self, upstream: Upstream) -> float:
         try:
             return await self._acquire(upstream)

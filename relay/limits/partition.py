@@ -52,6 +52,9 @@ class PartitionedStore(MemoryStore):
     async def used(self, w: Window, *, fixed: bool) -> int:
         return await super().used(self._scaled(w), fixed=fixed)
 
+    def local_share(self, limit: int) -> int:
+        return part(limit, self.index, self.count)
+
     async def lease(self, key: str, limit: int, ttl: float) -> Lease | None:
         return await super().lease(key, part(limit, self.index, self.count), ttl)
 

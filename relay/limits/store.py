@@ -142,6 +142,11 @@ class Store(ABC):
     async def close(self) -> None:
         return None
 
+    def local_share(self, limit: int) -> int:
+        """How much of a concurrency `limit` this process can ever hold (all of it unless
+        the limit is split between worker processes, relay/limits/partition.py)."""
+        return limit
+
 
 class MemoryStore(Store):
     """One node's limits in its own memory: the default, and the fallback while Redis is
