@@ -88,6 +88,8 @@ def test_partitioned_store_enforces_its_part() -> None:
         full = results[2]
         assert full is not None and full[0] == hourly  # reported as configured: 4 per hour
         assert await w1.space("iv", 1.0) == 0.0 and await w1.space("iv", 1.0) > 1.0
+        # The scheduler runs no more delivery tasks than the worker may hold leases.
+        assert (w0.local_share(5), w1.local_share(5), w1.local_share(1)) == (3, 2, 1)
 
     asyncio.run(go())
 
