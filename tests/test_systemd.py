@@ -115,11 +115,15 @@ def notify_socket(tmp_path: Path) -> socket.socket:
     return sock
 
 
-def test_readiness_on_a_real_notify_socket(tmp_path: Path, notify_socket: socket.socket) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_readiness_on_a_real_notify_socket(
+    tmp_path: Path, notify_socket: socket.socket, workers: int
+) -> None:
+    """With workers, only the supervisor notifies: once, after every worker is ready."""
     with ThreadedSink() as sink:
         cfg = RelayConfig(tmp_path / "relay",
                           upstreams={"s": plain_upstream(sink.port)},
-                          default_upstream="s").write()
+                          default_upstream="s", workers=workers).write()
         relay = RelayProcess(cfg, env={"NOTIFY_SOCKET": notify_socket.getsockname()})
         try:
             relay.start()
@@ -130,6 +134,9 @@ def test_readiness_on_a_real_notify_socket(tmp_path: Path, notify_socket: socket
             sink.wait_for(1, 15)
             relay.stop()
             assert notify_socket.recv(4096).decode().startswith("STOPPING=1")
+            notify_socket.settimeout(0.5)  # nothing else: no READY or STOPPING from a worker
+            with pytest.raises(TimeoutError):
+                notify_socket.recv(4096)
         finally:
             if relay.proc is not None and relay.proc.poll() is None:
                 relay.proc.kill()
