@@ -123,7 +123,8 @@ class Intake:
     async def submit(self, session: SessionInfo, envelope: Envelope) -> str:
         client = session.user or session.peer_ip
         try:
-            prepared = await asyncio.wait_for(self._prepare(session, envelope), self.policy_timeout)
+            async with asyncio.timeout(self.policy_timeout):  # no task per message (wait_for)
+                prepared = await self._prepare(session, envelope)
         except RelayError as exc:
             self.events.emit(Disposition.REJECTED, client=client, sender=envelope.sender,
                              reason=type(exc).__name__, reply=exc.reply(),
