@@ -1,30 +1,45 @@
-"""The SMTP listener: a thin aiosmtpd adapter that turns client sessions into typed Intake calls.
+"""The SMTP listener: our own asyncio.Protocol server, turning client sessions into typed
+Intake calls.
 
-aiosmtpd gives us the connection, the command loop, the STARTTLS switch and the SASL
-challenge plumbing. We own every reply the client sees (each with an RFC 3463 enhanced
-code), the order of the checks, and the DATA reader. The policy and the spool sit behind
-the `Intake` protocol; the listener never talks to an upstream and answers 250 after DATA
-only once `Intake.submit` returned a queue id, i.e. once the spool has the message on disk.
+Each connection is one `_SmtpSession`, a state machine driven by `data_received`: complete
+CRLF lines are cut out of one input buffer and dispatched synchronously (a dict of command
+handlers); the session only goes async where it must wait for someone else — the spool's
+fsync behind `Intake.submit`, the password hash behind `Intake.authenticate`, and the TLS
+handshake — and stops reading from the client while it waits. Replies to commands that
+arrived together go out in one write (RFC 2920 pipelining, server side). We own every
+reply the client sees (each with an RFC 3463 enhanced code), the order of the checks, and
+the DATA reader. The policy and the spool sit behind the `Intake` protocol; the listener
+never talks to an upstream and answers 250 after DATA only once `Intake.submit` returned a
+queue id, i.e. once the spool has the message on disk.
 
 Check order (fixed, fail closed, Postfix practice):
     connect  → Intake.check_connect (refuse floods; an unknown network may still AUTH)
     AUTH     → only under TLS; Intake.authenticate; failures counted
     MAIL     → syntax and SIZE, then Intake.check_sender (the relay-access check)
     RCPT     → syntax, recipient count, then Intake.check_recipient
-    DATA     → size / line length / bare CR-LF checks while reading, then Intake.submit
+    DATA     → size / line length / bare CR-LF checks on the whole body, then Intake.submit
 Any RelayError (or any other exception) becomes its reply through `relay.errors.to_reply`.
 
 Protocol decisions:
-- A DATA body containing a bare CR or a bare LF is rejected (554 5.6.0) after reading to the
-  real <CRLF>.<CRLF>, and nothing is submitted: only <CRLF>.<CRLF> ends the data, and a
-  body a later hop could split differently is refused outright (SMTP smuggling, 2023;
-  Postfix smtpd_forbid_bare_newline, Exim and Sendmail did the same).
-- Bytes the client pipelined after STARTTLS are discarded (RFC 3207 § 4.2, CVE-2011-0411);
-  aiosmtpd clears its buffer when the handshake completes and a test holds it to that.
+- Only CRLF ends a line, in commands and in DATA (RFC 5321 § 2.3.8).
+- DATA is read in bulk: the body ends at the first <CRLF>.<CRLF> (the CRLF of the DATA
+  command counts as the first), is dot-unstuffed in one pass (RFC 5321 § 4.5.2) and checked
+  with whole-buffer operations. A body containing a bare CR or a bare LF is rejected
+  (554 5.6.0) after reading to the real <CRLF>.<CRLF>, and nothing is submitted: a body a
+  later hop could split differently is refused outright (SMTP smuggling, 2023; Postfix
+  smtpd_forbid_bare_newline, Exim and Sendmail did the same). When a body has several
+  problems, the reply is for the first offending line, as a line-by-line reader would say.
+- Bytes the client pipelined after STARTTLS are discarded (RFC 3207 § 4.2, CVE-2011-0411):
+  reading stops at the STARTTLS line and the buffer is cleared before the handshake.
 - Every 5xx reply counts as a client error except 535 (counted separately as an AUTH
   failure); at max_errors the session ends with 421 4.7.0; a message accepted for
-  delivery resets the count (as Postfix does). aiosmtpd itself also hangs up
-  after 5 unrecognised commands (its BOGUS_LIMIT), which we report as 421 4.7.0 too.
+  delivery resets the count (as Postfix does). The fifth unrecognised command also ends
+  the session with 421 4.7.0, whatever max_errors says.
+- Memory per session is bounded: a command line by max_line_length (longer ones are
+  skipped to their end and answered 500 5.5.2), a message by max_message_size (a longer
+  one is read to its end keeping only the last few bytes, then refused 552 5.3.4); while a
+  submit or AUTH check is in flight, or while the client does not read our replies (the
+  transport's write buffer is over its high-water mark), we stop reading from it.
 """
 
 from __future__ import annotations
@@ -32,57 +47,54 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
 import email.utils
 import ipaddress
 import logging
 import socket
 import ssl
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
-
-from aiosmtpd.smtp import SMTP, TLSSetupException
+from typing import Any, Protocol, cast, runtime_checkable
 
 from relay.addresses import AddressSyntaxError, parse_mailbox, parse_params, split_path
 from relay.errors import PermanentError, RelayError, to_reply
 from relay.model import Envelope, TlsMode
-from relay.smtpd_setup import install as _install_smtpd_setup
 
 __all__ = ["Intake", "Listener", "ListenerSettings", "SessionInfo"]
-
-_install_smtpd_setup()  # per-class, not per-connection, AUTH method lookup (see the module)
 
 # Replies we send from more than one place. RFC 5321 § 4.2 codes, RFC 3463 enhanced codes.
 R_SHUTDOWN = "421 4.3.2 Service shutting down, closing connection"
 R_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
 R_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 R_TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many authentication failures, closing connection"
+R_TOO_MANY_UNKNOWN = "421 4.7.0 Too many unrecognized commands, closing connection"
 R_NEED_HELO = "503 5.5.1 Error: send HELO/EHLO first"
 R_LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
+R_COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
+R_BAD_SYNTAX = "500 5.5.2 Error: bad syntax"
+R_UNKNOWN_COMMAND = "500 5.5.1 Error: command not recognized"  # never echoed: it may hold a CR
+R_NEED_STARTTLS = "530 5.7.0 Must issue a STARTTLS command first"
 R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 # 5.6.0 ("other media error", RFC 3463 § 3.7): a registered code for a content format we
 # refuse; see the module docstring for why bare CR/LF is refused at all.
 R_BARE_NEWLINE = "554 5.6.0 Bare CR or LF in message not accepted (RFC 5321 section 2.3.8)"
 
-# aiosmtpd's own command loop writes these without enhanced status codes (RFC 2034 wants
-# one on every reply but the greeting and EHLO/HELO); push() rewrites them.
-_LOOP_REPLIES = {
-    "500 Command line too long": "500 5.5.2 Command line too long",
-    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
-    "500 Error: strict ASCII mode": "500 5.5.2 Error: non-ASCII command",
-    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
-    "554 Command refused due to lack of security": "554 5.7.0 Command refused, TLS failed",
-    "502 5.5.1 Too many unrecognized commands, goodbye.": (
-        "421 4.7.0 Too many unrecognized commands, closing connection"
-    ),
-    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
-}
-# aiosmtpd echoes the unknown command back; we do not (it may hold a bare CR).
-_UNKNOWN_COMMAND_PREFIX = '500 Error: command "'
-_UNKNOWN_COMMAND = "500 5.5.1 Error: command not recognized"
-
+# Unrecognised commands before the session ends (aiosmtpd's BOGUS_LIMIT, kept).
+_MAX_UNKNOWN_COMMANDS = 5
+# RFC 3207 § 4: what a require_tls listener accepts before STARTTLS.
+_ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
+# MAIL may carry SIZE (+26, RFC 1870 § 3) and SMTPUTF8 (+10, RFC 6531 § 3.4) after EHLO.
+_MAIL_EXTRA_LENGTH = 26 + 10
 # Seconds a closing connection may take to flush its goodbye before it is aborted.
 _CLOSE_FLUSH_TIMEOUT = 5.0
+# The end of DATA (RFC 5321 § 4.1.1.4); the body buffer starts with the DATA line's CRLF.
+_END_OF_DATA = b"\r\n.\r\n"
+# Line-length checks split the body in windows of about this size (bounded extra memory).
+_SPLIT_WINDOW = 1 << 18
+
+# Session states: what the next complete line is.
+_COMMAND, _DATA, _SASL = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +200,8 @@ class Listener:
         return ctx
 
     async def start(self, sock: socket.socket | None = None) -> None:
-        """Bind on the running loop (no aiosmtpd Controller thread), or serve `sock`, a
-        listening socket inherited from the supervisor (relay/supervisor.py)."""
+        """Bind on the running loop, or serve `sock`, a listening socket inherited from
+        the supervisor (relay/supervisor.py)."""
         loop = asyncio.get_running_loop()
         s = self.settings
         ctx = None if s.tls is TlsMode.NONE else self._tls_context()
@@ -251,7 +263,10 @@ class Listener:
 def _peer_address(peername: object) -> tuple[str, int]:
     if not isinstance(peername, tuple) or len(peername) < 2:
         return "", 0
-    ip = ipaddress.ip_address(str(peername[0]).split("%", 1)[0])
+    host = str(peername[0])
+    if ":" not in host:
+        return host, int(peername[1])  # the kernel's dotted quad: already canonical
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
     # A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; allowlists say a.b.c.d.
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -270,16 +285,76 @@ def _valid_helo(arg: str | None) -> bool:
     return arg is not None and 0 < len(arg) <= 255 and all("!" <= c <= "~" for c in arg)
 
 
-def _b64decode(text: str) -> bytes | None:
+def _b64decode(text: str | bytes) -> bytes | None:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return None
 
 
-class _SmtpSession(SMTP):
-    """One client connection. Subclassing is how aiosmtpd is extended: each smtp_* method
-    here replaces aiosmtpd's so that replies, limits and check order are ours."""
+def _longest_line(content: bytes | bytearray) -> int:
+    """The longest CRLF-separated line of `content`, CRLF excluded. C-speed splits, in
+    windows so that a huge message does not double in memory as a list of lines."""
+    n = len(content)
+    longest = 0
+    start = 0
+    while start < n:
+        end = content.find(b"\r\n", start + _SPLIT_WINDOW) if n - start > _SPLIT_WINDOW else -1
+        if end < 0:
+            end = n
+        longest = max(longest, max(map(len, content[start:end].split(b"\r\n"))))
+        start = end + 2
+    return longest
+
+
+def _first_problem(lines: bytes, max_line: int, limit: int) -> str | None:
+    """The refusal a line-by-line reader would give for dot-stuffed DATA `lines` (whole
+    CRLF-ended lines, no end marker): the first offending line decides; within a line, its
+    length, then the running size, then a bare CR or LF. Only the refusal path runs this."""
+    size = 0
+    for line in lines.split(b"\r\n")[:-1]:
+        stuffed = len(line) + 2
+        size += stuffed
+        unstuffed = stuffed - 1 if line[:1] == b"." else stuffed  # RFC 5321 § 4.5.2
+        if unstuffed > max_line:
+            return R_LINE_TOO_LONG
+        if size > limit:
+            return R_TOO_BIG
+        if b"\r" in line or b"\n" in line:
+            return R_BARE_NEWLINE
+    return None
+
+
+def _body_problem(lines: bytes | bytearray, max_line: int, limit: int) -> str | None:
+    """The refusal for dot-stuffed DATA `lines` (the DATA line's CRLF, then whole CRLF-ended
+    lines), or None. A few whole-buffer scans in C screen the body; only a body that
+    fails them goes through the line-by-line `_first_problem` for the exact reply."""
+    crs = lines.count(b"\r")
+    if (
+        len(lines) - 2 <= limit
+        and crs == lines.count(b"\n") == lines.count(b"\r\n")  # no bare CR, no bare LF
+        and _longest_line(lines) <= max_line - 2  # stuffed: never shorter than unstuffed
+    ):
+        return None
+    return _first_problem(bytes(lines[2:]), max_line, limit)
+
+
+class _DateCache:
+    """RFC 5322 date for the Received header, formatted once per second."""
+
+    second = 0
+    text = ""
+
+    @classmethod
+    def now(cls) -> str:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second, cls.text = second, email.utils.formatdate(second, localtime=True)
+        return cls.text
+
+
+class _SmtpSession(asyncio.Protocol):
+    """One client connection: the SMTP state machine (see the module docstring)."""
 
     def __init__(
         self,
@@ -291,88 +366,76 @@ class _SmtpSession(SMTP):
         self._listener = listener
         self._settings = s
         self._log = listener.log
-        self._implicit_tls = s.tls is TlsMode.IMPLICIT
-        # Read before super().__init__, which sizes its StreamReader from it: the longest
-        # line plus one transparent dot (RFC 5321 § 4.5.2, § 4.5.3.1.6).
-        self.line_length_limit = s.max_line_length + 1
-        super().__init__(
-            None,  # no handler object: the hooks are the methods below
-            data_size_limit=s.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=s.hostname,
-            ident="ESMTP",
-            tls_context=starttls_context,
-            require_starttls=s.require_tls,
-            timeout=s.idle_timeout,
-            loop=loop,
-        )
-        # aiosmtpd keeps command_size_limits in a class-level dict shared by every session
-        # and grows it on each EHLO; use a fixed table of our own. MAIL may carry SIZE
-        # (+26, RFC 1870 § 3) and SMTPUTF8 (+10, RFC 6531 § 3.4).
-        self.command_size_limit = s.max_command_length
-        self.command_size_limits = collections.defaultdict(lambda: s.max_command_length)
-        self.command_size_limits["MAIL"] = s.max_command_length + 26 + 10
+        self._loop = loop
+        self._starttls_context = starttls_context
+        self._require_tls = s.require_tls and starttls_context is not None
+        self._tls = s.tls is TlsMode.IMPLICIT  # TLS active (implicit, or after STARTTLS)
+        self._transport: asyncio.Transport | None = None
+        self._raw_transport: asyncio.Transport | None = None  # the socket's, after STARTTLS
         self._peer_ip = ""
         self._peer_port = 0
+        # Input: one buffer; `_state` says what its next line is.
+        self._buf = bytearray()
+        self._state = _COMMAND
+        self._skipping = False  # discarding the rest of an over-long line
+        self._scan = 0  # DATA: where to look for the end marker next
+        self._data_problem: str | None = None  # DATA: refused already, reading to the end
+        self._sasl_step: Callable[[bytes], None] | None = None
+        self._login_user = b""
+        # Output: replies to flush in one write.
+        self._out: list[bytes] = []
+        # Flow control and the one task a session may have in flight.
+        self._task: asyncio.Task[None] | None = None
+        self._task_is_ours = False  # submit/AUTH: our work, not client idleness
+        self._tls_pending = False
+        self._reading = True
+        self._write_paused = False
+        self._eof = False
+        self._closing = False
+        self._lost = False
+        self._draining = False
+        # Timers: one timer handle; activity is a timestamp, not a timer per line.
+        self._timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
+        self._last_active = 0.0
+        self._session_deadline = 0.0
+        # SMTP session state.
+        self._helo: str | None = None
+        self._extended = False
+        self._auth_user: str | None = None
         self._errors = 0
         self._auth_failures = 0
-        self._closing = False
-        self._draining = False
-        self._in_data = False
-        self._auth_user: str | None = None  # valid while self.session.authenticated
-        self._txn_intake: Intake | None = None
+        self._unknown_commands = 0
+        self._info_cache: SessionInfo | None = None
         self._connect_intake: Intake | None = None  # the one whose check_connect passed
+        # The mail transaction.
+        self._txn_intake: Intake | None = None
+        self._mail_from = ""
+        self._rcpts: list[str] = []
+        self._smtputf8 = False
         self._body_8bit = False
-        self._session_timer: asyncio.TimerHandle | None = None
-        self._abort_timer: asyncio.TimerHandle | None = None
 
     # ---- connection lifecycle ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        after_starttls = self._original_transport is not None
-        super().connection_made(transport)
-        if after_starttls:
-            # RFC 3207 § 4.2: aiosmtpd made a fresh Session (no HELO, no AUTH) and
-            # discarded buffered plaintext; our transaction and AUTH state go too.
-            self._auth_user = None
-            self._log.debug("%s:%d STARTTLS done", self._peer_ip, self._peer_port)
-            return
+        # uvloop's transports are not asyncio.Transport subclasses; they have its methods.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
         self._peer_ip, self._peer_port = _peer_address(transport.get_extra_info("peername"))
-        assert self.session is not None
-        if self._implicit_tls:
-            # aiosmtpd only records TLS it negotiated itself; eof_received() needs this.
-            self.session.ssl = {"cipher": transport.get_extra_info("cipher")}
-        self._session_timer = self.loop.call_later(
-            self._settings.session_timeout, self.goodbye, R_TIMEOUT
+        s = self._settings
+        now = self._loop.time()
+        self._last_active = now
+        self._session_deadline = now + s.session_timeout
+        self._timer = self._loop.call_at(
+            min(now + s.idle_timeout, self._session_deadline), self._on_timer
         )
         self._listener._register(self)
         self._log.debug("%s:%d connected", self._peer_ip, self._peer_port)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        if self._session_timer is not None:
-            self._session_timer.cancel()
-        if self._abort_timer is not None:
-            self._abort_timer.cancel()  # gone: never touch its (reusable) descriptor again
-        self._listener._unregister(self)
-        opened, self._connect_intake = self._connect_intake, None
-        if isinstance(opened, ConnectionObserver):
-            try:
-                opened.connection_closed(self._peer_ip)
-            except Exception:
-                self._log.exception("connection_closed hook failed")
-        self._log.debug("%s:%d disconnected", self._peer_ip, self._peer_port)
-        super().connection_lost(error)
-
-    async def _handle_client(self) -> None:
         refusal = self._check_connect()
         if refusal is not None:
             self.goodbye(refusal)
             return
-        try:
-            await super()._handle_client()
-        except ConnectionError:
-            pass  # the client went away; connection_lost() cleans up
+        transport.write(f"220 {s.hostname} ESMTP\r\n".encode())
 
     def _check_connect(self) -> str | None:
         intake = self._listener.intake
@@ -386,89 +449,232 @@ class _SmtpSession(SMTP):
             return ("421 " if code.startswith("4") else "554 ") + rest
         return None
 
-    def _timeout_cb(self) -> None:
-        # RFC 5321 § 4.5.3.2.7: the server may close after its timeout; say why first.
-        self._log.info("%s:%d idle timeout", self._peer_ip, self._peer_port)
-        self.goodbye(R_TIMEOUT)
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()  # gone: never touch its (reusable) descriptor again
+        self._buf = bytearray()
+        opened, self._connect_intake = self._connect_intake, None
+        if isinstance(opened, ConnectionObserver):
+            try:
+                opened.connection_closed(self._peer_ip)
+            except Exception:
+                self._log.exception("connection_closed hook failed")
+        self._log.debug("%s:%d disconnected", self._peer_ip, self._peer_port)
+        if self._task is None:
+            self._listener._unregister(self)
+        # else: the submit in flight still finishes (a spool write is never cut half-way);
+        # it unregisters the session when it is done, so that stop() waits for it.
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        # The client half-closed. With a submit in flight on a plain connection, keep our
+        # side open so that its reply still goes out; TLS cannot stay half-open.
+        return self._task is not None and not self._tls_pending and self._raw_transport is None and (
+            self._settings.tls is not TlsMode.IMPLICIT
+        )
+
+    def pause_writing(self) -> None:
+        # The client is not reading our replies: stop reading its commands (backpressure).
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or self._closing or self._tls_pending:
+            return
+        want = self._task is None and not self._write_paused
+        if want != self._reading:
+            self._reading = want
+            if want:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        now = self._loop.time()
+        if now >= self._session_deadline:
+            self.goodbye(R_TIMEOUT)
+            return
+        idle = self._settings.idle_timeout
+        if self._task_is_ours:
+            deadline = now + idle  # our own work (the spool's fsync) is not client idleness
+        elif now >= self._last_active + idle:
+            # RFC 5321 § 4.5.3.2.7: the server may close after its timeout; say why first.
+            self._log.info("%s:%d idle timeout", self._peer_ip, self._peer_port)
+            self.goodbye(R_TIMEOUT)
+            return
+        else:
+            deadline = self._last_active + idle
+        self._timer = self._loop.call_at(min(deadline, self._session_deadline), self._on_timer)
 
     def goodbye(self, reply: str) -> None:
-        """Send a final 421 (or greeting refusal) and close; later pushes are dropped."""
+        """Send a final 421 (or greeting refusal) and close; later replies are dropped and
+        nothing the client pipelined after this point runs."""
         if self._closing:
             return
         self._closing = True
-        transport = self.transport
+        transport = self._transport
         if transport is None or transport.is_closing():
             return
-        self._writer.write(reply.encode("ascii", "replace") + b"\r\n")
+        if self._tls_pending:
+            _abort(transport)  # mid-handshake: no reply can be read; end the connection
+            return
+        self._out.append(reply.encode("ascii", "replace") + b"\r\n")
+        transport.write(b"".join(self._out))
+        self._out.clear()
         transport.close()
-        # close() waits for the peer to read our last bytes; a peer that never reads
-        # must not hold the connection open forever. After STARTTLS, abort the socket's own
-        # transport: the TLS one waits for the peer's close_notify, and once closed twice
-        # (aiosmtpd does) its abort() is a no-op — the session would never end.
-        raw = self._original_transport
-        self._abort_timer = self.loop.call_later(
+        # close() waits for the peer to read our last bytes; a peer that never reads must
+        # not hold the connection open forever. After STARTTLS, abort the socket's own
+        # transport: the TLS one waits for the peer's close_notify.
+        raw = self._raw_transport
+        self._abort_timer = self._loop.call_later(
             _CLOSE_FLUSH_TIMEOUT, _abort, raw if raw is not None else transport
         )
-        # Stop the command loop too: nothing the client pipelined after this point may
-        # still run (aiosmtpd's own QUIT does the same).
-        if self._handler_coroutine is not None:
-            self._handler_coroutine.cancel()
 
     def begin_drain(self) -> None:
         """Listener.stop(): finish the transaction in progress, if any, then 421 4.3.2."""
         self._draining = True
-        if not self._in_transaction():
+        if self._txn_intake is None:
             self.goodbye(R_SHUTDOWN)
+
+    # ---- input ---------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        # No plaintext arrives here after STARTTLS: the STARTTLS line stopped reading
+        # from the socket, and from then on its bytes go to the TLS layer; what this gets
+        # during the handshake is already-decrypted data, kept for when TLS is up.
+        if self._closing:
+            return
+        if b"\n" in data:
+            self._last_active = self._loop.time()  # the idle timer restarts with each line
+        self._buf += data
+        if self._task is None:
+            self._process()
+            self._flush()
+
+    def _process(self) -> None:
+        """Handle every complete line (or the whole DATA body) in the buffer, in order."""
+        cap = self._settings.max_line_length + 1
+        while not self._closing and self._task is None:
+            if self._state == _DATA:
+                if not self._data_step():
+                    return
+                continue
+            buf = self._buf  # a new one after DATA
+            i = buf.find(b"\r\n")
+            if i < 0:
+                if len(buf) > cap:
+                    # Over-long: drop it (keep a last CR the LF may follow) and skip to its end.
+                    del buf[:-1]
+                    self._skipping = True
+                return
+            if self._skipping or i > cap:
+                self._skipping = False
+                del buf[: i + 2]
+                self._state = _COMMAND  # an over-long SASL answer also ends the exchange
+                self._reply(R_COMMAND_TOO_LONG)
+                continue
+            line = bytes(buf[:i])
+            del buf[: i + 2]
+            try:
+                if self._state == _SASL:
+                    self._sasl_line(line)
+                else:
+                    self._command(line)
+            except Exception as exc:
+                self._crashed(exc)
+
+    def _command(self, line: bytes) -> None:
+        if not line:
+            self._reply(R_BAD_SYNTAX)
+            return
+        verb_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            verb = verb_bytes.upper().decode("ascii")
+        except UnicodeDecodeError:
+            self._reply(R_BAD_SYNTAX)
+            return
+        # Arguments may be UTF-8 (RFC 6531); surrogateescape keeps invalid bytes visible to
+        # the address checks, which refuse them.
+        arg = arg_bytes.strip().decode("utf-8", "surrogateescape") if arg_bytes else None
+        limit = self._settings.max_command_length  # RFC 5321 § 4.5.3.1.4
+        if verb == "MAIL" and self._extended:
+            limit += _MAIL_EXTRA_LENGTH
+        if len(line) > limit:
+            self._reply(R_COMMAND_TOO_LONG)
+            return
+        if self._require_tls and not self._tls and verb not in _ALLOWED_BEFORE_STARTTLS:
+            self._reply(R_NEED_STARTTLS)  # RFC 3207 § 4
+            return
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            self._unknown_commands += 1
+            if self._unknown_commands >= _MAX_UNKNOWN_COMMANDS:
+                self._log.warning(
+                    "%s:%d too many unrecognized commands", self._peer_ip, self._peer_port
+                )
+                self.goodbye(R_TOO_MANY_UNKNOWN)
+            else:
+                self._reply(R_UNKNOWN_COMMAND)
+            return
+        handler(self, arg)
+
+    def _crashed(self, exc: Exception) -> None:
+        """A bug in a command handler: fail closed with 451 4.3.0 (never a traceback)."""
+        self._log.error("%s:%d unexpected error", self._peer_ip, self._peer_port, exc_info=exc)
+        reply = to_reply(exc)
+        if self._state == _DATA:
+            # Mid-DATA we no longer know where the message ends: reading on could run
+            # message text as commands. Close instead.
+            self.goodbye("421 " + reply.partition(" ")[2])
+            return
+        self._state = _COMMAND
+        self._set_rset_state()
+        self._reply(reply)
 
     # ---- replies -------------------------------------------------------------------------
 
-    async def push(self, status: str | bytes) -> None:
-        """Every reply passes here: add enhanced codes to aiosmtpd's, count errors, drain."""
+    def _reply(self, text: str) -> None:
+        """Every reply passes here: queue it, count errors, end the session when due."""
         if self._closing:
             return
-        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
-        if text.startswith(_UNKNOWN_COMMAND_PREFIX):
-            text = _UNKNOWN_COMMAND
-        text = _LOOP_REPLIES.get(text, text)
         if text.startswith("421 "):
             # RFC 5321 § 3.8: a 421 reply closes the channel, whichever check raised it.
             self.goodbye(text)
             return
-        await super().push(text)
-        if len(text) > 3 and text[3] == "-":
-            return  # continuation line of a multi-line reply
+        self._out.append(text.encode() + b"\r\n")
         code = text[:3]
         if code == "535":
             self._auth_failures += 1
             if self._auth_failures >= self._settings.max_auth_failures:
                 self._log.warning("%s:%d too many AUTH failures", self._peer_ip, self._peer_port)
                 self.goodbye(R_TOO_MANY_AUTH_FAILURES)
-        elif code.startswith("5"):
+        elif code[0] == "5":
             self._errors += 1
             if self._errors >= self._settings.max_errors:
                 self._log.warning("%s:%d too many errors", self._peer_ip, self._peer_port)
                 self.goodbye(R_TOO_MANY_ERRORS)
-        if self._draining and not self._in_transaction():
+        if self._draining and self._txn_intake is None:
             self.goodbye(R_SHUTDOWN)
 
-    async def handle_exception(self, error: Exception) -> str:
-        """aiosmtpd calls this for anything a command raised: fail closed with 451 4.3.0
-        (never its default '500 Error: (Class) text')."""
-        if isinstance(error, TLSSetupException):
-            self._log.info(
-                "%s:%d TLS handshake failed: %r", self._peer_ip, self._peer_port, error.__cause__
-            )
-        else:
-            self._log.error(
-                "%s:%d unexpected error", self._peer_ip, self._peer_port, exc_info=error
-            )
-        reply = to_reply(error)
-        if self._in_data:
-            # Mid-DATA we no longer know where the message ends: reading on could run
-            # message text as commands. Close instead.
-            self.goodbye("421 " + reply.partition(" ")[2])
-        self._set_rset_state()
-        return reply
+    def _flush(self) -> None:
+        if self._out and not self._closing:
+            assert self._transport is not None
+            self._transport.write(b"".join(self._out))
+            self._out.clear()
 
     def _log_refusal(self, stage: str, exc: BaseException) -> None:
         if isinstance(exc, RelayError):
@@ -485,199 +691,286 @@ class _SmtpSession(SMTP):
                 "%s:%d %s check failed", self._peer_ip, self._peer_port, stage, exc_info=exc
             )
 
+    # ---- waiting for someone else ---------------------------------------------------------
+
+    def _start(self, coro: Coroutine[Any, Any, None], *, ours: bool) -> None:
+        """Run `coro` (the session's one task) and stop reading until it is done."""
+        self._task_is_ours = ours
+        self._task = self._loop.create_task(coro)
+        self._update_reading()
+
+    def _task_done(self) -> bool:
+        """Called by the task as it ends; False when the connection is gone meanwhile."""
+        self._task = None
+        self._task_is_ours = False
+        self._last_active = self._loop.time()
+        if self._lost:
+            self._listener._unregister(self)
+            return False
+        return not self._closing
+
+    def _resume(self) -> None:
+        """After a task: answer what it decided, then go on with what the client sent."""
+        self._process()
+        self._flush()
+        self._update_reading()
+        if self._eof and self._task is None and not self._closing:
+            assert self._transport is not None
+            self._closing = True
+            self._transport.close()  # the half-closed client has had every reply
+
     # ---- session state -------------------------------------------------------------------
 
     def _set_rset_state(self) -> None:
-        self.envelope = self._create_envelope()  # what aiosmtpd's (untyped) version does
         self._txn_intake = None
+        self._mail_from = ""
+        self._rcpts = []
+        self._smtputf8 = False
         self._body_8bit = False
 
-    def _in_transaction(self) -> bool:
-        return self._txn_intake is not None
-
-    def _tls_active(self) -> bool:
-        return self._implicit_tls or self._tls_protocol is not None
-
-    def _user(self) -> str | None:
-        assert self.session is not None
-        return self._auth_user if self.session.authenticated else None
-
     def _info(self) -> SessionInfo:
-        assert self.session is not None
-        return SessionInfo(
-            peer_ip=self._peer_ip,
-            peer_port=self._peer_port,
-            helo=self.session.host_name or "",
-            tls=self._tls_active(),
-            user=self._user(),
-        )
+        info = self._info_cache
+        if info is None:
+            info = self._info_cache = SessionInfo(
+                peer_ip=self._peer_ip,
+                peer_port=self._peer_port,
+                helo=self._helo or "",
+                tls=self._tls,
+                user=self._auth_user,
+            )
+        return info
 
-    async def _helo_missing(self) -> bool:
-        assert self.session is not None
-        if not self.session.host_name:
-            await self.push(R_NEED_HELO)
+    def _helo_missing(self) -> bool:
+        if not self._helo:
+            self._reply(R_NEED_HELO)
             return True
         return False
 
     # ---- commands without a transaction --------------------------------------------------
 
-    async def smtp_HELO(self, arg: str | None) -> None:
+    def smtp_HELO(self, arg: str | None) -> None:
         if not _valid_helo(arg):
-            await self.push("501 5.5.4 Syntax: HELO hostname")
+            self._reply("501 5.5.4 Syntax: HELO hostname")
             return
-        assert self.session is not None
         self._set_rset_state()  # RFC 5321 § 4.1.4: HELO/EHLO reset like RSET
-        self.session.extended_smtp = False
-        self.session.host_name = arg
-        await self.push(f"250 {self.hostname}")
+        self._extended = False
+        self._helo = arg
+        self._info_cache = None
+        self._reply(f"250 {self._settings.hostname}")
 
-    async def smtp_EHLO(self, arg: str | None) -> None:
+    def smtp_EHLO(self, arg: str | None) -> None:
         if not _valid_helo(arg):
-            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            self._reply("501 5.5.4 Syntax: EHLO hostname")
             return
-        assert self.session is not None
         self._set_rset_state()
-        self.session.extended_smtp = True
-        self.session.host_name = arg
+        self._extended = True
+        self._helo = arg
+        self._info_cache = None
         lines = [
-            self.hostname,
+            self._settings.hostname,
             "PIPELINING",  # RFC 2920
             f"SIZE {self._settings.max_message_size}",  # RFC 1870
             "8BITMIME",  # RFC 6152
             "SMTPUTF8",  # RFC 6531
             "ENHANCEDSTATUSCODES",  # RFC 2034
         ]
-        if self.tls_context is not None and not self._tls_active():
+        if self._starttls_context is not None and not self._tls:
             lines.append("STARTTLS")  # RFC 3207
-        if self._tls_active():
+        if self._tls:
             lines.append("AUTH PLAIN LOGIN")  # RFC 4954: only offered under TLS
-        for i, line in enumerate(lines):
-            await self.push(f"250{'-' if i < len(lines) - 1 else ' '}{line}")
+        last = len(lines) - 1
+        self._reply("\r\n".join(f"250{'-' if i < last else ' '}{x}" for i, x in enumerate(lines)))
 
-    async def smtp_NOOP(self, arg: str | None) -> None:
-        await self.push("250 2.0.0 OK")
+    def smtp_NOOP(self, arg: str | None) -> None:
+        self._reply("250 2.0.0 OK")
 
-    async def smtp_RSET(self, arg: str | None) -> None:
+    def smtp_RSET(self, arg: str | None) -> None:
         if arg:
-            await self.push("501 5.5.4 Syntax: RSET")
+            self._reply("501 5.5.4 Syntax: RSET")
             return
         self._set_rset_state()
-        await self.push("250 2.0.0 OK")
+        self._reply("250 2.0.0 OK")
 
-    async def smtp_QUIT(self, arg: str | None) -> None:
+    def smtp_QUIT(self, arg: str | None) -> None:
         self._set_rset_state()
         self.goodbye("221 2.0.0 Bye")
 
-    async def smtp_VRFY(self, arg: str | None) -> None:
+    def smtp_VRFY(self, arg: str | None) -> None:
         # RFC 5321 § 3.5.3: 252 when we will not verify; a relay has nothing to verify.
-        await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+        self._reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
 
-    async def smtp_EXPN(self, arg: str | None) -> None:
-        await self.push("502 5.5.1 EXPN not supported")
+    def smtp_EXPN(self, arg: str | None) -> None:
+        self._reply("502 5.5.1 EXPN not supported")
 
-    async def smtp_HELP(self, arg: str | None) -> None:
-        await self.push("214 2.0.0 Commands: AUTH DATA EHLO HELO MAIL NOOP QUIT RCPT RSET STARTTLS")
+    def smtp_HELP(self, arg: str | None) -> None:
+        self._reply("214 2.0.0 Commands: AUTH DATA EHLO HELO MAIL NOOP QUIT RCPT RSET STARTTLS")
 
-    async def smtp_STARTTLS(self, arg: str | None) -> None:
+    def smtp_STARTTLS(self, arg: str | None) -> None:
         if arg:
-            await self.push("501 5.5.4 Syntax: STARTTLS")
-        elif self._tls_active():
-            await self.push("503 5.5.1 TLS already active")
-        elif self.tls_context is None:
-            await self.push("502 5.5.1 STARTTLS not offered")
+            self._reply("501 5.5.4 Syntax: STARTTLS")
+        elif self._tls:
+            self._reply("503 5.5.1 TLS already active")
+        elif self._starttls_context is None:
+            self._reply("502 5.5.1 STARTTLS not offered")
         else:
-            # aiosmtpd replies 220, wraps the transport and, when the handshake is done,
-            # drops whatever plaintext the client pipelined after STARTTLS (RFC 3207 § 4.2).
-            await super().smtp_STARTTLS(arg)
+            self._reply("220 2.0.0 Ready to start TLS")
+            if self._closing:
+                return
+            self._flush()
+            # RFC 3207 § 4.2: whatever the client sent after STARTTLS in the clear is gone;
+            # from here on its bytes belong to the TLS layer.
+            self._buf.clear()
+            self._tls_pending = True
+            assert self._transport is not None
+            self._transport.pause_reading()  # nothing more for us until TLS is up
+            self._reading = False
+            self._start(self._starttls(self._transport, self._starttls_context), ours=False)
 
-    async def smtp_AUTH(self, arg: str | None) -> None:
-        assert self.session is not None
-        if not self.session.extended_smtp:
-            await self.push("503 5.5.1 Error: send EHLO first")
+    async def _starttls(self, transport: asyncio.Transport, ctx: ssl.SSLContext) -> None:
+        try:
+            tls_transport = await self._loop.start_tls(
+                transport,
+                self,
+                ctx,
+                server_side=True,
+                ssl_handshake_timeout=min(self._settings.idle_timeout, 60.0),
+            )
+        except Exception as exc:
+            self._tls_pending = False
+            if not self._closing:
+                self._log.info(
+                    "%s:%d TLS handshake failed: %r", self._peer_ip, self._peer_port, exc
+                )
+                self._closing = True
+            _abort(transport)
+            self._task_done()
             return
-        if not self._tls_active():
+        self._tls_pending = False
+        self._raw_transport = transport
+        self._transport = tls_transport
+        self._reading = True
+        self._tls = True
+        # RFC 3207 § 4.2: a fresh session: no HELO, no AUTH, no transaction.
+        self._helo = None
+        self._extended = False
+        self._auth_user = None
+        self._info_cache = None
+        self._set_rset_state()
+        self._log.debug("%s:%d STARTTLS done", self._peer_ip, self._peer_port)
+        if self._task_done():
+            self._resume()
+
+    def smtp_AUTH(self, arg: str | None) -> None:
+        if not self._extended:
+            self._reply("503 5.5.1 Error: send EHLO first")
+            return
+        if not self._tls:
             # RFC 4954 § 6: never accept passwords in the clear.
-            await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+            self._reply("538 5.7.11 Encryption required for requested authentication mechanism")
             return
-        if self.session.authenticated:
-            await self.push("503 5.5.1 Already authenticated")
+        if self._auth_user is not None:
+            self._reply("503 5.5.1 Already authenticated")
             return
-        if self._in_transaction():
-            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
+        if self._txn_intake is not None:
+            self._reply("503 5.5.1 AUTH not permitted during a mail transaction")
             return
         args = (arg or "").split()
         if not 1 <= len(args) <= 2:
-            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            self._reply("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
             return
         mechanism = args[0].upper()
         initial = args[1] if len(args) == 2 else None
         if mechanism == "PLAIN":
-            credentials = await self._sasl_plain(initial)
+            step, challenge = self._sasl_plain, ""
         elif mechanism == "LOGIN":
-            credentials = await self._sasl_login(initial)
+            step, challenge = self._sasl_login_user, "Username:"
         else:
-            await self.push("504 5.5.4 Unrecognized authentication type")
+            self._reply("504 5.5.4 Unrecognized authentication type")
             return
-        if credentials is None:
-            return  # a reply was already sent
-        user, password = credentials
-        intake = self._listener.intake
-        try:
-            ok = await asyncio.to_thread(intake.authenticate, self._info(), user, password)
-        except Exception as exc:
-            self._log_refusal("AUTH", exc)
-            await self.push(to_reply(exc))
-            return
-        if ok:
-            self.session.authenticated = True
-            self._auth_user = user
-            self._log.info("%s:%d authenticated as %r", self._peer_ip, self._peer_port, user)
-            await self.push("235 2.7.0 Authentication successful")
-        else:
-            # Never log the password or the AUTH arguments; the user name is fine.
-            self._log.info("%s:%d AUTH failed for %r", self._peer_ip, self._peer_port, user)
-            await self.push("535 5.7.8 Authentication credentials invalid")
-
-    async def _sasl_response(self, initial: str | None, challenge: str) -> bytes | None:
-        """An initial response or the answer to a 334 challenge, base64-decoded."""
         if initial is None:
-            blob = await self.challenge_auth(challenge)
-            return blob if isinstance(blob, bytes) else None  # aiosmtpd replied 501
+            self._challenge(challenge, step)
+            return
         if initial == "=":
-            return b""  # RFC 4954 § 4: "=" is an empty initial response
-        decoded = _b64decode(initial)
-        if decoded is None:
-            await self.push("501 5.5.2 Cannot decode base64")
-        return decoded
-
-    async def _sasl_plain(self, initial: str | None) -> tuple[str, str] | None:
-        blob = await self._sasl_response(initial, "")
+            blob: bytes | None = b""  # RFC 4954 § 4: "=" is an empty initial response
+        else:
+            blob = _b64decode(initial)
         if blob is None:
-            return None
+            self._reply("501 5.5.2 Cannot decode base64")
+            return
+        step(blob)
+
+    def _challenge(self, text: str, step: Callable[[bytes], None]) -> None:
+        """Send a 334 challenge (RFC 4954 § 4); the next line is the client's answer."""
+        self._reply("334 " + base64.b64encode(text.encode()).decode())
+        self._state = _SASL
+        self._sasl_step = step
+
+    def _sasl_line(self, line: bytes) -> None:
+        step, self._sasl_step = self._sasl_step, None
+        self._state = _COMMAND
+        assert step is not None
+        blob = line.strip()
+        if blob == b"*":
+            self._reply("501 5.7.0 Auth aborted")  # RFC 4954 § 4: the client cancelled
+            return
+        decoded = _b64decode(blob)
+        if decoded is None:
+            self._reply("501 5.5.2 Can't decode base64")
+            return
+        step(decoded)
+
+    def _sasl_plain(self, blob: bytes) -> None:
         parts = blob.split(b"\x00")  # RFC 4616: authzid NUL authcid NUL passwd
         try:
             authz, user, password = (p.decode("utf-8") for p in parts)
         except (ValueError, UnicodeDecodeError):
-            await self.push("501 5.5.2 Malformed PLAIN response")
-            return None
+            self._reply("501 5.5.2 Malformed PLAIN response")
+            return
         if authz and authz != user:
             # No proxy authorization: acting as someone else is a failed AUTH.
-            await self.push("535 5.7.8 Authentication credentials invalid")
-            return None
-        return user, password
+            self._reply("535 5.7.8 Authentication credentials invalid")
+            return
+        self._check_password(user, password)
 
-    async def _sasl_login(self, initial: str | None) -> tuple[str, str] | None:
-        user = await self._sasl_response(initial, "Username:")
-        if user is None:
-            return None
-        password = await self._sasl_response(None, "Password:")
-        if password is None:
-            return None
+    def _sasl_login_user(self, blob: bytes) -> None:
+        self._login_user = blob
+        self._challenge("Password:", self._sasl_login_password)
+
+    def _sasl_login_password(self, blob: bytes) -> None:
+        user, self._login_user = self._login_user, b""
         try:
-            return user.decode("utf-8"), password.decode("utf-8")
+            self._check_password(user.decode("utf-8"), blob.decode("utf-8"))
         except UnicodeDecodeError:
-            await self.push("501 5.5.2 Malformed LOGIN response")
-            return None
+            self._reply("501 5.5.2 Malformed LOGIN response")
+
+    def _check_password(self, user: str, password: str) -> None:
+        intake = self._listener.intake
+        self._start(self._authenticate(intake, self._info(), user, password), ours=True)
+
+    async def _authenticate(
+        self, intake: Intake, info: SessionInfo, user: str, password: str
+    ) -> None:
+        try:
+            # A worker thread: a slow password hash must not stall every other session.
+            ok = await asyncio.to_thread(intake.authenticate, info, user, password)
+        except Exception as exc:
+            if not self._task_done():
+                return
+            self._log_refusal("AUTH", exc)
+            self._reply(to_reply(exc))
+        else:
+            if not self._task_done():
+                return
+            if ok:
+                self._auth_user = user
+                self._info_cache = None
+                self._log.info("%s:%d authenticated as %r", self._peer_ip, self._peer_port, user)
+                self._reply("235 2.7.0 Authentication successful")
+            else:
+                # Never log the password or the AUTH arguments; the user name is fine.
+                self._log.info("%s:%d AUTH failed for %r", self._peer_ip, self._peer_port, user)
+                self._reply("535 5.7.8 Authentication credentials invalid")
+        self._resume()
 
     # ---- the mail transaction ------------------------------------------------------------
 
@@ -716,122 +1009,163 @@ class _SmtpSession(SMTP):
             return to_reply(exc)
         return None
 
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        assert self.session is not None and self.envelope is not None
-        if await self._helo_missing():
+    def smtp_MAIL(self, arg: str | None) -> None:
+        if self._helo_missing():
             return
-        if self._settings.require_auth and not self.session.authenticated:
-            await self.push("530 5.7.0 Authentication required")
+        if self._settings.require_auth and self._auth_user is None:
+            self._reply("530 5.7.0 Authentication required")
             return
-        if self._in_transaction():
-            await self.push("503 5.5.1 Error: nested MAIL command")
+        if self._txn_intake is not None:
+            self._reply("503 5.5.1 Error: nested MAIL command")
             return
         if self._draining:
             self.goodbye(R_SHUTDOWN)
             return
         rest = _strip_keyword("FROM:", arg)
         if rest is None:
-            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            self._reply("501 5.5.4 Syntax: MAIL FROM:<address>")
             return
         try:
             path, param_text = split_path(rest)
             smtputf8, body_8bit = self._mail_params(parse_params(param_text))
             sender = parse_mailbox(path, smtputf8=smtputf8) if path else ""  # <> is null
         except RelayError as exc:
-            await self.push(to_reply(exc))
+            self._reply(to_reply(exc))
             return
         intake = self._listener.intake  # this transaction's intake, whatever reload brings
         refusal = self._ask("MAIL", intake.check_sender, sender)
         if refusal is not None:
-            await self.push(refusal)
+            self._reply(refusal)
             return
         self._txn_intake = intake
         self._body_8bit = body_8bit
-        self.envelope.mail_from = sender
-        self.envelope.smtp_utf8 = smtputf8
-        await self.push("250 2.1.0 Sender OK")
+        self._mail_from = sender
+        self._smtputf8 = smtputf8
+        self._reply("250 2.1.0 Sender OK")
 
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        assert self.envelope is not None
-        if await self._helo_missing():
+    def smtp_RCPT(self, arg: str | None) -> None:
+        if self._helo_missing():
             return
         intake = self._txn_intake
         if intake is None:
-            await self.push("503 5.5.1 Error: need MAIL command")
+            self._reply("503 5.5.1 Error: need MAIL command")
             return
         rest = _strip_keyword("TO:", arg)
         if rest is None:
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            self._reply("501 5.5.4 Syntax: RCPT TO:<address>")
             return
         try:
             path, param_text = split_path(rest)
             if parse_params(param_text):
                 raise PermanentError("RCPT parameters not recognized", code=555, enhanced="5.5.4")
-            rcpt = parse_mailbox(path, smtputf8=self.envelope.smtp_utf8)
+            rcpt = parse_mailbox(path, smtputf8=self._smtputf8)
         except RelayError as exc:
-            await self.push(to_reply(exc))
+            self._reply(to_reply(exc))
             return
-        if len(self.envelope.rcpt_tos) >= self._settings.max_recipients:
-            await self.push("452 4.5.3 Too many recipients")  # RFC 5321 § 4.5.3.1.10
+        if len(self._rcpts) >= self._settings.max_recipients:
+            self._reply("452 4.5.3 Too many recipients")  # RFC 5321 § 4.5.3.1.10
             return
-        refusal = self._ask("RCPT", intake.check_recipient, self.envelope.mail_from, rcpt)
+        refusal = self._ask("RCPT", intake.check_recipient, self._mail_from, rcpt)
         if refusal is not None:
-            await self.push(refusal)
+            self._reply(refusal)
             return
-        self.envelope.rcpt_tos.append(rcpt)  # a hook-less aiosmtpd would do this; we must
-        await self.push("250 2.1.5 Recipient OK")
+        self._rcpts.append(rcpt)
+        self._reply("250 2.1.5 Recipient OK")
 
-    async def smtp_DATA(self, arg: str | None) -> None:
-        assert self.envelope is not None
-        if await self._helo_missing():
+    def smtp_DATA(self, arg: str | None) -> None:
+        if self._helo_missing():
             return
-        intake = self._txn_intake
-        if intake is None:
-            await self.push("503 5.5.1 Error: need MAIL command")
+        if self._txn_intake is None:
+            self._reply("503 5.5.1 Error: need MAIL command")
             return
-        if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
+        if not self._rcpts:
+            self._reply("503 5.5.1 Error: need RCPT command")
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            self._reply("501 5.5.4 Syntax: DATA")
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        self._in_data = True
-        try:
-            content, problem = await self._read_data()
-        finally:
-            self._in_data = False
+        self._reply("354 End data with <CR><LF>.<CR><LF>")
+        if self._closing:
+            return
+        self._state = _DATA
+        self._scan = 0
+        self._data_problem = None
+        # The DATA line's own CRLF starts the body buffer: then <CRLF>.<CRLF> ends the data
+        # even right away, and unstuffing is one replace of CRLF "." by CRLF.
+        self._buf[0:0] = b"\r\n"
+
+    def _data_step(self) -> bool:
+        """DATA: True once the end marker was handled, False to wait for more bytes."""
+        buf = self._buf
+        end = buf.find(_END_OF_DATA, self._scan)
+        if end < 0:
+            self._scan = max(len(buf) - 4, 0)  # a marker may straddle the next segment
+            s = self._settings
+            if len(buf) > s.max_message_size + 8:
+                # Too big whatever comes next: decide the reply now, then keep only enough
+                # to find the end marker, storing nothing else (bounded memory).
+                if self._data_problem is None:
+                    last = buf.rfind(b"\r\n") + 2  # whole lines only
+                    self._data_problem = _body_problem(
+                        buf[:last], s.max_line_length, s.max_message_size
+                    ) or (R_LINE_TOO_LONG if len(buf) - last > s.max_line_length else R_TOO_BIG)
+                del buf[:-4]
+                self._scan = 0
+            return False
+        rest = buf[end + 5 :]
+        del buf[end + 2 :]  # the body (with the leading CRLF) up to its last line's CRLF
+        self._buf = rest
+        self._state = _COMMAND
+        self._end_of_data(buf)
+        return True
+
+    def _end_of_data(self, stuffed: bytearray) -> None:
+        """`stuffed`: CRLF + the body as sent, through its last CRLF (or just the last
+        bytes of a body already refused)."""
+        s = self._settings
+        problem = self._data_problem
+        if problem is None:
+            problem = _body_problem(stuffed, s.max_line_length, s.max_message_size)
         if problem is not None:
             self._log.info("%s:%d DATA refused: %s", self._peer_ip, self._peer_port, problem)
             self._set_rset_state()
-            await self.push(problem)
+            self._reply(problem)
             return
+        content = bytes(stuffed.replace(b"\r\n.", b"\r\n"))  # RFC 5321 § 4.5.2
+        intake = self._txn_intake
+        assert intake is not None
         info = self._info()
+        view = memoryview(content)[2:]
         envelope = Envelope(
-            sender=self.envelope.mail_from or "",
-            recipients=tuple(self.envelope.rcpt_tos),
-            data=self._received_header() + content,
+            sender=self._mail_from,
+            recipients=tuple(self._rcpts),
+            data=b"".join((self._received_header(), view)),
             client_ip=self._peer_ip,
             client_user=info.user,
             helo=info.helo,
-            smtputf8=self.envelope.smtp_utf8,
+            smtputf8=self._smtputf8,
             # Declared, or 8-bit octets sent anyway: delivery then asks the upstream for
             # 8BITMIME instead of passing undeclared 8-bit data on.
             body_8bit=self._body_8bit or not content.isascii(),
         )
-        # Our own work (the spool's fsync) is not client idleness.
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
+        self._start(self._submit(intake, info, envelope), ours=True)
+
+    async def _submit(self, intake: Intake, info: SessionInfo, envelope: Envelope) -> None:
         try:
-            # Shielded: a session timeout must not interrupt a spool write half-way; the
-            # client then gets no 250 and retries, a duplicate rather than a loss.
-            queue_id = await asyncio.shield(intake.submit(info, envelope))
+            # Nothing cancels this task: a session timeout or a lost client must not cut a
+            # spool write half-way (the client then gets no 250 and retries: a duplicate
+            # rather than a loss).
+            queue_id = await intake.submit(info, envelope)
             if not isinstance(queue_id, str) or not queue_id.isprintable() or not queue_id:
                 raise TypeError(f"Intake.submit returned {queue_id!r}, not a queue id")
         except Exception as exc:
+            if not self._task_done():
+                return
             self._log_refusal("DATA", exc)
             reply = to_reply(exc)
         else:
+            if not self._task_done():
+                return
             # DEBUG: the mail log's `received` line is the record; an INFO line per message
             # cost ~0.17 ms of the event loop's CPU (benchmarks/RESULTS.md).
             self._log.debug(
@@ -846,81 +1180,50 @@ class _SmtpSession(SMTP):
             # Postfix's smtpd_hard_error_limit counts errors "without delivering mail": a
             # long-lived, pooled connection may hit a few bad recipients a day.
             self._errors = 0
-        finally:
-            self._reset_timeout()
         self._set_rset_state()  # the transaction ends before its final reply goes out
-        await self.push(reply)
-
-    async def _read_data(self) -> tuple[bytes, str | None]:
-        """Read the message up to <CRLF>.<CRLF>: (unstuffed content, refusal reply or None).
-
-        After a problem the reader keeps going to the real end of data, storing nothing,
-        so that the rest of the message can never be taken for commands. Bounded: each
-        line is under the idle timer, the whole under the session timer, memory under
-        max_message_size.
-        """
-        limit = self._settings.max_message_size
-        max_line = self._settings.max_line_length
-        chunks: list[bytes] = []
-        size = 0
-        problem: str | None = None
-        in_long_line = False  # the tail of an over-long line is still to come
-        while True:
-            try:
-                # Only CRLF ends a line (RFC 5321 § 2.3.8); a bare LF or CR stays inside.
-                line = await self._reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                await self._reader.readexactly(exc.consumed)
-                problem = problem or R_LINE_TOO_LONG
-                chunks.clear()
-                in_long_line = True
-                self._reset_timeout()
-                continue
-            self._reset_timeout()
-            if in_long_line:
-                in_long_line = False  # this read ends the over-long line
-                continue
-            if line == b".\r\n":
-                return b"".join(chunks), problem
-            size += len(line)
-            if problem is not None:
-                continue
-            if line.startswith(b"."):
-                line = line[1:]  # dot transparency, RFC 5321 § 4.5.2
-            if len(line) > max_line:
-                problem = R_LINE_TOO_LONG
-            elif size > limit:
-                problem = R_TOO_BIG
-            elif b"\r" in line[:-2] or b"\n" in line[:-2]:
-                problem = R_BARE_NEWLINE
-            if problem is not None:
-                chunks.clear()
-            else:
-                chunks.append(line)
+        self._reply(reply)
+        self._resume()
 
     def _received_header(self) -> bytes:
         """RFC 5321 § 4.4 trace field; `with` keywords from RFC 3848 and RFC 6531."""
-        assert self.session is not None and self.envelope is not None
         ip = self._peer_ip
         literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
-        if not self.session.extended_smtp:
+        if not self._extended:
             protocol = "SMTP"
         else:
-            protocol = "UTF8SMTP" if self.envelope.smtp_utf8 else "ESMTP"
-            protocol += ("S" if self._tls_active() else "") + ("A" if self._user() else "")
+            protocol = "UTF8SMTP" if self._smtputf8 else "ESMTP"
+            protocol += ("S" if self._tls else "") + ("A" if self._auth_user else "")
         return (
-            f"Received: from {self.session.host_name} ({literal})\r\n"
-            f"\tby {self.hostname} (egress-relay) with {protocol};\r\n"
-            f"\t{email.utils.formatdate(localtime=True)}\r\n"
+            f"Received: from {self._helo} ({literal})\r\n"
+            f"\tby {self._settings.hostname} (egress-relay) with {protocol};\r\n"
+            f"\t{_DateCache.now()}\r\n"
         ).encode("ascii")
 
 
+_HANDLERS: dict[str, Callable[[_SmtpSession, str | None], None]] = {
+    "HELO": _SmtpSession.smtp_HELO,
+    "EHLO": _SmtpSession.smtp_EHLO,
+    "MAIL": _SmtpSession.smtp_MAIL,
+    "RCPT": _SmtpSession.smtp_RCPT,
+    "DATA": _SmtpSession.smtp_DATA,
+    "RSET": _SmtpSession.smtp_RSET,
+    "NOOP": _SmtpSession.smtp_NOOP,
+    "QUIT": _SmtpSession.smtp_QUIT,
+    "VRFY": _SmtpSession.smtp_VRFY,
+    "EXPN": _SmtpSession.smtp_EXPN,
+    "HELP": _SmtpSession.smtp_HELP,
+    "STARTTLS": _SmtpSession.smtp_STARTTLS,
+    "AUTH": _SmtpSession.smtp_AUTH,
+}
+
+
 def _abort(transport: asyncio.BaseTransport) -> None:
-    if isinstance(transport, asyncio.WriteTransport):
-        transport.abort()  # a no-op once the connection is gone
-    # Some transports ignore abort() in the middle of a TLS shutdown (uvloop's, under
-    # aiosmtpd's STARTTLS layer); shutting the socket down ends the session in any case:
-    # the read side sees EOF and the protocol's connection_lost follows.
+    abort = getattr(transport, "abort", None)  # uvloop's are no asyncio.WriteTransport
+    if abort is not None:
+        abort()  # a no-op once the connection is gone
+    # Some transports ignore abort() in the middle of a TLS shutdown (uvloop's); shutting
+    # the socket down ends the session in any case: the read side sees EOF and the
+    # protocol's connection_lost follows.
     sock = transport.get_extra_info("socket")
     if sock is None or transport.is_closing():
         return  # aborted (or lost) as it should be: its descriptor may already be reused
