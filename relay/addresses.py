@@ -57,7 +57,7 @@ class AddressSyntaxError(AddressError):
 
 
 def _check_chars(s: str) -> None:
-    # A surrogate comes from aiosmtpd's surrogateescape decoding of invalid UTF-8.
+    # A surrogate comes from the listener's surrogateescape decoding of invalid UTF-8.
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:

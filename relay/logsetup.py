@@ -112,7 +112,7 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = None) -> None:
-    """Route the root logger (so aiosmtpd's and aiohttp's records too) through one handler."""
+    """Route the root logger (so aiohttp's records too) through one handler."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
@@ -120,9 +120,7 @@ def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = N
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # aiosmtpd logs every command at INFO under "mail.log" (AUTH lines included); our own
-    # mail log is the record. aiohttp's access log would log each scrape.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiohttp's access log would log each scrape.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

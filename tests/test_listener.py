@@ -866,7 +866,7 @@ async def test_unrecognised_commands_end_the_session(make_listener: MakeListener
     c = await Client.connect(listener.port)
     for _ in range(4):
         await c.cmd("XYZZY", "500 5.5.1")
-    await c.cmd("XYZZY", "421 4.7.0")  # aiosmtpd's limit of 5, reported as 421
+    await c.cmd("XYZZY", "421 4.7.0")  # the fifth unknown command ends the session
     await c.closed()
 
 
@@ -900,7 +900,7 @@ async def test_idle_timer_restarts_with_each_data_line(make_listener: MakeListen
 def test_starttls_auth_and_implicit_tls_under_uvloop(
     cert_files: tuple[str, str], client_tls: ssl.SSLContext
 ) -> None:
-    # relay serve runs on uvloop; aiosmtpd's STARTTLS swaps protocols on the transport.
+    # relay serve runs on uvloop; STARTTLS swaps protocols on the transport (loop.start_tls).
     import uvloop
 
     async def dialog() -> None:
