@@ -11,6 +11,7 @@ import asyncio
 import base64
 import logging
 import re
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -933,3 +934,165 @@ def test_starttls_auth_and_implicit_tls_under_uvloop(
         loop.run_until_complete(asyncio.wait_for(dialog(), 20))
     finally:
         loop.close()
+
+
+# ---- the byte stream: pipelining, segmentation, backpressure, clients going away -------
+
+
+async def test_pipelined_commands_are_answered_in_order_in_one_write(
+    make_listener: MakeListener,
+) -> None:
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await c.ehlo()
+    await c.send(
+        b"MAIL FROM:<app@example.com>\r\nRCPT TO:<a@example.org>\r\n"
+        b"RCPT TO:<b@refused.example>\r\nRCPT TO:<c@example.org>\r\nNOOP\r\nDATA\r\n"
+    )
+    # RFC 2920 § 3.1 (server side): every command already received is answered, in order,
+    # and the replies go out together: one read gets them all.
+    flight = await asyncio.wait_for(c.reader.read(65536), REPLY_TIMEOUT)
+    assert flight.split(b"\r\n") == [
+        b"250 2.1.0 Sender OK",
+        b"250 2.1.5 Recipient OK",
+        b"550 5.1.1 No such user here",
+        b"250 2.1.5 Recipient OK",
+        b"250 2.0.0 OK",
+        b"354 End data with <CR><LF>.<CR><LF>",
+        b"",
+    ]
+    await c.send(BODY + b".\r\n")
+    c.last_verb = "DATA"
+    await c.expect("250 2.0.0 OK: queued as Q1")
+    assert intake.submitted[0][1].recipients == ("a@example.org", "c@example.org")
+
+
+async def start_data(c: Client) -> None:
+    await c.ehlo()
+    await c.cmd("MAIL FROM:<app@example.com>", "250 2.1.0")
+    await c.cmd("RCPT TO:<user@example.org>", "250 2.1.5")
+    await c.cmd("DATA", "354 ")
+
+
+async def test_data_one_byte_per_segment(make_listener: MakeListener) -> None:
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await start_data(c)
+    body = b"Subject: drip\r\n\r\n..stuffed\r\n.\r\n"  # "." then "\r\n" ends it
+    await send_in_pieces(c, [bytes([b]) for b in body])
+    await c.expect("250 2.0.0")
+    [(_, envelope)] = intake.submitted
+    assert message_body(envelope)[1] == b"Subject: drip\r\n\r\n.stuffed\r\n"
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 4])
+async def test_end_of_data_straddling_segments(make_listener: MakeListener, cut: int) -> None:
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await start_data(c)
+    end = b"\r\n.\r\n"
+    await send_in_pieces(c, [BODY[:-2] + end[:cut], end[cut:] + b"NOOP\r\n"])
+    await c.expect("250 2.0.0 OK: queued as Q1")
+    await c.expect("250 2.0.0 OK")  # the NOOP after the marker is a command again
+    [(_, envelope)] = intake.submitted
+    assert message_body(envelope)[1] == BODY
+
+
+async def test_empty_body_and_a_dot_stuffed_first_line(make_listener: MakeListener) -> None:
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await start_data(c)
+    await c.send(b".\r\n")  # the DATA line's CRLF counts: an empty message
+    await c.expect("250 2.0.0")
+    await c.cmd("MAIL FROM:<app@example.com>", "250 2.1.0")
+    await c.cmd("RCPT TO:<user@example.org>", "250 2.1.5")
+    await c.cmd("DATA", "354 ")
+    await c.send(b"..first\r\n.\r\n")
+    await c.expect("250 2.0.0")
+    assert [message_body(e)[1] for _, e in intake.submitted] == [b"", b".first\r\n"]
+
+
+async def test_oversized_body_is_read_to_its_end_and_refused(make_listener: MakeListener) -> None:
+    listener, intake = await make_listener(max_message_size=1000)
+    c = await Client.connect(listener.port)
+    await start_data(c)
+    [session] = listener._sessions
+    lines = b"".join(b"line %05d of a long message\r\n" % i for i in range(20_000))
+    await c.send(lines)  # 600 kB, no end yet
+    # Once the relay has read it all, it holds only the last few bytes (to find the end).
+    async with asyncio.timeout(REPLY_TIMEOUT):
+        while session._data_problem is None or len(session._buf) > 8:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    await send_in_pieces(c, [b"X-Fake: \r\n.\rsmuggled\r\n", b"\r\n.", b"\r\nQUIT\r\n"])
+    await c.expect("552 5.3.4")
+    await c.expect("221 2.0.0")
+    assert intake.submitted == []
+
+
+async def test_a_client_that_never_reads_replies_is_throttled(make_listener: MakeListener) -> None:
+    listener, _ = await make_listener()
+    c = await Client.connect(listener.port)
+    await c.ehlo()
+    [session] = listener._sessions
+    server = session._transport
+    assert server is not None
+    # Small socket buffers on both ends, so that the flood backs up quickly.
+    for sock in (c.writer.get_extra_info("socket"), server.get_extra_info("socket")):
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, 65536)
+    chunk = b"NOOP\r\n" * 1000
+    sent = 0
+    # Flood without reading until the relay stops reading from us and our own sending
+    # backs up.
+    while session._reading or not c.writer.transport.get_write_buffer_size():
+        c.writer.write(chunk)
+        sent += 1000
+        await asyncio.sleep(0.002)
+        assert sent < 1_000_000, "the relay never stopped reading"
+    # What the relay holds for us is bounded: a partial line in, about a read's worth out.
+    assert len(session._buf) <= listener.settings.max_line_length
+    assert server.get_write_buffer_size() < 1024 * 1024
+    # Nothing is lost: read everything, one reply per NOOP, in order.
+    expected = b"250 2.0.0 OK\r\n" * sent
+    got = await asyncio.wait_for(c.reader.readexactly(len(expected)), REPLY_TIMEOUT)
+    assert got == expected
+    await c.cmd("QUIT", "221 2.0.0")
+
+
+async def wait_closed(listener: Listener) -> None:
+    await asyncio.wait_for(listener._no_sessions.wait(), REPLY_TIMEOUT)
+
+
+async def test_a_client_gone_mid_data_loses_nothing_acknowledged(
+    make_listener: MakeListener,
+) -> None:
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await start_data(c)
+    await c.send(BODY + b".\r\n")
+    await c.expect("250 2.0.0 OK: queued as Q1")
+    await c.cmd("MAIL FROM:<app@example.com>", "250 2.1.0")
+    await c.cmd("RCPT TO:<user@example.org>", "250 2.1.5")
+    await c.cmd("DATA", "354 ")
+    await c.send(b"Subject: half\r\n\r\nonly half of it")
+    c.writer.close()
+    await wait_closed(listener)
+    [(_, envelope)] = intake.submitted  # the acknowledged one, whole; not the half one
+    assert message_body(envelope)[1] == BODY
+
+
+async def test_a_half_closed_client_still_gets_its_replies(make_listener: MakeListener) -> None:
+    listener, intake = await make_listener()
+    intake.hold = asyncio.Event()
+    c = await Client.connect(listener.port)
+    await start_data(c)
+    await c.send(BODY + b".\r\nQUIT\r\n")
+    c.writer.write_eof()  # done sending; still reading
+    await intake.in_submit.wait()
+    intake.hold.set()
+    c.last_verb = "DATA"
+    await c.expect("250 2.0.0 OK: queued as Q1")
+    await c.expect("221 2.0.0")
+    await c.closed()
+    await wait_closed(listener)
+    assert len(intake.submitted) == 1
