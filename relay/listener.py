@@ -339,6 +339,19 @@ def _body_problem(lines: bytes | bytearray, max_line: int, limit: int) -> str | 
     return _first_problem(bytes(lines[2:]), max_line, limit)
 
 
+_OBSERVER_TYPES: dict[type, bool] = {}
+
+
+def _is_observer(intake: Intake) -> bool:
+    """isinstance(intake, ConnectionObserver), once per class: a runtime-checkable
+    Protocol's isinstance inspects the class's members on every call."""
+    cls = type(intake)
+    known = _OBSERVER_TYPES.get(cls)
+    if known is None:
+        known = _OBSERVER_TYPES[cls] = isinstance(intake, ConnectionObserver)
+    return known
+
+
 class _DateCache:
     """RFC 5322 date for the Received header, formatted once per second."""
 
@@ -460,9 +473,9 @@ class _SmtpSession(asyncio.Protocol):
             self._abort_timer.cancel()  # gone: never touch its (reusable) descriptor again
         self._buf = bytearray()
         opened, self._connect_intake = self._connect_intake, None
-        if isinstance(opened, ConnectionObserver):
+        if opened is not None and _is_observer(opened):
             try:
-                opened.connection_closed(self._peer_ip)
+                cast(ConnectionObserver, opened).connection_closed(self._peer_ip)
             except Exception:
                 self._log.exception("connection_closed hook failed")
         self._log.debug("%s:%d disconnected", self._peer_ip, self._peer_port)
