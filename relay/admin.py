@@ -111,18 +111,20 @@ class AdminApi:
         body = {
             "ready": ready,
             "listeners": {lst.settings.name: lst.port for lst in r.listeners} if ready else {},
-            "queued": len(r.scheduler.entries) if ready else None,
+            "queued": (await r.spool.count())[0] if ready else None,
         }
         return _json(body, 200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         m = self.relay.metrics
-        # Queue depth and oldest age come from the scheduler at scrape time: a gauge that is
-        # only updated on events would go stale when nothing happens (the worrying case).
+        # Queue depth and oldest age come from the spool (the whole queue, not the scheduler's
+        # in-memory part) at scrape time: a gauge that is only updated on events would go
+        # stale when nothing happens (the worrying case).
+        depth = await self.relay.spool.depth()
         now = time.time()
         m.queue_depth.clear()
         m.queue_oldest.clear()
-        for upstream, (n, oldest) in self.relay.scheduler.depth().items():
+        for upstream, (n, oldest) in depth.items():
             m.queue_depth.labels(upstream or "unrouted").set(n)
             m.queue_oldest.labels(upstream or "unrouted").set(max(0.0, now - oldest))
         body = generate_latest(m.registry)

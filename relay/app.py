@@ -125,8 +125,10 @@ class Relay:
             unpooled=lambda up: self.limits.store.shared and up.throttle.max_connections is not None,
         )
         self.scheduler = Scheduler(cfg, self.spool, self.deliverer, self.events, gate=self.limits.gate)
-        recovered = self.scheduler.recover(self.spool.iter_pending())
-        log.info("recovered %d unfinished messages from %s", recovered, spool_path)
+        loaded = await self.scheduler.recover()
+        queued, held = await self.spool.count()
+        log.info("recovered %d unfinished messages from %s (%d held; %d loaded, the rest are read "
+                 "in due order as room frees)", queued, spool_path, held, loaded)
         self.penalty = PenaltyBox()  # failed-AUTH memory; survives reloads, not restarts
         self.intake = Intake(cfg, self.spool, self.scheduler, self.events, users=load_users(cfg),
                              penalty=self.penalty, limiter=self.limits.limiter)

@@ -3,6 +3,8 @@
 
 Every action goes through the scheduler first — so a held message is not started again and a
 retried one is dispatched now — and is then written to the spool, so it survives a restart.
+The scheduler holds only part of the queue in memory: a message it has not loaded is acted on
+in the spool (a retry or release makes it due now, and the scheduler's next refill loads it).
 Results are plain dicts (the API's JSON); nothing here knows about HTTP.
 """
 
@@ -85,7 +87,11 @@ class QueueOps:
         ]
         e = self.scheduler.entries.get(queue_id)
         out["scheduler"] = (
-            None
+            {  # not loaded: waiting in the spool for its turn (or held)
+                "state": "held" if m.held else "spooled",
+                "upstream": m.upstream or None,
+                "next_attempt": None,
+            }
             if e is None
             else {
                 "state": "held" if e.held else _STATES.get(e.state, "?"),
@@ -137,15 +143,19 @@ class QueueOps:
             log.info("queue: %s held by the operator", queue_id)
             return "ok", "held" + (" (the attempt in progress finishes first)" if in_flight else "")
         if action == "release":
-            known = await self.spool.set_held(queue_id, False)
-            known = self.scheduler.release(queue_id) or known
+            now = time.time()
+            known = await self.spool.set_held(queue_id, False, due=now)
+            if self.scheduler.release(queue_id):
+                known = True
+            elif known:
+                self.scheduler.operator_due(queue_id, now)
             if not known:
                 return "not_found", f"{queue_id}: not in the queue"
             log.info("queue: %s released by the operator", queue_id)
             return "ok", "released"
         if action == "retry":
             if e is None:
-                return "not_found", f"{queue_id}: not in the queue"
+                return await self._retry_spooled(queue_id)
             if e.held:
                 return "conflict", f"{queue_id} is held: release it to deliver it"
             self.scheduler.retry_now(queue_id)
@@ -162,6 +172,9 @@ class QueueOps:
             )
         # bounce: every pending recipient bounced with a DSN to the sender (scheduler.bounce)
         if e is None:
+            m = await self.spool.get(queue_id)
+            e = None if m is None else self.scheduler.adopt(m)
+        if e is None:
             return "not_found", f"{queue_id}: not in the queue"
         if in_flight:
             return (
@@ -177,29 +190,60 @@ class QueueOps:
             "bounced (DSN queued to the sender)" if e.sender else "bounced (null sender: no DSN)",
         )
 
-    def _matching_ids(self, f: Filters) -> list[str]:
-        """Every queued message matching the filters, from the scheduler's index of the
-        whole queue: a bulk action covers all of them, not one page of a listing."""
+    async def _retry_spooled(self, queue_id: str) -> tuple[str, str]:
+        """Retry of a message the scheduler has not loaded: due now in the spool."""
+        m = await self.spool.get(queue_id)
+        if m is None or not m.pending:
+            return "not_found", f"{queue_id}: not in the queue"
+        if m.held:
+            return "conflict", f"{queue_id} is held: release it to deliver it"
+        return (await self._retry_many_spooled([queue_id]))[queue_id]
+
+    async def _retry_many_spooled(self, ids: list[str]) -> dict[str, tuple[str, str]]:
+        """Retry of messages the scheduler has not loaded: due now in the spool (one write per
+        thousand), found by the scheduler's next refill in due order."""
+        out: dict[str, tuple[str, str]] = {}
+        for i in range(0, len(ids), 1000):
+            now = time.time()
+            for qid, result in (await self.spool.set_due(ids[i : i + 1000], now)).items():
+                if result == "ok":
+                    self.scheduler.operator_due(qid, now)
+                    out[qid] = ("ok", "dispatched now")
+                elif result == "held":
+                    out[qid] = ("conflict", f"{qid} is held: release it to deliver it")
+                else:
+                    out[qid] = ("not_found", f"{qid}: not in the queue")
+        n = sum(1 for r, _ in out.values() if r == "ok")
+        if n:
+            log.info("queue: %d message(s) retried now by the operator", n)
+        return out
+
+    async def _matching_ids(self, f: Filters) -> list[str]:
+        """Every queued message matching the filters, from the spool (the whole queue, not
+        the scheduler's in-memory part): a bulk action covers all of them, not one page."""
         cutoff = time.time() - f.older_than if f.older_than else None
-        return [
-            qid
-            for qid, e in list(self.scheduler.entries.items())
-            if (f.org is None or e.org == f.org)
-            and (f.account is None or e.account == f.account)
-            and (f.upstream is None or e.upstream == f.upstream)
-            and (cutoff is None or e.received_at < cutoff)
-        ]
+        return await self.spool.ids(
+            org=f.org, account=f.account, upstream=f.upstream, older_than=cutoff
+        )
 
     async def act_many(
         self, action: str, ids: list[str] | None, f: Filters, *, reason: str | None = None
     ) -> dict[str, Any]:
         """The action on every listed id, or on every message matching the filters."""
         if ids is None:
-            ids = self._matching_ids(f)
+            ids = await self._matching_ids(f)
         results = {}
         counts: dict[str, int] = {}
+        spooled: dict[str, tuple[str, str]] = {}
+        if action == "retry":  # the whole queue may be asked for: not one write per message
+            spooled = await self._retry_many_spooled(
+                [q for q in ids if q not in self.scheduler.entries]
+            )
         for qid in ids:
-            result, text = await self.act(action, qid, reason=reason)
+            if qid in spooled:
+                result, text = spooled[qid]
+            else:
+                result, text = await self.act(action, qid, reason=reason)
             results[qid] = {"result": result, "text": text}
             counts[result] = counts.get(result, 0) + 1
         return {"action": action, "matched": len(ids), "counts": counts, "results": results}

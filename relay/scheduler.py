@@ -8,6 +8,15 @@ decides when the next may start (minimum interval, hourly/daily quotas, shared l
 upstream that answers "slow down" pauses as a whole. Outcomes are written back to the spool;
 bounced and expired recipients produce one DSN. Nothing here ever drops a message: every
 path ends in the spool as delivered, bounced, expired or still pending.
+
+Memory is bounded (`spool.active_messages`, like Postfix's active queue limit): at most that
+many queued messages are held here as entries; the rest wait only in the spool and are found
+through its (held, due, queue_id) index. `_cursor` is the spool-side mark: every deliverable
+message whose (due, queue_id) is below it is in memory (or was set aside for a paused
+upstream, `_held_back`, until that pause ends); above it, maybe not. New mail goes straight
+into memory while there is room; a refill reads the spool in due order when room frees or
+the spool holds mail due before what memory holds, making room by setting aside held
+messages, those waiting for a later retry, and the tail of a paused upstream's queue.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -121,8 +130,13 @@ class Entry:
         if self.account == self.sender:
             self.account = self.sender
 
+    @property
+    def key(self) -> tuple[float, str]:
+        """Its place in the spool's due order (a lower bound of the spool's own key)."""
+        return (self.next_attempt, self.queue_id)
+
     @classmethod
-    def from_spool(cls, m: SpoolMessage) -> Entry:
+    def from_spool(cls, m: SpoolMessage, due: float | None = None) -> Entry:
         pend = [r for r in m.recipients if r.status is RcptStatus.PENDING]
         return cls(
             m.queue_id,
@@ -133,7 +147,7 @@ class Entry:
             m.is_dsn,
             m.held,
             {r.rcpt: r.attempts for r in pend},
-            min((r.next_attempt for r in pend), default=0.0),
+            min((r.next_attempt for r in pend), default=0.0) if due is None else due,
             m.upstream,
         )
 
@@ -171,6 +185,20 @@ class UpstreamQueue:
             return e
         return None
 
+    def pop_tail(self) -> Entry | None:
+        """The newest entry of the organisation with the longest line (set aside first when
+        memory is needed: it would be served last, and it keeps the others' turns)."""
+        if not self.by_org:
+            return None
+        org = max(self.by_org, key=lambda o: len(self.by_org[o]))
+        q = self.by_org[org]
+        e = q.pop()
+        self.size -= 1
+        if not q:
+            del self.by_org[org]
+            self.turn.remove(org)
+        return e
+
     def unpop(self, e: Entry) -> None:
         """Put back at the head (a throttle said not yet). The organisation gets its turn
         back too: `pop` sent it to the end of the line, and if it stayed there, a throttle
@@ -197,6 +225,7 @@ class Scheduler:
         default_concurrency: int = 20,
         clock: Callable[[], float] = time.time,
         rand: random.Random | None = None,
+        max_entries: int | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -208,8 +237,19 @@ class Scheduler:
         self.rand = rand or random.Random()
         self.entries: dict[str, Entry] = {}
         self.queues: dict[str, UpstreamQueue] = {}
-        self._timers: list[tuple[float, int, str]] = []
-        self._seq = 0
+        self._timers: list[tuple[float, str]] = []  # (next_attempt, queue_id); stale ones skipped
+        self._fixed_cap = max_entries
+        self.max_entries = max_entries or config.relay.spool.active_messages
+        self._cursor: tuple[float, str] | None = None  # None: every queued message is in memory
+        # paused upstream -> the lowest key of its messages set aside until the pause ends
+        self._held_back: dict[str, tuple[float, str]] = {}
+        self._refill_task: asyncio.Task[None] | None = None
+        self._low: tuple[float, str] | None = None  # lowest key set aside during a refill
+        self._skip: set[str] = set()  # ids that left memory during a refill: not re-admitted
+        self._pinned: set[str] = set()  # rescheduled later than the spool knows: never set aside
+        self._refill_not_before = 0.0  # for a refill that must first make room
+        self._error_until = 0.0
+        self._no_victims_until = 0.0
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False
@@ -222,17 +262,24 @@ class Scheduler:
         r = config.relay.retry
         return RetryPolicy(tuple(r.schedule), r.jitter, r.max_age)
 
+    @property
+    def _batch(self) -> int:
+        return max(1, self.max_entries // 4)
+
     # -- lifecycle ---------------------------------------------------------------------
-    def recover(self, messages: Iterable[SpoolMessage]) -> int:
-        """Load unfinished messages found in the spool at start (before `start`)."""
+    async def recover(self) -> int:
+        """Load the first `max_entries` deliverable messages in due order at start (before
+        `start`); the rest are read by refills. Returns how many were loaded."""
+        batch = await self.spool.due(None, self.max_entries)
         n = 0
-        for m in messages:
-            e = Entry.from_spool(m)
-            if e.pending:
+        for due, m in batch.messages:
+            e = Entry.from_spool(m, due)
+            if e.pending and e.queue_id not in self.entries:
                 self.entries[e.queue_id] = e
-                if not e.held:
-                    self._push_timer(e)
+                self._push_timer(e)
                 n += 1
+        if not batch.exhausted and batch.last is not None:
+            self._cursor = _after(batch.last)
         return n
 
     def start(self) -> None:
@@ -258,9 +305,20 @@ class Scheduler:
         """New policy: queued mail is routed by it at its next attempt."""
         self.config = config
         self.retry = self._retry_policy(config)
+        self.max_entries = self._fixed_cap or config.relay.spool.active_messages
 
     # -- intake ------------------------------------------------------------------------
     def enqueue(self, e: Entry) -> None:
+        """A message just made durable (intake, DSN): into memory while there is room (the
+        hot path: no spool read), else left in the spool for a refill to find."""
+        if e.queue_id in self.entries:  # a refill already read it from the spool
+            return
+        if len(self.entries) >= self.max_entries and not self._room_for(e):
+            self._set_aside(e, self.clock())
+            return
+        self._admit(e)
+
+    def _admit(self, e: Entry) -> None:
         self.entries[e.queue_id] = e
         if e.held:
             return
@@ -271,22 +329,209 @@ class Scheduler:
 
     def _push_timer(self, e: Entry) -> None:
         e.state = WAITING
-        self._seq += 1
-        heapq.heappush(self._timers, (e.next_attempt, self._seq, e.queue_id))
-        if self._timers[0][2] == e.queue_id:
+        heapq.heappush(self._timers, (e.next_attempt, e.queue_id))
+        if self._timers[0][1] == e.queue_id:
             self._wake.set()
+        if len(self._timers) > 2 * len(self.entries) + 1024:
+            # Stale items (set aside, retried, finished) would otherwise pile up until due.
+            self._timers = [
+                (x.next_attempt, q)
+                for q, x in self.entries.items()
+                if x.state == WAITING and not x.held
+            ]
+            heapq.heapify(self._timers)
+
+    # -- the bounded in-memory set -----------------------------------------------------
+    def _drop(self, queue_id: str) -> Entry | None:
+        """Take a message out of memory (finished, deleted or set aside)."""
+        e = self.entries.pop(queue_id, None)
+        if e is not None:
+            self._pinned.discard(queue_id)
+            if self._refill_task is not None:
+                self._skip.add(queue_id)
+            elif self._cursor is not None and len(self.entries) <= self.max_entries - self._batch:
+                self._wake.set()  # room for a refill
+        return e
+
+    def _lower_cursor(self, key: tuple[float, str]) -> None:
+        if self._cursor is None or key < self._cursor:
+            self._cursor = key
+        if self._refill_task is not None and (self._low is None or key < self._low):
+            self._low = key
+
+    def _set_aside(self, e: Entry, now: float) -> None:
+        """Leave a message to the spool only (not in memory, or just dropped): a later
+        refill finds it by its key, or, for a paused upstream, once the pause ends."""
+        uq = self.queues.get(e.upstream)
+        if uq is not None and uq.paused_until > now:
+            low = self._held_back.get(e.upstream)
+            if low is None or e.key < low:
+                self._held_back[e.upstream] = e.key
+        else:
+            self._lower_cursor(e.key)
+        self.spool.drop_cached_body(e.queue_id)
+        self._wake.set()
+
+    def _room_for(self, e: Entry) -> bool:
+        now = self.clock()
+        if now < self._no_victims_until:
+            return False
+        if self._make_room(self._batch, now, keep=e.upstream) == 0:
+            self._no_victims_until = now + 1.0  # no full scan per message while nothing frees
+            return False
+        return True
+
+    def _make_room(self, n: int, now: float, keep: str | None = None) -> int:
+        """Set aside up to n entries, least urgent first: held ones, then those waiting for a
+        later retry (latest first), then the tail of paused upstreams' ready queues (other
+        than `keep`'s). Returns how many left memory."""
+        held: list[Entry] = []
+        waiting: list[Entry] = []
+        for e in self.entries.values():
+            if e.held:
+                if e.state != ACTIVE:
+                    held.append(e)
+            elif e.state == WAITING and e.next_attempt > now and e.queue_id not in self._pinned:
+                waiting.append(e)
+        victims = held[:n]
+        if len(victims) < n:
+            victims += heapq.nlargest(n - len(victims), waiting, key=lambda x: x.next_attempt)
+        for e in victims:
+            self._drop(e.queue_id)
+            self._lower_cursor(e.key)  # held: in case the spool missed the hold
+            self.spool.drop_cached_body(e.queue_id)
+        freed = len(victims)
+        for uq in self.queues.values():
+            if freed >= n:
+                break
+            if uq.upstream_id == keep or uq.paused_until <= now:
+                continue
+            while freed < n and (tail := uq.pop_tail()) is not None:
+                if self.entries.get(tail.queue_id) is not tail or tail.state != READY:
+                    continue
+                self._drop(tail.queue_id)
+                self._set_aside(tail, now)
+                freed += 1
+        return freed
+
+    def _restore_held_back(self, now: float) -> None:
+        """Messages set aside for a paused upstream become findable when the pause ends."""
+        for up, key in list(self._held_back.items()):
+            uq = self.queues.get(up)
+            if uq is None or uq.paused_until <= now:
+                del self._held_back[up]
+                self._lower_cursor(key)
+
+    def _maybe_refill(self, now: float) -> None:
+        if self._refill_task is not None or not self._running:
+            return
+        if self._held_back:
+            self._restore_held_back(now)
+        if self._cursor is None:
+            return
+        if now < self._error_until:
+            return
+        if self.max_entries - len(self.entries) >= self._batch or (
+            self._cursor[0] <= now and now >= self._refill_not_before
+        ):
+            self._refill_task = asyncio.create_task(self._refill(), name="scheduler-refill")
+
+            def done(_: asyncio.Task[None]) -> None:
+                self._refill_task = None
+                self._wake.set()
+
+            self._refill_task.add_done_callback(done)
+
+    async def _refill(self) -> None:
+        """Read the next messages in due order from the spool into memory. When the spool
+        holds mail already due and memory is full, less urgent entries are set aside first."""
+        self._low = None
+        self._skip = set()
+        now = self.clock()
+        cursor = self._cursor
+        assert cursor is not None
+        room = self.max_entries - len(self.entries)
+        room_freed = room >= self._batch
+        if not room_freed:  # the spool holds mail due now: less urgent entries make room
+            room += self._make_room(self._batch - room, now)
+        admitted = 0
+        failed = False
+        next_cursor: tuple[float, str] | None = cursor
+        try:
+            if room > 0:
+                # Read past the room: rows for a paused upstream are set aside, not loaded.
+                batch = await self.spool.due(cursor, max(room, self._batch))
+                now = self.clock()
+                next_cursor = None if batch.exhausted or batch.last is None else _after(batch.last)
+                for due, m in batch.messages:
+                    if m.queue_id in self.entries or m.queue_id in self._skip:
+                        continue
+                    e = Entry.from_spool(m, due)
+                    if not e.pending:
+                        continue
+                    uq = self.queues.get(e.upstream)
+                    if uq is not None and uq.paused_until > now:
+                        self._set_aside(e, now)
+                        continue
+                    if len(self.entries) >= self.max_entries:
+                        next_cursor = e.key  # the first that did not fit: read again later
+                        break
+                    self._admit(e)
+                    admitted += 1
+        except Exception:
+            log.exception("reading queued messages from the spool failed; trying again in 1s")
+            failed = True
+        finally:
+            low = self._low
+            self._low = None
+            self._skip = set()
+            if next_cursor is None or (low is not None and low < next_cursor):
+                next_cursor = low
+            self._cursor = next_cursor
+            # A refill that found nothing to load (all set aside, no room) waits a second.
+            if failed:
+                self._error_until = self.clock() + 1.0
+            elif not room_freed and admitted == 0:
+                # Memory full of mail as urgent as the spool's: look again in a second (or
+                # as soon as deliveries free a batch of room).
+                self._refill_not_before = self.clock() + 1.0
+
+    def operator_due(self, queue_id: str, when: float) -> None:
+        """An operator made a message that is not in memory due at `when` (retry, release):
+        the spool already says so; the next refill loads it."""
+        self._lower_cursor((when, queue_id))
+        self._refill_not_before = 0.0
+        self._wake.set()
+
+    def adopt(self, m: SpoolMessage) -> Entry | None:
+        """Load one message from the spool into memory now (an operator's bounce needs it),
+        even past the cap (the next refills even it out)."""
+        e = self.entries.get(m.queue_id)
+        if e is None:
+            e = Entry.from_spool(m)
+            if not e.pending:
+                return None
+            self._admit(e)
+        return e
 
     async def _timer_loop(self) -> None:
         while self._running:
             now = self.clock()
             while self._timers and self._timers[0][0] <= now:
-                when, _, qid = heapq.heappop(self._timers)
+                when, qid = heapq.heappop(self._timers)
                 e = self.entries.get(qid)
                 # Stale heap items (retried, held, rescheduled) are skipped, not removed eagerly.
                 if e is None or e.held or e.state != WAITING or e.next_attempt != when:
                     continue
                 self._dispatch(e)
+            self._maybe_refill(now)
             timeout = (self._timers[0][0] - now) if self._timers else 3600.0
+            if self._cursor is not None and self._refill_task is None:
+                when = max(self._cursor[0], self._refill_not_before, self._error_until)
+                timeout = min(timeout, when - now)
+            for up in self._held_back:
+                uq = self.queues.get(up)
+                timeout = min(timeout, (uq.paused_until - now) if uq else 0.0)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, min(timeout, 3600.0)))
@@ -364,6 +609,7 @@ class Scheduler:
                 except Exception:
                     # A bug must not lose mail: the message stays pending and is retried.
                     log.exception("delivery attempt of %s failed unexpectedly", e.queue_id)
+                    self._pinned.add(e.queue_id)  # the spool has an earlier due
                     self._reschedule(e, self.clock() + self.retry.delay(1, self.rand.random()))
                 finally:
                     await self.gate.release(upstream)
@@ -389,7 +635,7 @@ class Scheduler:
             try:
                 data = await self.spool.read_body(e.queue_id)
             except KeyError:
-                self.entries.pop(e.queue_id, None)  # deleted by an operator meanwhile
+                self._drop(e.queue_id)  # deleted by an operator meanwhile
                 return
             results = await self.deliverer.deliver(upstream, source, e.sender, rcpts, data)
         self._note_health(upstream, results)
@@ -436,6 +682,7 @@ class Scheduler:
             # Not recorded: the spool still says pending, so it is simply tried again (a
             # possible duplicate, never a loss).
             log.exception("recording the outcome of %s failed", e.queue_id)
+            self._pinned.add(e.queue_id)  # the spool has an earlier due: keep it in memory
             self._reschedule(e, self.clock() + self.retry.delay(1, self.rand.random()))
 
     async def _record(
@@ -457,6 +704,8 @@ class Scheduler:
             "egress": source.address if source else None,
         }
         next_times: list[float] = []
+        answered = {r.recipient for r in results}
+        missing = any(r not in answered for r in e.pending)
         for res in results:
             attempts = e.pending.get(res.recipient, 0) + 1
             fields = dict(
@@ -478,12 +727,16 @@ class Scheduler:
             if status is not RcptStatus.DELIVERED:
                 failed.append((res.recipient, status.value, res.reply))
         await self.spool.update(e.queue_id, updates, upstream=upstream.id)
+        if missing:
+            self._pinned.add(e.queue_id)  # some recipients kept their own (earlier) time
+        else:
+            self._pinned.discard(e.queue_id)
         if failed:
             await self._send_dsn(e, failed, data)
         if e.pending:
             self._reschedule(e, min(next_times) if next_times else now)
         else:
-            self.entries.pop(e.queue_id, None)
+            self._drop(e.queue_id)
 
     def _next_state(
         self, e: Entry, res: RecipientResult, attempts: int, now: float
@@ -576,7 +829,7 @@ class Scheduler:
         return True
 
     def forget(self, queue_id: str) -> bool:
-        return self.entries.pop(queue_id, None) is not None
+        return self._drop(queue_id) is not None
 
     async def bounce(
         self, queue_id: str, text: str = "5.0.0 returned to sender by the relay administrator"
@@ -592,11 +845,7 @@ class Scheduler:
         )
         return True
 
-    # -- views -------------------------------------------------------------------------
-    def depth(self) -> dict[str, tuple[int, float]]:
-        """(messages, oldest received_at) by upstream, from memory (cheap; for metrics)."""
-        out: dict[str, tuple[int, float]] = {}
-        for e in self.entries.values():
-            n, oldest = out.get(e.upstream, (0, e.received_at))
-            out[e.upstream] = (n + 1, min(oldest, e.received_at))
-        return out
+
+def _after(key: tuple[float, str]) -> tuple[float, str]:
+    """The smallest key above `key` (queue ids have a fixed length, so id + NUL is next)."""
+    return (key[0], key[1] + "\0")

@@ -77,6 +77,7 @@ async def rig_factory(tmp_path: Path) -> AsyncIterator[Any]:
         orgs: tuple[dict[str, Any], ...] = (),
         *,
         start: bool = True,
+        max_entries: int | None = None,
         **relay: Any,
     ) -> Rig:
         d = RelayConfig(
@@ -86,7 +87,7 @@ async def rig_factory(tmp_path: Path) -> AsyncIterator[Any]:
         spool = await Spool.open(d / "spool")
         deliverer = Deliverer(DnsResolver())
         log = MailLog(str(d / "mail.log"))
-        sched = Scheduler(config, spool, deliverer, log)
+        sched = Scheduler(config, spool, deliverer, log, max_entries=max_entries)
         if start:
             sched.start()
         made.append((sched, spool, deliverer, log))
@@ -258,7 +259,7 @@ async def test_recover_resumes_what_the_spool_holds(
         )
     config = load_config(rig.dir)
     fresh = Scheduler(config, rig.spool, Deliverer(DnsResolver()), MailLog(str(rig.log)))
-    assert fresh.recover(rig.spool.iter_pending()) == 5
+    assert await fresh.recover() == 5
     fresh.start()
     try:
         await sink.wait_for(5, 10)
@@ -315,3 +316,189 @@ async def test_an_upstream_that_does_not_answer_pauses_instead_of_a_retry_storm(
     sink = await make_sink(port=port)
     await sink.wait_for(10, 15)  # after the pause everything goes
     assert sorted(sink.recipients) == sorted(f"r{i}@y.test" for i in range(10))
+
+
+# -- the bounded in-memory set (spool.active_messages) -----------------------------------
+
+
+def watch_memory(sched: Scheduler) -> list[int]:
+    """Records how many entries are in memory after every admission (the only way in)."""
+    sizes: list[int] = []
+    admit = sched._admit
+
+    def counted(e: Entry) -> None:
+        admit(e)
+        sizes.append(len(sched.entries))
+
+    sched._admit = counted  # type: ignore[method-assign]
+    return sizes
+
+
+async def put_due(
+    rig: Rig, rcpt: str, due: float, org: str = "default", upstream: str = "up"
+) -> str:
+    """A queued message whose recipient was deferred until `due` (as after a failed attempt)."""
+    from relay.spool import RcptStatus, RecipientUpdate
+
+    qid = await rig.spool.put(
+        sender="a@x.test",
+        recipients=[rcpt],
+        data=b"Subject: s\r\n\r\nb\r\n",
+        client="t",
+        org=org,
+        account="a@x.test",
+        upstream=upstream,
+    )
+    await rig.spool.update(
+        qid, [RecipientUpdate(rcpt, RcptStatus.PENDING, 1, due, "451 4.0.0 later")]
+    )
+    return qid
+
+
+async def test_a_queue_larger_than_memory_is_delivered_in_due_order_after_a_restart(
+    make_sink: Any, rig_factory: Any
+) -> None:
+    sink = await make_sink()
+    rig = await rig_factory(
+        {"up": plain(sink, max_connections=1)}, default_upstream="up", start=False, max_entries=5
+    )
+    now = time.time()
+    order = list(range(50))
+    import random as _random
+
+    _random.Random(7).shuffle(order)
+    for i in order:  # stored in shuffled order; due one second apart, all in the past
+        await put_due(rig, f"r{i:02d}@y.test", now - 100 + i)
+    sizes = watch_memory(rig.scheduler)
+    assert await rig.scheduler.recover() == 5  # only the active set is loaded
+    assert len(rig.scheduler.entries) == 5
+    rig.scheduler.start()
+    await sink.wait_for(50, 30)
+    delivered = [m.rcpt_tos[0] for m in sorted(sink.messages, key=lambda m: m.timestamp)]
+    assert delivered == [f"r{i:02d}@y.test" for i in range(50)]
+    assert sizes and max(sizes) <= 5
+    await queue_empties(rig)
+
+
+async def queue_empties(rig: Rig, within: float = 10.0, leaving: int = 0) -> None:
+    """Outcomes are committed in the background after the sink's reply: wait for the last."""
+    deadline = time.monotonic() + within
+    while (await rig.spool.count())[0] != leaving:
+        assert time.monotonic() < deadline, "the spool still holds messages"
+        await asyncio.sleep(0.02)
+
+
+async def test_intake_past_the_cap_waits_in_the_spool_and_is_all_delivered(
+    make_sink: Any, rig_factory: Any
+) -> None:
+    sink = await make_sink(script=Script(data_delay=0.01))
+    rig = await rig_factory(
+        {"up": plain(sink, max_connections=2)}, default_upstream="up", max_entries=5
+    )
+    sizes = watch_memory(rig.scheduler)
+    ids = [await rig.submit("a@x.test", [f"r{i}@y.test"]) for i in range(50)]
+    await sink.wait_for(50, 30)
+    assert sorted(sink.recipients) == sorted(f"r{i}@y.test" for i in range(50))
+    await queue_empties(rig)
+    assert max(sizes) <= 5 and len(rig.scheduler.entries) == 0
+    assert [await rig.spool.get(q) for q in ids] == [None] * 50
+
+
+async def test_new_mail_displaces_messages_waiting_for_a_later_retry(
+    make_sink: Any, rig_factory: Any
+) -> None:
+    sink = await make_sink()
+    rig = await rig_factory({"up": plain(sink)}, default_upstream="up", start=False, max_entries=5)
+    later = [await put_due(rig, f"later{i}@y.test", time.time() + 3600) for i in range(5)]
+    assert await rig.scheduler.recover() == 5
+    rig.scheduler.start()
+    await rig.submit("a@x.test", ["now@y.test"])
+    await sink.wait_for(1, 10)
+    assert sink.recipients == ["now@y.test"]
+    assert len(rig.scheduler.entries) <= 5
+    assert None not in [await rig.spool.get(q) for q in later]  # still queued
+
+
+async def test_operator_retry_and_release_reach_messages_not_in_memory(
+    make_sink: Any, rig_factory: Any
+) -> None:
+    from relay.queueops import Filters, QueueOps
+
+    sink = await make_sink()
+    rig = await rig_factory({"up": plain(sink)}, default_upstream="up", start=False, max_entries=5)
+    far = time.time() + 3600
+    ids = [await put_due(rig, f"r{i:02d}@y.test", far + i) for i in range(20)]
+    held = await put_due(rig, "held@y.test", far)
+    await rig.spool.set_held(held, True)
+    assert await rig.scheduler.recover() == 5
+    rig.scheduler.start()
+    ops = QueueOps(rig.scheduler, rig.spool)
+    last = ids[-1]
+    assert last not in rig.scheduler.entries
+    shown = await ops.show(last)
+    assert shown is not None and shown["scheduler"]["state"] == "spooled"
+    assert await ops.act("retry", last) == ("ok", "dispatched now")
+    await sink.wait_for(1, 10)
+    assert sink.recipients == ["r19@y.test"]
+    assert (await ops.act("retry", held))[0] == "conflict"
+    assert (await ops.act("release", held))[0] == "ok"
+    await sink.wait_for(2, 10)
+    assert sink.recipients[1] == "held@y.test"
+    # Bulk retry covers the whole queue, loaded or not, and memory stays bounded.
+    await queue_empties(rig, leaving=19)
+    sizes = watch_memory(rig.scheduler)
+    result = await ops.act_many("retry", None, Filters())
+    assert result["matched"] == 19 and result["counts"] == {"ok": 19}
+    await sink.wait_for(21, 20)
+    assert sorted(sink.recipients) == sorted(
+        [f"r{i:02d}@y.test" for i in range(20)] + ["held@y.test"]
+    )
+    assert max(sizes) <= 5
+
+
+async def test_bounce_of_a_message_not_in_memory(make_sink: Any, rig_factory: Any) -> None:
+    from relay.queueops import QueueOps
+
+    sink = await make_sink()
+    rig = await rig_factory({"up": plain(sink)}, default_upstream="up", start=False, max_entries=2)
+    ids = [await put_due(rig, f"r{i}@y.test", time.time() + 3600 + i) for i in range(4)]
+    await rig.scheduler.recover()
+    rig.scheduler.start()
+    assert ids[3] not in rig.scheduler.entries
+    result, _ = await QueueOps(rig.scheduler, rig.spool).act("bounce", ids[3])
+    assert result == "ok" and await rig.spool.get(ids[3]) is None
+    await rig.wait_event("bounced")
+
+
+async def test_a_paused_upstream_filling_memory_does_not_starve_another(
+    make_sink: Any, rig_factory: Any
+) -> None:
+    sink = await make_sink()
+    rig = await rig_factory(
+        {"dead": plain(sink), "up": plain(sink)},
+        (
+            {"org": "acme", "domains": ["acme.test"], "upstream": "dead"},
+            {"org": "shop", "domains": ["shop.test"], "upstream": "up"},
+        ),
+        default_upstream="up",
+        start=False,
+        max_entries=4,
+        retry={"schedule": ["1h"], "jitter": 0, "max_age": "5d"},
+    )
+
+    async def acquire(upstream: Any) -> float:  # acme's upstream is throttled for a minute
+        return 60.0 if upstream.id == "dead" else 0.0
+
+    rig.scheduler.gate.acquire = acquire  # type: ignore[method-assign]
+    now = time.time()
+    for i in range(8):  # due first: they fill memory, and their upstream is paused
+        await put_due(rig, f"a{i}@y.test", now - 100 + i, org="acme", upstream="dead")
+    for i in range(3):
+        await put_due(rig, f"s{i}@y.test", now - 50 + i, org="shop")
+    sizes = watch_memory(rig.scheduler)
+    assert await rig.scheduler.recover() == 4
+    rig.scheduler.start()
+    await sink.wait_for(3, 10)  # long before the 60 s pause ends
+    assert sorted(sink.recipients) == ["s0@y.test", "s1@y.test", "s2@y.test"]
+    assert max(sizes) <= 4
+    assert (await rig.spool.count())[0] >= 8  # acme's mail still waits, none lost

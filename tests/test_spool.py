@@ -371,3 +371,44 @@ async def test_cancelled_put_does_not_break_the_writer(spool: Spool) -> None:
         await task
     qid = await put(spool)
     assert await spool.get(qid) is not None
+
+
+async def test_a_version_1_spool_gets_its_due_column_from_the_recipients(tmp_path: Path) -> None:
+    from relay.spool import RecipientUpdate
+
+    spool = await Spool.open(tmp_path)
+    deferred = await spool.put(
+        sender="a@x",
+        recipients=["r@y", "s@y"],
+        data=b"x",
+        client="c",
+        org="o",
+        account="a",
+        upstream="u",
+    )
+    await spool.update(
+        deferred,
+        [
+            RecipientUpdate("r@y", RcptStatus.PENDING, 1, 5000.0, "451"),
+            RecipientUpdate("s@y", RcptStatus.PENDING, 1, 7000.0, "451"),
+        ],
+    )
+    fresh = await spool.put(
+        sender="a@x", recipients=["t@y"], data=b"x", client="c", org="o", account="a", upstream="u"
+    )
+    await spool.close()
+    conn = sqlite3.connect(tmp_path / "spool.db")  # back to how version 1 stored it
+    conn.executescript(
+        "DROP INDEX messages_due; ALTER TABLE messages DROP COLUMN due; PRAGMA user_version=1;"
+    )
+    conn.close()
+    spool = await Spool.open(tmp_path)
+    try:
+        batch = await spool.due(None, 10)
+        assert [(due, m.queue_id) for due, m in batch.messages] == [
+            (0.0, fresh),
+            (5000.0, deferred),
+        ]
+        assert batch.exhausted
+    finally:
+        await spool.close()

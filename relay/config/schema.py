@@ -179,6 +179,10 @@ class AttributionConf(Strict):
 
 class SpoolConf(Strict):
     path: str = "var/spool"
+    # Queued messages the scheduler keeps in memory at once (about 0.7 KB each); the rest wait
+    # only in the spool and are loaded in due order as room frees (like Postfix's
+    # qmgr_message_active_limit). Bounds the relay's memory however large the queue grows.
+    active_messages: Annotated[int, Field(ge=1)] = 20_000
 
 
 class RetryConf(Strict):

@@ -1,5 +1,5 @@
-"""Startup recovery: streaming scan of unfinished messages, quarantine of damaged rows, and
-moving a database that cannot be opened out of the way."""
+"""Recovery: streaming scan of unfinished messages, the scheduler's due-order reads, quarantine
+of damaged rows, and moving a database that cannot be opened out of the way."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from relay.spool.schema import MESSAGE_COLUMNS, DamagedRow, connect, decode_message
+from relay.spool.schema import MESSAGE_COLUMNS, DamagedRow, connect, decode_message, number
 from relay.spool.types import RcptStatus, SpoolMessage
 
 log = logging.getLogger("relay.spool")
@@ -62,23 +63,50 @@ def scan_pending(db_path: Path) -> Iterator[SpoolMessage]:
         conn.close()
 
 
+@dataclass(slots=True)
+class DueBatch:
+    """Deliverable (not held) messages in (due, queue_id) order, each with its `due`.
+    `last` is the key of the last row read (damaged rows included), `exhausted` that no row
+    follows it; `damaged` are (rowid, reason) of rows that did not decode."""
+
+    messages: list[tuple[float, SpoolMessage]]
+    last: tuple[float, str] | None
+    exhausted: bool
+    damaged: list[tuple[int, str]]
+
+
+def read_due(conn: sqlite3.Connection, after: tuple[float, str] | None, limit: int) -> DueBatch:
+    """Up to `limit` deliverable messages whose (due, queue_id) is >= `after` (all when None),
+    through the messages_due index."""
+    sql = f"SELECT id, due, {MESSAGE_COLUMNS} FROM messages INDEXED BY messages_due WHERE held = 0"
+    args: tuple[object, ...] = ()
+    if after is not None:
+        sql += " AND (due, queue_id) >= (?, ?)"
+        args = after
+    rows = conn.execute(sql + " ORDER BY due, queue_id LIMIT ?", (*args, limit)).fetchall()
+    out: list[tuple[float, SpoolMessage]] = []
+    damaged: list[tuple[int, str]] = []
+    last: tuple[float, str] | None = None
+    for row in rows:
+        try:
+            due = number(row[1], "due")
+            message = decode_message(row[2:])
+        except DamagedRow as exc:
+            damaged.append((row[0], str(exc)))
+            if isinstance(row[1], int | float) and isinstance(row[2], str):
+                last = (float(row[1]), row[2])
+            continue
+        last = (due, message.queue_id)
+        out.append((due, message))
+    return DueBatch(out, last, len(rows) < limit, damaged)
+
+
 def quarantine(conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
     """Move damaged message rows (and their bodies) into the quarantine table, in one
     transaction; logged one warning per row."""
-    now = time.time()
     try:
         conn.execute("BEGIN IMMEDIATE")
-        for rowid, reason in rows:
-            conn.execute(
-                "INSERT INTO quarantine (moved_at, reason, id, queue_id, received_at, sender,"
-                " client, org, account, upstream, size, held, is_dsn, pending, recipients, body)"
-                " SELECT ?, ?, m.id, m.queue_id, m.received_at, m.sender, m.client, m.org,"
-                " m.account, m.upstream, m.size, m.held, m.is_dsn, m.pending, m.recipients,"
-                " b.data FROM messages AS m LEFT JOIN bodies AS b ON b.id = m.id WHERE m.id = ?",
-                (now, reason, rowid),
-            )
-            conn.execute("DELETE FROM messages WHERE id = ?", (rowid,))
-            conn.execute("DELETE FROM bodies WHERE id = ?", (rowid,))
+        move_to_quarantine(conn, rows, report=False)
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         if conn.in_transaction:
@@ -87,6 +115,26 @@ def quarantine(conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
         return
     for rowid, reason in rows:
         log.warning("spool: damaged row %d moved to quarantine: %s", rowid, reason)
+
+
+def move_to_quarantine(
+    conn: sqlite3.Connection, rows: list[tuple[int, str]], *, report: bool = True
+) -> None:
+    """The moves of `quarantine` inside the caller's transaction (the spool's writer)."""
+    now = time.time()
+    for rowid, reason in rows:
+        conn.execute(
+            "INSERT INTO quarantine (moved_at, reason, id, queue_id, received_at, sender,"
+            " client, org, account, upstream, size, held, is_dsn, pending, recipients, body)"
+            " SELECT ?, ?, m.id, m.queue_id, m.received_at, m.sender, m.client, m.org,"
+            " m.account, m.upstream, m.size, m.held, m.is_dsn, m.pending, m.recipients,"
+            " b.data FROM messages AS m LEFT JOIN bodies AS b ON b.id = m.id WHERE m.id = ?",
+            (now, reason, rowid),
+        )
+        conn.execute("DELETE FROM messages WHERE id = ?", (rowid,))
+        conn.execute("DELETE FROM bodies WHERE id = ?", (rowid,))
+        if report:
+            log.warning("spool: damaged row %d moved to quarantine: %s", rowid, reason)
 
 
 def is_damage(exc: sqlite3.DatabaseError) -> bool:

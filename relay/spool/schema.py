@@ -11,13 +11,17 @@ from typing import Any
 from relay.spool.types import RcptStatus, SpoolMessage, SpoolRecipient
 
 DB_NAME = "spool.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # messages holds metadata only; `pending` (count of PENDING recipients) is kept so summaries
 # never parse recipient lists. Recipients are one JSON array per message: a message is read
 # and rewritten as a whole by every update, and recovery reads one row per message.
 # Bodies live in their own table keyed by the same rowid, so scans of `messages` (summary,
 # list, recovery) never page through message bodies.
+# `due` is when the scheduler should next look at the message: the earliest next_attempt of
+# its pending recipients (0 = now), or later while its upstream is paused, or `now` after an
+# operator's retry/release. The scheduler keeps only a bounded set of messages in memory and
+# finds the others through the (held, due, queue_id) index, in due order (schema version 2).
 DDL = """
 CREATE TABLE IF NOT EXISTS messages (
     id          INTEGER PRIMARY KEY,
@@ -32,7 +36,8 @@ CREATE TABLE IF NOT EXISTS messages (
     held        INTEGER NOT NULL DEFAULT 0,
     is_dsn      INTEGER NOT NULL DEFAULT 0,
     pending     INTEGER NOT NULL,
-    recipients  TEXT    NOT NULL
+    recipients  TEXT    NOT NULL,
+    due         REAL    NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS bodies (
     id   INTEGER PRIMARY KEY,
@@ -43,6 +48,7 @@ CREATE INDEX IF NOT EXISTS messages_upstream ON messages (upstream, received_at,
 CREATE INDEX IF NOT EXISTS messages_org ON messages (org, received_at, pending, held);
 CREATE INDEX IF NOT EXISTS messages_account ON messages (account, received_at);
 CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at);
+CREATE INDEX IF NOT EXISTS messages_due ON messages (held, due, queue_id);
 -- Rows that failed to decode at recovery, moved aside verbatim (no types or constraints),
 -- so an operator can inspect or repair them; they are never delivered automatically.
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -85,10 +91,17 @@ def init_schema(conn: sqlite3.Connection) -> None:
     # Keep the WAL from staying huge after a burst: truncate it to 64 MiB at checkpoints.
     conn.execute("PRAGMA journal_size_limit=67108864")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version not in (0, SCHEMA_VERSION):
+    if version not in (0, 1, SCHEMA_VERSION):
         raise sqlite3.DatabaseError(f"spool schema version {version} is not supported")
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if version == 1:  # before `due`: computed from the recipients (one pass, at upgrade)
+            conn.execute("ALTER TABLE messages ADD COLUMN due REAL NOT NULL DEFAULT 0")
+            conn.execute(
+                "UPDATE messages SET due = coalesce((SELECT min(json_extract(value, '$[3]'))"
+                " FROM json_each(recipients) WHERE json_extract(value, '$[1]') = 'pending'), 0)"
+                " WHERE json_valid(recipients)"
+            )
         for statement in DDL.split(";\n"):
             if statement.strip():
                 conn.execute(statement)
@@ -111,13 +124,18 @@ def encode_recipients(recipients: Sequence[SpoolRecipient]) -> str:
     )
 
 
+def due_of(recipients: Sequence[SpoolRecipient]) -> float:
+    """The `due` column for these recipients: their earliest pending next_attempt (0 = now)."""
+    return min((r.next_attempt for r in recipients if r.status is RcptStatus.PENDING), default=0.0)
+
+
 def _text(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise DamagedRow(f"{name} is {type(value).__name__}, not text")
     return value
 
 
-def _number(value: Any, name: str) -> float:
+def number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DamagedRow(f"{name} is {type(value).__name__}, not a number")
     return float(value)
@@ -151,7 +169,7 @@ def decode_recipients(raw: Any) -> list[SpoolRecipient]:
                 rcpt=_text(rcpt, "rcpt"),
                 status=parsed,
                 attempts=_integer(attempts, "attempts"),
-                next_attempt=_number(next_attempt, "next_attempt"),
+                next_attempt=number(next_attempt, "next_attempt"),
                 last_reply=_text(last_reply, "last_reply"),
             )
         )
@@ -165,7 +183,7 @@ def decode_message(row: Sequence[Any]) -> SpoolMessage:
     queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn, rcpts = row
     return SpoolMessage(
         queue_id=_text(queue_id, "queue_id"),
-        received_at=_number(received_at, "received_at"),
+        received_at=number(received_at, "received_at"),
         sender=_text(sender, "sender"),
         client=_text(client, "client"),
         org=_text(org, "org"),

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from relay.errors import SpoolError
 from relay.spool import recovery
 from relay.spool.queue_id import new_queue_id
+from relay.spool.recovery import DueBatch
 from relay.spool.schema import (
     DB_NAME,
     MESSAGE_COLUMNS,
@@ -23,6 +24,7 @@ from relay.spool.schema import (
     connect,
     decode_message,
     decode_recipients,
+    due_of,
     encode_recipients,
     init_schema,
 )
@@ -69,6 +71,22 @@ def _open_database(db_path: Path, max_bytes: int | None) -> sqlite3.Connection:
     # The database and WAL files now exist: make their directory entries durable too.
     recovery.fsync_dir(db_path.parent)
     return conn
+
+
+def _filters(
+    org: str | None, account: str | None, upstream: str | None, older_than: float | None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space, or empty) and arguments of list/ids."""
+    where: list[str] = []
+    args: list[Any] = []
+    for column, value in (("org", org), ("account", account), ("upstream", upstream)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if older_than is not None:
+        where.append("received_at < ?")
+        args.append(older_than)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
 def lock_directory(directory: Path) -> int:
@@ -223,6 +241,11 @@ class Spool:
             oldest = next(iter(self._bodies))
             self._body_bytes -= len(self._bodies.pop(oldest))
 
+    def drop_cached_body(self, queue_id: str) -> None:
+        """Forget the in-memory copy of a body (the scheduler set the message aside: its
+        attempt is not near, and a retry reads the body from disk anyway)."""
+        self._forget_body(queue_id)
+
     def _forget_body(self, queue_id: str) -> None:
         data = self._bodies.pop(queue_id, None)
         if data is not None:
@@ -262,23 +285,50 @@ class Spool:
                 conn.execute("DELETE FROM bodies WHERE id = ?", (rowid,))
                 return
             conn.execute(
-                "UPDATE messages SET recipients = ?, pending = ?,"
+                "UPDATE messages SET recipients = ?, pending = ?, due = ?,"
                 " upstream = coalesce(?, upstream) WHERE id = ?",
-                (encode_recipients(rcpts), pending, upstream, rowid),
+                (encode_recipients(rcpts), pending, due_of(rcpts), upstream, rowid),
             )
 
         await self._write(op)
 
-    async def set_held(self, queue_id: str, held: bool) -> bool:
-        """Hold (no delivery attempts) or release a message; False if the id is unknown."""
+    async def set_held(self, queue_id: str, held: bool, *, due: float | None = None) -> bool:
+        """Hold (no delivery attempts) or release a message, optionally setting its `due`
+        time too (a release makes it due now); False if the id is unknown."""
 
         def op(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
-                "UPDATE messages SET held = ? WHERE queue_id = ?", (int(held), queue_id)
+                "UPDATE messages SET due = CASE WHEN held THEN coalesce(?, due) ELSE due END,"
+                " held = ? WHERE queue_id = ?",
+                (due, int(held), queue_id),
             )
             return cur.rowcount > 0
 
         return bool(await self._write(op))
+
+    async def set_due(self, queue_ids: Sequence[str], due: float) -> dict[str, str]:
+        """Make these messages due at `due` for the scheduler (an operator's retry: now),
+        unless held; recipients' own next_attempt is unchanged. Returns each id's result:
+        "ok", "held" or "missing"."""
+        ids = list(queue_ids)
+
+        def op(conn: sqlite3.Connection) -> dict[str, str]:
+            out = {}
+            for qid in ids:
+                row = conn.execute(
+                    "SELECT held FROM messages WHERE queue_id = ?", (qid,)
+                ).fetchone()
+                if row is None:
+                    out[qid] = "missing"
+                elif row[0]:
+                    out[qid] = "held"
+                else:
+                    conn.execute("UPDATE messages SET due = ? WHERE queue_id = ?", (due, qid))
+                    out[qid] = "ok"
+            return out
+
+        result: dict[str, str] = await self._write(op)
+        return result
 
     async def delete(self, queue_id: str) -> bool:
         """Remove a message and its body; False if the id is unknown."""
@@ -350,6 +400,24 @@ class Spool:
         except DamagedRow as exc:
             raise SpoolError(reason=f"spool row {queue_id} is damaged: {exc}") from exc
 
+    async def ids(
+        self,
+        *,
+        org: str | None = None,
+        account: str | None = None,
+        upstream: str | None = None,
+        older_than: float | None = None,
+    ) -> list[str]:
+        """The queue ids of every queued message matching every given filter, oldest first
+        (no limit: bulk operator actions)."""
+        where, args = _filters(org, account, upstream, older_than)
+        sql = "SELECT queue_id FROM messages" + where + " ORDER BY received_at, id"
+
+        def fn(conn: sqlite3.Connection) -> list[str]:
+            return [str(r[0]) for r in conn.execute(sql, args)]
+
+        return await self._read(fn)
+
     async def list(
         self,
         *,
@@ -361,19 +429,8 @@ class Spool:
     ) -> list[SpoolMessage]:
         """Queued messages matching every given filter, oldest first (at most `limit`).
         older_than is a unix time: messages received before it."""
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (("org", org), ("account", account), ("upstream", upstream)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if older_than is not None:
-            where.append("received_at < ?")
-            args.append(older_than)
-        sql = f"SELECT {MESSAGE_COLUMNS} FROM messages"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY received_at, id LIMIT ?"
+        where, args = _filters(org, account, upstream, older_than)
+        sql = f"SELECT {MESSAGE_COLUMNS} FROM messages{where} ORDER BY received_at, id LIMIT ?"
         args.append(max(0, limit))
 
         def fn(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
@@ -427,6 +484,42 @@ class Spool:
             "by_upstream": by_upstream,
             "by_org": group(by_org_rows),
         }
+
+    async def due(self, after: tuple[float, str] | None, limit: int) -> DueBatch:
+        """Up to `limit` deliverable (not held) messages in (due, queue_id) order from `after`
+        on (inclusive), each with its `due`: the scheduler's refill of its in-memory set.
+        Damaged rows are moved to quarantine (reported), not returned."""
+        batch = await self._read(lambda conn: recovery.read_due(conn, after, max(1, limit)))
+        if batch.damaged:
+            try:
+                await self._write(lambda conn: recovery.move_to_quarantine(conn, batch.damaged))
+            except SpoolError as exc:
+                log.error(
+                    "spool: could not quarantine %d damaged row(s): %s", len(batch.damaged), exc
+                )
+        return batch
+
+    async def count(self) -> tuple[int, int]:
+        """(queued messages, of which held): the whole queue, from the smallest index."""
+
+        def fn(conn: sqlite3.Connection) -> tuple[int, int]:
+            n, held = conn.execute(
+                "SELECT count(*), total(held) FROM messages INDEXED BY messages_due"
+            ).fetchone()
+            return int(n), int(held)
+
+        return await self._read(fn)
+
+    async def depth(self) -> dict[str, tuple[int, float]]:
+        """(messages, oldest received_at) by upstream, for the queue gauges (covering index)."""
+
+        def fn(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(
+                "SELECT upstream, count(*), min(received_at) FROM messages"
+                " INDEXED BY messages_upstream GROUP BY upstream"
+            ).fetchall()
+
+        return {str(u): (int(n), float(oldest)) for u, n, oldest in await self._read(fn)}
 
     def iter_pending(self) -> Iterator[SpoolMessage]:
         """Startup recovery: every message with a PENDING recipient, streamed page by page
