@@ -190,8 +190,10 @@ async def test_concurrent_puts_share_commits(spool: Spool) -> None:
     ids = await asyncio.gather(*(put(spool, rcpts=(f"r{i}@example.org",)) for i in range(60)))
     assert len(set(ids)) == 60
     commits = spool.stats.commits - before
-    assert 1 <= commits <= 5, commits  # group commit: not one fsync per message
-    assert spool.stats.largest_batch >= 12
+    # Group commit: not one fsync per message. Bounds leave room for a loaded CI machine
+    # (a slow first fsync splits the burst into a few batches); without grouping it is 60.
+    assert 1 <= commits <= 20, commits
+    assert spool.stats.largest_batch >= 6
     for i, qid in enumerate(ids):
         msg = await spool.get(qid)
         assert msg is not None and msg.recipients[0].rcpt == f"r{i}@example.org"
