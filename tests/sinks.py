@@ -73,6 +73,10 @@ class Script:
     data_fn: Callable[[Envelope], str | None] | None = None
     data_delay: float = 0.0  # seconds before the final DATA reply, per transaction
     ehlo: bool = True  # False: refuse EHLO with 502 (the client must fall back to HELO)
+    # Advertise PIPELINING (RFC 2920), as every major MTA and smarthost does; aiosmtpd
+    # reads commands one line at a time, so it serves pipelined groups correctly. False:
+    # the client must talk in lock-step.
+    pipelining: bool = True
 
 
 class _SinkSMTP(SMTP):
@@ -132,6 +136,8 @@ class _Handler:
         session.host_name = hostname
         assert self.record is not None
         self.record.ehlo = hostname
+        if self.sink.script.pipelining:
+            responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_HELO(

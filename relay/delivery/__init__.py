@@ -1,4 +1,5 @@
-"""Delivery: the outbound SMTP client (pooled aiosmtplib sessions bound to egress sources),
+"""Delivery: the outbound SMTP client (pooled sessions bound to egress sources, opened with
+aiosmtplib, transactions pipelined when offered),
 reply classification, and RFC 3464 delivery status notifications."""
 
 from relay.delivery.deliverer import DATA_TIMEOUT, Deliverer

@@ -2,8 +2,10 @@
 
 Resolve → bind to the egress address and connect → greeting → EHLO (HELO fallback) →
 TLS (implicit or required STARTTLS, verified against the upstream's *name* although we
-connect to an address) → AUTH. Every failure becomes a `SessionError` carrying the
-upstream's own reply, or a synthesised one saying what happened; nothing here retries.
+connect to an address) → AUTH, with aiosmtplib; then the session's transport is handed to
+a `Channel` (relay.delivery.channel) for the mail transactions. Every failure becomes a
+`SessionError` carrying the upstream's own reply, or a synthesised one saying what
+happened; nothing here retries.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiosmtplib
 
 from relay.delivery import outcome
+from relay.delivery.channel import BadReply, Channel
 from relay.delivery.resolver import Resolver
 from relay.errors import RelayError
 from relay.model import EgressSource, Reply, TlsMode, Upstream
@@ -42,7 +46,10 @@ class SessionError(Exception):
 class Session:
     """A connected, greeted, secured and authenticated SMTP client."""
 
-    smtp: aiosmtplib.SMTP
+    channel: Channel
+    # What the server's EHLO offered (lower-case keywords: "pipelining", "size", ...);
+    # empty after a HELO fallback.
+    extensions: frozenset[str]
     key: PoolKey
     peer: str  # "203.0.113.5:465", for reply texts and logs
     source: str  # the egress address we bound to
@@ -54,7 +61,10 @@ class Session:
 
     @property
     def alive(self) -> bool:
-        return self.smtp.is_connected
+        return self.channel.alive
+
+    def supports(self, extension: str) -> bool:
+        return extension in self.extensions
 
 
 def _peer(address: str, port: int) -> str:
@@ -91,6 +101,10 @@ def error_reply(
     tls = _ssl_cause(exc)
     if tls is not None:
         return _tls_reply(tls, upstream, peer)
+    if isinstance(exc, BadReply):
+        return outcome.bad_connection(
+            f"invalid reply from {peer} during {stage} (from {source}): {exc}"
+        )
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         if not 200 <= exc.code < 600:
             # aiosmtplib's -1: a line that is not a reply at all, or one too long to read.
@@ -297,7 +311,17 @@ async def _greet(
     except BaseException:
         _abandon(smtp, sock)
         raise
-    return Session(smtp=smtp, key=key, peer=peer, source=source.address)
+    # aiosmtplib has read its last reply (EHLO or AUTH); the server sends nothing more
+    # until we do, so no byte is lost in the hand-over.
+    # (uvloop's transports do not subclass asyncio.Transport, hence the cast.)
+    transport = cast(asyncio.Transport, smtp.transport)
+    return Session(
+        channel=Channel.take_over(transport),
+        extensions=frozenset(smtp.esmtp_extensions),
+        key=key,
+        peer=peer,
+        source=source.address,
+    )
 
 
 def _abandon(smtp: aiosmtplib.SMTP, sock: socket.socket) -> None:

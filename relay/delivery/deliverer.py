@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-import aiosmtplib
-
 from relay.delivery import outcome
+from relay.delivery.channel import BadReply, Channel, wire_body
 from relay.delivery.connection import (
     Session,
     SessionError,
@@ -156,11 +155,11 @@ class Deliverer:
                 self._log.debug(
                     "upstream %s: pooled connection was dead, reconnecting", upstream.id
                 )
-                session.smtp.close()
+                session.channel.close()
                 session = None
                 continue
             except BaseException:
-                session.smtp.close()  # cancelled mid-transaction: the session is in an unknown state
+                session.channel.close()  # cancelled mid-transaction: the session is in an unknown state
                 raise
             if one_shot:
                 await self._pool.close_now(session)
@@ -186,7 +185,7 @@ class Deliverer:
         *,
         reused: bool,
     ) -> list[RecipientResult]:
-        smtp = session.smtp
+        channel = session.channel
         stage = "RSET"
         timeout = upstream.command_timeout
         results: dict[str, RecipientResult] = {}
@@ -196,10 +195,11 @@ class Deliverer:
                 # completed transaction it is skipped: a dead connection then shows at MAIL
                 # (disconnect or 421), which is retried once on a fresh connection too.
                 try:
-                    response = await smtp.execute_command(b"RSET", timeout=timeout)
-                except (aiosmtplib.SMTPException, OSError) as exc:
+                    channel.send(b"RSET\r\n")
+                    code, _ = await channel.reply(timeout)
+                except (BadReply, OSError, TimeoutError) as exc:
                     raise _StaleConnection from exc
-                if response.code != 250:
+                if code != 250:
                     raise _StaleConnection
 
             # Envelope checks against what this server supports.
@@ -214,7 +214,7 @@ class Deliverer:
                         Outcome.BOUNCED,
                         outcome.synthesised(553, "5.1.3", "bad recipient address syntax"),
                     )
-            if smtputf8 and not smtp.supports_extension("smtputf8"):
+            if smtputf8 and not session.supports("smtputf8"):
                 why = outcome.utf8_unsupported(
                     f"{upstream.host} does not support SMTPUTF8, needed for this non-ASCII "
                     "address (RFC 6531)"
@@ -230,74 +230,105 @@ class Deliverer:
                 return [results[r] for r in recipients]
 
             encoding = "utf-8" if smtputf8 else "ascii"
-            params: list[bytes] = []
-            if smtp.supports_extension("size"):
-                params.append(b"SIZE=%d" % len(data))  # RFC 1870: refused early if too big
-            if outcome.needs_8bitmime(data) and smtp.supports_extension("8bitmime"):
-                params.append(b"BODY=8BITMIME")
+            mail = b"MAIL FROM:" + _path(sender, encoding)
+            if session.supports("size"):
+                mail += b" SIZE=%d" % len(data)  # RFC 1870: refused early if too big
+            if outcome.needs_8bitmime(data) and session.supports("8bitmime"):
+                mail += b" BODY=8BITMIME"
             if smtputf8:
-                params.append(b"SMTPUTF8")
+                mail += b" SMTPUTF8"
+            mail += b"\r\n"
+            rcpt_commands = [b"RCPT TO:" + _path(r, encoding) + b"\r\n" for r in pending]
+            # RFC 2920 § 3.1: MAIL and RCPT may go anywhere in a group, DATA only last; the
+            # replies come back in order and each is checked. Without PIPELINING, lock-step.
+            pipelined = session.supports("pipelining")
 
             stage = "MAIL FROM"
             session.messages += 1
             session.clean = False
             try:
-                response = await smtp.execute_command(
-                    b"MAIL", b"FROM:" + _path(sender, encoding), *params, timeout=timeout
-                )
-            except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                if pipelined:
+                    channel.send(b"".join([mail, *rcpt_commands, b"DATA\r\n"]))
+                else:
+                    channel.send(mail)
+                code, text = await channel.reply(timeout)
+            except ConnectionError as exc:
                 if reused:
                     raise _StaleConnection from exc
                 raise
-            if response.code == 421 and reused:
+            if code == 421 and reused:
                 raise _StaleConnection  # the server closed our idle connection
-            if response.code != 250:
-                reply = outcome.parse_reply(response.code, response.message)
+            if code != 250:
+                reply = outcome.parse_reply(code, text)
+                if pipelined:
+                    await self._skip_replies(channel, len(rcpt_commands) + 1, timeout)
                 # A refused sender refuses the whole message: 5xx bounces, 4xx defers. Any
                 # other code (e.g. a 252) accepted nothing: deferred, never "delivered".
                 return self._finish(recipients, results, pending, reply, deferred=reply.code < 400)
 
             accepted: list[str] = []
-            for rcpt in pending:
-                stage = "RCPT TO"
-                response = await smtp.execute_command(
-                    b"RCPT", b"TO:" + _path(rcpt, encoding), timeout=timeout
-                )
-                if response.code in _SUCCESS:
+            stage = "RCPT TO"
+            for rcpt, command in zip(pending, rcpt_commands, strict=True):
+                if not pipelined:
+                    channel.send(command)
+                code, text = await channel.reply(timeout)
+                if code in _SUCCESS:
                     accepted.append(rcpt)
                     continue
-                reply = outcome.parse_reply(response.code, response.message)
+                reply = outcome.parse_reply(code, text)
                 # Not 250/251 and not a refusal (a 252, a 3xx, garbage): nothing was
                 # accepted for this recipient, so it waits; it is never marked delivered.
                 results[rcpt] = self._result(rcpt, reply, deferred=reply.code < 400)
-                if response.code == 421:
+                if code == 421:
                     # The server is closing the channel (RFC 5321 § 3.8): the remaining
-                    # recipients were not tried, so they wait with the same reply.
+                    # recipients were not tried (or not answered), so they wait with the
+                    # same reply.
+                    channel.close()
                     return self._finish(recipients, results, pending, reply)
-            if not accepted:
-                return [results[r] for r in recipients]
 
             stage = "DATA"
-            try:
-                # aiosmtplib dot-stuffs and CRLF-normalises (RFC 5321 § 4.5.2). Its one
-                # timeout covers both the 354 and the final reply, so the 354 wait gets the
-                # long final-reply budget too; harmless, since both are bounded.
-                response = await smtp.data(
-                    data, timeout=min(upstream.data_timeout, self._data_timeout)
-                )
-            except aiosmtplib.SMTPDataError as exc:
-                response = aiosmtplib.SMTPResponse(exc.code, exc.message)
-            reply = outcome.parse_reply(response.code, response.message)
+            if not accepted:
+                if pipelined:
+                    await self._skip_replies(channel, 1, timeout)  # DATA's refusal
+                # Lock-step: DATA was never sent. The session stays not clean: RSET first
+                # if it is reused.
+                return [results[r] for r in recipients]
+            if not pipelined:
+                channel.send(b"DATA\r\n")
+            code, text = await channel.reply(timeout)
+            if code != 354:
+                # The transaction failed at DATA: every accepted recipient gets that reply.
+                return self._finish(recipients, results, accepted, outcome.parse_reply(code, text))
+            channel.send(wire_body(data))
+            code, text = await channel.reply(min(upstream.data_timeout, self._data_timeout))
+            # DATA's final reply ends the transaction either way (RFC 5321 § 4.1.1.4).
             session.clean = True
-            return self._finish(recipients, results, accepted, reply)
+            return self._finish(recipients, results, accepted, outcome.parse_reply(code, text))
         except _StaleConnection:
             raise
-        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
-            smtp.close()
+        except (BadReply, OSError, TimeoutError) as exc:
+            channel.close()
             reply = error_reply(exc, upstream, session.peer, session.source, stage)
             self._log.info("upstream %s: %s", upstream.id, reply)
             pending = [r for r in recipients if r not in results]
             return self._finish(recipients, results, pending, reply, deferred=True)
+
+    async def _skip_replies(self, channel: Channel, count: int, within: float) -> None:
+        """Read the replies to the rest of a pipelined group we are abandoning (MAIL was
+        refused, or every RCPT was: RFC 2920 § 3.1 has the server refuse the DATA then,
+        503 or 554). The body is never sent. A server that answers DATA with 354 anyway
+        is waiting for a body: we close the connection instead, which aborts its
+        transaction (RFC 5321 § 4.1.1.4); a lone "." would have delivered an empty message
+        to whatever recipients it believes it accepted. Any trouble here closes the session
+        too: the recipients' results are already decided."""
+        try:
+            code = 0
+            for _ in range(count):
+                code, _text = await channel.reply(within)
+            if code == 354:
+                channel.close()
+        except (BadReply, OSError, TimeoutError):
+            channel.close()
 
     def _result(self, rcpt: str, reply: Reply, *, deferred: bool = False) -> RecipientResult:
         if deferred:

@@ -9,9 +9,6 @@ session in use belongs to its delivery. Idle sessions expire after `idle_timeout
 from __future__ import annotations
 
 import asyncio
-import contextlib
-
-import aiosmtplib
 
 from relay.delivery.connection import PoolKey, Session
 
@@ -37,7 +34,7 @@ class Pool:
                 if not idle:
                     del self._idle[key]
                 return session
-            session.smtp.close()  # the server hung up while it sat idle
+            session.channel.close()  # the server hung up while it sat idle
         self._idle.pop(key, None)
         return None
 
@@ -62,7 +59,7 @@ class Pool:
         """Close a session we are done with: QUIT if it is still up, in the background."""
         self._cancel_timer(session)
         if not session.alive:
-            session.smtp.close()
+            session.channel.close()
             return
         task = asyncio.get_running_loop().create_task(self._quit(session))
         self._closing.add(task)
@@ -74,7 +71,7 @@ class Pool:
         if session.alive:
             await self._quit(session)
         else:
-            session.smtp.close()
+            session.channel.close()
 
     def idle_count(self, key: PoolKey | None = None) -> int:
         if key is not None:
@@ -109,6 +106,4 @@ class Pool:
     async def _quit(self, session: Session) -> None:
         # RFC 5321 § 4.1.1.10: QUIT and wait for 221; a server that does not answer in
         # time just gets the connection closed.
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-            await session.smtp.quit(timeout=self._quit_timeout)
-        session.smtp.close()
+        await session.channel.quit(self._quit_timeout)
