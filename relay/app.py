@@ -25,6 +25,7 @@ from relay.errors import SpoolError
 from relay.events import MailLog, Metrics
 from relay.intake import Intake
 from relay.limits import Limits
+from relay.limits.partition import Partition
 from relay.listener import Listener, ListenerSettings
 from relay.logsetup import configure as configure_logging
 from relay.logsetup import remember_config_secrets
@@ -148,8 +149,11 @@ class Relay:
         else:
             slot.notify_ready()
 
-    def _partition(self) -> tuple[int, int] | None:
-        return (self.slot.index, self.slot.count) if self.slot and self.slot.count > 1 else None
+    def _partition(self) -> Partition | None:
+        if self.slot is None or self.slot.count <= 1:
+            return None
+        # Minimum intervals are shared through files next to the shards (partition.py).
+        return Partition(self.slot.index, self.slot.count, self.config.spool_path / "limits")
 
     async def _start_admin(self, cfg: Config) -> None:
         a = cfg.relay.admin

@@ -7,8 +7,10 @@ worker's shard: which worker accepts a connection is the kernel's choice."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from relay.fanout import merge_metrics, merge_summaries
-from relay.limits.partition import PartitionedStore, part
+from relay.limits.partition import Partition, PartitionedStore, SharedSpacing, part
 from relay.limits.store import Window
 from relay.spool import Spool
 from relay.spool.shards import merge_shard, shard_path, surplus_shards
@@ -76,9 +78,10 @@ def test_parts_add_up_to_the_limit(amount: int, count: int) -> None:
     assert max(parts) - min(parts) <= 1
 
 
-def test_partitioned_store_enforces_its_part() -> None:
+def test_partitioned_store_enforces_its_part(tmp_path: Path) -> None:
     async def go() -> None:
-        w0, w1 = PartitionedStore(0, 2), PartitionedStore(1, 2)
+        w0 = PartitionedStore(Partition(0, 2, tmp_path))
+        w1 = PartitionedStore(Partition(1, 2, tmp_path))
         got0 = [await w0.lease("up", 5, 30.0) for _ in range(4)]
         got1 = [await w1.lease("up", 5, 30.0) for _ in range(4)]
         assert sum(x is not None for x in got0) == 3 and sum(x is not None for x in got1) == 2
@@ -87,11 +90,23 @@ def test_partitioned_store_enforces_its_part() -> None:
         assert results[:2] == [None, None]
         full = results[2]
         assert full is not None and full[0] == hourly  # reported as configured: 4 per hour
-        assert await w1.space("iv", 1.0) == 0.0 and await w1.space("iv", 1.0) > 1.0
+        # A minimum interval is shared, not split: the other worker waits for it too.
+        assert await w1.space("iv", 1.0) == 0.0
+        assert 0.5 < await w0.space("iv", 1.0) <= 1.0 and await w1.space("iv", 1.0) > 0.5
         # The scheduler runs no more delivery tasks than the worker may hold leases.
         assert (w0.local_share(5), w1.local_share(5), w1.local_share(1)) == (3, 2, 1)
 
     asyncio.run(go())
+
+
+def test_a_spacing_stamp_from_an_earlier_boot_is_ignored(tmp_path: Path) -> None:
+    spacing = SharedSpacing(tmp_path)
+    assert spacing.space("up/x", 0.5) == 0.0
+    fd = spacing._fd("up/x")
+    os.pwrite(fd, struct.pack("=d", time.monotonic() + 3600.0), 0)  # far beyond the interval
+    assert spacing.space("up/x", 0.5) == 0.0
+    assert 0.0 < spacing.space("up/x", 0.5) <= 0.5
+    spacing.close()
 
 
 def test_merged_metrics_sum_counters_and_take_the_oldest_age() -> None:
@@ -226,6 +241,26 @@ def test_a_killed_worker_is_restarted_and_delivers_its_shard(tmp_path: Path) -> 
             assert relay.stop() == 0
 
 
+def test_a_minimum_interval_holds_across_workers(tmp_path: Path) -> None:
+    """Both workers have mail for an upstream with min_interval: the starts of all their
+    deliveries are spaced, not just each worker's own (relay/limits/partition.py)."""
+    with ThreadedSink() as sink:
+        cfg = RelayConfig(tmp_path / "relay", workers=2, orgs=ORGS, default_upstream="plain",
+                          upstreams={"plain": plain_upstream(sink.port, throttle={
+                              "min_interval": "250ms"})}).write()
+        root = cfg / "spool"
+        fill(root, 3)
+        fill(shard_path(root, 1), 3, org="globex")
+        with RelayProcess(cfg) as relay:
+            sink.wait_for(6, 20)
+            assert {m.mail_from.split("@")[1] for m in sink.messages} == {"acme.test", "globex.test"}
+            times = sorted(m.timestamp for m in sink.messages)
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            # Starts are >= 250 ms apart; arrival times add a few ms of jitter either way.
+            assert min(gaps) >= 0.2, gaps
+            assert relay.stop() == 0
+
+
 def test_fewer_workers_fold_the_surplus_shard_into_shard_zero(tmp_path: Path) -> None:
     with ThreadedSink() as sink:
         cfg = RelayConfig(tmp_path / "relay", upstreams={"plain": plain_upstream(sink.port)},
@@ -285,3 +320,16 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
     except (OSError, IndexError):
         return "zombie"
+
+
+def test_check_warns_where_a_split_cannot_be_exact(tmp_path: Path) -> None:
+    cfg = RelayConfig(tmp_path / "relay", workers=2, upstreams={
+        "one": plain_upstream(2600, throttle={"max_connections": 1}),
+        "two": plain_upstream(2601, throttle={"max_connections": 2, "min_interval": "1s"}),
+    }, default_upstream="one").write()
+    out = subprocess.run([sys.executable, "-m", "relay.cli", "check", "-c", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    warned = [ln for ln in out.stderr.splitlines() if "workers" in ln]
+    assert len(warned) == 1, out.stderr
+    assert warned[0].startswith(f"warning: {cfg / 'relay.yaml'}:")
+    assert "upstream 'one': max_connections 1 is below workers (2)" in warned[0]

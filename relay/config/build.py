@@ -135,7 +135,7 @@ class Builder:
                 src, (*path, "verify_tls"), f"upstream '{uid}': TLS certificate verification is OFF"
             )
         t = conf.throttle
-        self._warn_split(uid, t.max_connections, t.min_interval, src, (*path, "throttle"))
+        self._warn_split(uid, t.max_connections, src, (*path, "throttle"))
         return Upstream(
             id=uid,
             host=host,
@@ -162,7 +162,7 @@ class Builder:
         )
 
     def _warn_split(
-        self, uid: str, max_connections: int | None, min_interval: float, src: Located, path: YPath
+        self, uid: str, max_connections: int | None, src: Located, path: YPath
     ) -> None:
         """Several workers with the memory backend split each throttle between them
         (relay/limits/partition.py); say where that cannot be exact."""
@@ -176,14 +176,6 @@ class Builder:
                 f"upstream '{uid}': max_connections {max_connections} is below workers ({n}):"
                 f" each worker may open one connection, up to {n} at once (use the redis"
                 " limits backend for an exact limit)",
-            )
-        if min_interval:
-            self.warn(
-                src,
-                path,
-                f"upstream '{uid}': with {n} workers each one waits {n}x min_interval, so the"
-                " spacing holds on average, not between every two messages (use the redis"
-                " limits backend for exact spacing)",
             )
 
     # -- the whole configuration -------------------------------------------------------

@@ -24,7 +24,7 @@ from relay.events import Metrics
 from relay.limits.failover import BackendUnavailable, Failover
 from relay.limits.gate import UpstreamGate, quota_windows
 from relay.limits.intake import IntakeRateLimiter, intake_windows
-from relay.limits.partition import PartitionedStore, part
+from relay.limits.partition import Partition, PartitionedStore, part
 from relay.limits.redis_store import RedisStore
 from relay.limits.store import Lease, MemoryStore, Store, Window
 
@@ -55,13 +55,13 @@ def node_id(conf: LimitsConf, worker: int | None = None) -> str:
 
 
 def make_store(
-    conf: LimitsConf, metrics: Metrics | None = None, partition: tuple[int, int] | None = None
+    conf: LimitsConf, metrics: Metrics | None = None, partition: Partition | None = None
 ) -> Store:
     """The store `conf` asks for: memory, or Redis behind the failover. `partition` is
-    (worker index, worker count) when this process is one of several workers."""
+    this worker's place when the process is one of several workers."""
     if conf.backend == "memory":
         if partition is not None:
-            return PartitionedStore(*partition, node_id=node_id(conf, partition[0]))
+            return PartitionedStore(partition, node_id=node_id(conf, partition.index))
         return MemoryStore(node_id(conf))
     if not conf.redis_url:
         raise ValueError("limits.backend redis needs limits.redis_url")
@@ -74,7 +74,7 @@ def make_store(
     return Failover(
         RedisStore(
             conf.redis_url,
-            node_id=node_id(conf, partition[0] if partition else None),
+            node_id=node_id(conf, partition.index if partition else None),
             timeout=conf.redis_timeout,
         ),
         share=conf.fallback_share,
@@ -100,7 +100,7 @@ class Limits:
     """The intake limiter and the upstream gate of one node, over one store."""
 
     def __init__(
-        self, conf: LimitsConf, metrics: Metrics, partition: tuple[int, int] | None = None
+        self, conf: LimitsConf, metrics: Metrics, partition: Partition | None = None
     ) -> None:
         self.conf = conf
         self.metrics = metrics
@@ -120,7 +120,7 @@ class Limits:
 
     @classmethod
     def from_config(
-        cls, config: Config, metrics: Metrics, partition: tuple[int, int] | None = None
+        cls, config: Config, metrics: Metrics, partition: Partition | None = None
     ) -> Limits:
         return cls(config.relay.limits, metrics, partition)
 
@@ -130,7 +130,7 @@ class Limits:
         n = conf.client.max_connections
         if n is None or self.partition is None:
             return n
-        return part(n, *self.partition)
+        return part(n, self.partition.index, self.partition.count)
 
     def same_backend(self, conf: LimitsConf) -> bool:
         return _backend_key(conf) == _backend_key(self.conf)

@@ -5,19 +5,40 @@ and deliverer. With the memory backend they share no counters, so each worker en
 *part* of every limit: worker i of N gets `amount // N`, plus one for the first
 `amount % N` workers. The parts add up to the configured limit exactly, so the machine as a
 whole never sends more than the limit allows (concurrency, quotas, rates), whatever way the
-kernel spreads connections between the workers. Two approximations remain, and `relay
-check` warns about them: a limit smaller than N still gives every worker one (a worker
-with none could never deliver its own shard's mail), and a minimum interval becomes N times
-the interval per worker (the average spacing holds, not the spacing of every pair). The
-Redis backend shares exact counters instead.
+kernel spreads connections between the workers. One approximation remains, and `relay
+check` warns about it: a `max_connections` smaller than N still gives every worker one (a
+worker with none could never deliver its own shard's mail).
+
+A minimum interval cannot be split (two workers each keeping twice the interval can still
+send two messages a moment apart), so it is shared exactly instead: the next allowed start
+of each upstream is a timestamp in a small file under the spool directory, read and
+advanced under `flock` (microseconds, and only for upstreams that have an interval).
+
+The Redis backend shares exact counters for everything instead.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+import re
+import struct
+import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from relay.limits.store import Lease, MemoryStore, Window
+
+_STAMP = struct.Struct("=d")
+
+
+@dataclass(frozen=True)
+class Partition:
+    index: int  # this worker
+    count: int  # of this many
+    directory: Path  # where workers share what cannot be split (minimum intervals)
 
 
 def part(amount: int, index: int, count: int) -> int:
@@ -25,15 +46,56 @@ def part(amount: int, index: int, count: int) -> int:
     return max(1, amount // count + (1 if index < amount % count else 0))
 
 
+class SharedSpacing:
+    """Minimum intervals shared by the processes of one machine through locked files.
+
+    CLOCK_MONOTONIC is one clock for every process of a boot; a stamp further ahead than
+    the interval itself is from an earlier boot and is ignored."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, key: str) -> int:
+        fd = self._fds.get(key)
+        if fd is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:40]
+            digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+            fd = os.open(self.directory / f"{safe}-{digest}.next", os.O_RDWR | os.O_CREAT, 0o600)
+            self._fds[key] = fd
+        return fd
+
+    def space(self, key: str, interval: float) -> float:
+        fd = self._fd(key)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            raw = os.pread(fd, _STAMP.size, 0)
+            nxt = _STAMP.unpack(raw)[0] if len(raw) == _STAMP.size else 0.0
+            now = time.monotonic()
+            if now < nxt <= now + interval:
+                return nxt - now
+            os.pwrite(fd, _STAMP.pack(now + interval), 0)
+            return 0.0
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 class PartitionedStore(MemoryStore):
     """A MemoryStore that scales every limit to this worker's part."""
 
-    def __init__(self, index: int, count: int, node_id: str = "local") -> None:
-        if not 0 <= index < count:
-            raise ValueError(f"worker {index} of {count}")
+    def __init__(self, partition: Partition, node_id: str = "local") -> None:
+        if not 0 <= partition.index < partition.count:
+            raise ValueError(f"worker {partition.index} of {partition.count}")
         super().__init__(node_id)
-        self.index = index
-        self.count = count
+        self.index = partition.index
+        self.count = partition.count
+        self._spacing = SharedSpacing(partition.directory)
 
     def _scaled(self, w: Window) -> Window:
         return replace(w, amount=part(w.amount, self.index, self.count))
@@ -59,4 +121,8 @@ class PartitionedStore(MemoryStore):
         return await super().lease(key, part(limit, self.index, self.count), ttl)
 
     async def space(self, key: str, interval: float) -> float:
-        return await super().space(key, interval * self.count)
+        return self._spacing.space(key, interval)
+
+    async def close(self) -> None:
+        self._spacing.close()
+        await super().close()
