@@ -295,6 +295,14 @@ class AdminApi:
         return body
 
 
+async def start_tcp_site(runner: web.AppRunner, address: str, port: int) -> int:
+    """Serve `runner` on address:port; returns the bound port (0 asks for any)."""
+    site = web.TCPSite(runner, address, port, reuse_address=True)
+    await site.start()
+    sockets = getattr(site._server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else port
+
+
 class AdminServer:
     """The API on its own TCP site; start/stop from the Relay."""
 
@@ -325,12 +333,7 @@ class AdminServer:
             await site.start()
             os.chmod(self.unix_path, 0o600)
             return
-        site = web.TCPSite(self._runner, self.address, self.requested_port, reuse_address=True)
-        await site.start()
-        server = site._server  # the bound port when 0 was asked for
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        self.port = await start_tcp_site(self._runner, self.address, self.requested_port)
 
     async def stop(self) -> None:
         if self._runner is not None:

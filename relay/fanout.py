@@ -30,6 +30,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from relay.admin import start_tcp_site
+
 log = logging.getLogger("relay.admin")
 
 CALL_TIMEOUT = 120.0  # bulk actions on a large queue take a while; probes up to a minute
@@ -338,11 +340,7 @@ class FanoutServer:
         await self.api.fanout.start()
         self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.address, self.port, reuse_address=True)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        self.port = await start_tcp_site(self._runner, self.address, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -43,6 +43,7 @@ from relay.config.model import Config
 from relay.errors import SpoolError
 from relay.fanout import Fanout, FanoutApi, FanoutServer
 from relay.spool.shards import fold_surplus
+from relay.spool.store import lock_file
 
 log = logging.getLogger("relay.supervisor")
 
@@ -58,15 +59,7 @@ LOCK_NAME = "supervisor.lock"
 def lock_supervisor(root: Path) -> int:
     """One supervisor per spool; the pid inside lets `relay reload` signal it."""
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SpoolError(reason=f"spool {root} is in use by another relay") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+    return lock_file(root / LOCK_NAME, f"spool {root} is in use by another relay")
 
 
 def running_supervisor(root: Path) -> int | None:

@@ -89,18 +89,24 @@ def _filters(
     return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
-def lock_directory(directory: Path) -> int:
-    """One process per spool: two relays delivering from one queue would send everything
-    twice. flock is released by the kernel when the process dies, even by SIGKILL."""
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+def lock_file(path: Path, busy: str) -> int:
+    """Hold `path` locked (flock) with our pid inside, or raise SpoolError(`busy`). The
+    kernel releases the lock when the process dies, even by SIGKILL."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SpoolError(reason=f"spool {directory} is in use by another process") from None
+        raise SpoolError(reason=busy) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def lock_directory(directory: Path) -> int:
+    """One process per spool: two relays delivering from one queue would send everything
+    twice."""
+    return lock_file(directory / LOCK_NAME, f"spool {directory} is in use by another process")
 
 
 class Spool:
