@@ -141,6 +141,9 @@ class Supervisor:
                 *args, pass_fds=(*(s.fileno() for s in self.sockets.values()), wfd),
                 env=env, stdin=asyncio.subprocess.DEVNULL,
             )
+        except BaseException:
+            os.close(r)
+            raise
         finally:
             os.close(wfd)
         w.started = time.monotonic()
@@ -180,7 +183,18 @@ class Supervisor:
                 await asyncio.wait_for(self.stopping.wait(), backoff)
                 return
             backoff = min(backoff * 2, RESTART_MAX)
-            await self.spawn(w)
+            while not self.stopping.is_set():
+                try:
+                    await self.spawn(w)
+                    break
+                except OSError as exc:  # e.g. out of processes or file descriptors
+                    log.error("cannot start worker %d: %s; trying again in %.0f s",
+                              w.index, exc, backoff)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), backoff)
+                    backoff = min(backoff * 2, RESTART_MAX)
+            if self.stopping.is_set():
+                return
 
     def signal_all(self, sig: int) -> None:
         for w in self.workers:
