@@ -10,9 +10,11 @@ import asyncio
 import itertools
 import os
 import signal
+import smtplib
 import struct
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +27,7 @@ from relay.limits.store import Window
 from relay.spool import Spool
 from relay.spool.shards import merge_shard, shard_path, surplus_shards
 from tests.adminapi import ENV, admin_url, http, relay_with_admin
+from tests.redisproc import RedisServer
 from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import Script, ThreadedSink
 
@@ -333,3 +336,62 @@ def test_check_warns_where_a_split_cannot_be_exact(tmp_path: Path) -> None:
     assert len(warned) == 1, out.stderr
     assert warned[0].startswith(f"warning: {cfg / 'relay.yaml'}:")
     assert "upstream 'one': max_connections 1 is below workers (2)" in warned[0]
+
+
+def test_killing_a_worker_mid_stream_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """kill -9 of one worker while three clients stream: the supervisor restarts it and
+    every message that got a 250, from either worker, is delivered (duplicates allowed)."""
+    with ThreadedSink() as sink:
+        cfg = RelayConfig(tmp_path / "relay", upstreams={"plain": plain_upstream(sink.port)},
+                          default_upstream="plain", workers=2, orgs=ORGS).write()
+        acked: list[str] = []
+        stop = threading.Event()
+        with RelayProcess(cfg) as relay:
+
+            def stream(n: int) -> None:
+                i = 0
+                while not stop.is_set() and i < 1000:
+                    subject = f"t{n}-{i}"
+                    i += 1
+                    try:
+                        send(relay.port, "a@acme.test", ["r@dest.test"], headers={"Subject": subject})
+                    except (OSError, smtplib.SMTPException):
+                        continue  # not acknowledged: the client would retry it
+                    acked.append(subject)
+
+            threads = [threading.Thread(target=stream, args=(n,)) for n in range(3)]
+            for t in threads:
+                t.start()
+            wait_for(lambda: len(acked) >= 60, "60 acknowledged", relay)
+            victim = worker_pids(relay)[1]
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: len(acked) >= 120, "120 acknowledged", relay)
+            stop.set()
+            for t in threads:
+                t.join(15)
+            assert "exited with status -9" in relay.output()
+
+            def subjects() -> set[str]:
+                return {m.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+                        for m in sink.messages}
+
+            wait_for(lambda: set(acked) <= subjects(), "every acknowledged message", relay, 40)
+            assert relay.stop() == 0
+
+
+def test_redis_shares_the_connection_limit_between_workers(tmp_path: Path) -> None:
+    with RedisServer() as redis, ThreadedSink(script=Script(data_delay=0.2)) as sink:
+        cfg = RelayConfig(tmp_path / "relay", workers=2, orgs=ORGS, default_upstream="plain",
+                          upstreams={"plain": plain_upstream(sink.port, throttle={
+                              "max_connections": 2})},
+                          limits={"backend": "redis", "redis_url": redis.url,
+                                  "node_id": "node-a"}).write()
+        root = cfg / "spool"
+        fill(root, 5)
+        fill(shard_path(root, 1), 5, org="globex")
+        with RelayProcess(cfg) as relay:
+            sink.wait_for(10, 30)
+            assert {m.mail_from.split("@")[1] for m in sink.messages} == {"acme.test", "globex.test"}
+            # Two workers, one limit of 2 in Redis: never more than 2 at once, and both used.
+            assert sink.max_concurrent == 2
+            assert relay.stop() == 0
