@@ -123,7 +123,7 @@ class Relay:
         self.limits = Limits.from_config(cfg, self.metrics, self._partition())
         self.deliverer = Deliverer(
             DnsResolver(cfg.relay.dns.hosts, lifetime=cfg.relay.dns.timeout),
-            unpooled=lambda up: self.limits.store.shared and up.throttle.max_connections is not None,
+            unpooled=lambda up: self.limits.store.fresh_connections(up.throttle.max_connections),
         )
         self.scheduler = Scheduler(cfg, self.spool, self.deliverer, self.events, gate=self.limits.gate)
         loaded = await self.scheduler.recover()

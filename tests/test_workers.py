@@ -102,6 +102,26 @@ def test_partitioned_store_enforces_its_part(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
+def test_shared_slots_exclude_other_workers_and_free_on_release(tmp_path: Path) -> None:
+    async def go() -> None:
+        w0 = PartitionedStore(Partition(0, 3, tmp_path))
+        w1 = PartitionedStore(Partition(1, 3, tmp_path))
+        assert w0.local_share(2) == 2 and w0.fresh_connections(2) and not w0.fresh_connections(3)
+        a = await w0.lease("up", 2, 30.0)
+        b = await w0.lease("up", 2, 30.0)  # the same process takes the second slot
+        assert a is not None and b is not None and a.token != b.token
+        assert await w1.lease("up", 2, 30.0) is None  # both slots held by worker 0
+        assert await w0.leases("up") == 2
+        await w0.unlease(a)
+        c = await w1.lease("up", 2, 30.0)
+        assert c is not None and c.token == a.token
+        await w0.close()  # a worker that goes away frees its slots (as the kernel does)
+        assert await w1.lease("up", 2, 30.0) is not None
+        await w1.close()
+
+    asyncio.run(go())
+
+
 def test_a_spacing_stamp_from_an_earlier_boot_is_ignored(tmp_path: Path) -> None:
     spacing = SharedSpacing(tmp_path)
     assert spacing.space("up/x", 0.5) == 0.0
@@ -325,17 +345,25 @@ def _state(pid: int) -> str:
         return "zombie"
 
 
-def test_check_warns_where_a_split_cannot_be_exact(tmp_path: Path) -> None:
-    cfg = RelayConfig(tmp_path / "relay", workers=2, upstreams={
-        "one": plain_upstream(2600, throttle={"max_connections": 1}),
-        "two": plain_upstream(2601, throttle={"max_connections": 2, "min_interval": "1s"}),
-    }, default_upstream="one").write()
-    out = subprocess.run([sys.executable, "-m", "relay.cli", "check", "-c", str(cfg)],
-                         capture_output=True, text=True, timeout=60)
-    warned = [ln for ln in out.stderr.splitlines() if "workers" in ln]
-    assert len(warned) == 1, out.stderr
-    assert warned[0].startswith(f"warning: {cfg / 'relay.yaml'}:")
-    assert "upstream 'one': max_connections 1 is below workers (2)" in warned[0]
+def test_a_connection_limit_below_the_worker_count_is_exact(tmp_path: Path) -> None:
+    """max_connections 1 with 2 workers cannot be split: the workers share one slot (a
+    locked file), and each delivery gets its own connection, so the customer's server
+    never sees two at once."""
+    with ThreadedSink(script=Script(data_delay=0.15)) as sink:
+        cfg = RelayConfig(tmp_path / "relay", workers=2, orgs=ORGS, default_upstream="plain",
+                          upstreams={"plain": plain_upstream(sink.port, throttle={
+                              "max_connections": 1})}).write()
+        out = subprocess.run([sys.executable, "-m", "relay.cli", "check", "-c", str(cfg)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "workers" not in out.stderr, out.stderr
+        root = cfg / "spool"
+        fill(root, 4)
+        fill(shard_path(root, 1), 4, org="globex")
+        with RelayProcess(cfg) as relay:
+            sink.wait_for(8, 30)
+            assert {m.mail_from.split("@")[1] for m in sink.messages} == {"acme.test", "globex.test"}
+            assert sink.max_concurrent == 1
+            assert relay.stop() == 0
 
 
 def test_killing_a_worker_mid_stream_loses_nothing_acknowledged(tmp_path: Path) -> None:

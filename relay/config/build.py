@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from relay.config.errors import ConfigError
-from relay.config.model import Config, Member, Org, resolve_workers
+from relay.config.model import Config, Member, Org
 from relay.config.schema import OrgConf, RelayConf, UpstreamConf
 from relay.config.secrets import SecretUnavailable, is_reference, resolve_secret
 from relay.config.yamlsrc import Located
@@ -47,8 +47,6 @@ class Builder:
         # Upstream id -> the reference its username came from (a Mailjet API key is half a
         # credential): `relay route` shows the reference, never the resolved value.
         self.username_refs: dict[str, str] = {}
-        self.workers = 1
-        self.limits_backend = "memory"
 
     def err(self, src: Located, path: YPath, message: str) -> None:
         self.errors.append(ConfigError(src.file, src.line_of(path), message))
@@ -135,7 +133,6 @@ class Builder:
                 src, (*path, "verify_tls"), f"upstream '{uid}': TLS certificate verification is OFF"
             )
         t = conf.throttle
-        self._warn_split(uid, t.max_connections, src, (*path, "throttle"))
         return Upstream(
             id=uid,
             host=host,
@@ -161,23 +158,6 @@ class Builder:
             unavailable=unavailable,
         )
 
-    def _warn_split(
-        self, uid: str, max_connections: int | None, src: Located, path: YPath
-    ) -> None:
-        """Several workers with the memory backend split each throttle between them
-        (relay/limits/partition.py); say where that cannot be exact."""
-        n = self.workers
-        if n <= 1 or self.limits_backend != "memory":
-            return
-        if max_connections is not None and max_connections < n:
-            self.warn(
-                src,
-                path,
-                f"upstream '{uid}': max_connections {max_connections} is below workers ({n}):"
-                f" each worker may open one connection, up to {n} at once (use the redis"
-                " limits backend for an exact limit)",
-            )
-
     # -- the whole configuration -------------------------------------------------------
     def build(
         self,
@@ -186,8 +166,6 @@ class Builder:
         orgs: list[tuple[OrgConf, Located]],
         base_dir: Path,
     ) -> Config | None:
-        self.workers = resolve_workers(relay.workers)
-        self.limits_backend = relay.limits.backend
         sources = {n: EgressSource(n, s.address, s.ehlo) for n, s in relay.egress_sources.items()}
         seen_addr: dict[str, str] = {}
         for n, s in relay.egress_sources.items():

@@ -142,6 +142,12 @@ class Store(ABC):
     async def close(self) -> None:
         return None
 
+    def fresh_connections(self, limit: int | None) -> bool:
+        """Must an upstream with this `max_connections` get a new connection per delivery?
+        When its slots are shared with other processes an idle pooled connection would be
+        open without holding one, so together they could exceed the limit."""
+        return self.shared and limit is not None
+
     def local_share(self, limit: int) -> int:
         """How much of a concurrency `limit` this process can ever hold (all of it unless
         the limit is split between worker processes, relay/limits/partition.py)."""
