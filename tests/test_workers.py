@@ -68,6 +68,19 @@ def wait_for(predicate: object, what: str, relay: RelayProcess, timeout: float =
         time.sleep(0.05)
 
 
+def deliver_from_both_shards(cfg: Path, sink: ThreadedSink, n: int) -> None:
+    """Queue `n` messages in each worker's shard (acme in 0, globex in 1), run the relay
+    until the sink has all of them, from both organisations (so both workers delivered),
+    and stop it."""
+    root = cfg / "spool"
+    fill(root, n)
+    fill(shard_path(root, 1), n, org="globex")
+    with RelayProcess(cfg) as relay:
+        sink.wait_for(2 * n, 30)
+        assert {m.mail_from.split("@")[1] for m in sink.messages} == {"acme.test", "globex.test"}
+        assert relay.stop() == 0
+
+
 # -- unit: the split, the merges --------------------------------------------------------------
 
 
@@ -271,17 +284,11 @@ def test_a_minimum_interval_holds_across_workers(tmp_path: Path) -> None:
         cfg = RelayConfig(tmp_path / "relay", workers=2, orgs=ORGS, default_upstream="plain",
                           upstreams={"plain": plain_upstream(sink.port, throttle={
                               "min_interval": "250ms"})}).write()
-        root = cfg / "spool"
-        fill(root, 3)
-        fill(shard_path(root, 1), 3, org="globex")
-        with RelayProcess(cfg) as relay:
-            sink.wait_for(6, 20)
-            assert {m.mail_from.split("@")[1] for m in sink.messages} == {"acme.test", "globex.test"}
-            times = sorted(m.timestamp for m in sink.messages)
-            gaps = [b - a for a, b in itertools.pairwise(times)]
-            # Starts are >= 250 ms apart; arrival times add a few ms of jitter either way.
-            assert min(gaps) >= 0.2, gaps
-            assert relay.stop() == 0
+        deliver_from_both_shards(cfg, sink, 3)
+        times = sorted(m.timestamp for m in sink.messages)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        # Starts are >= 250 ms apart; arrival times add a few ms of jitter either way.
+        assert min(gaps) >= 0.2, gaps
 
 
 def test_fewer_workers_fold_the_surplus_shard_into_shard_zero(tmp_path: Path) -> None:
@@ -356,14 +363,8 @@ def test_a_connection_limit_below_the_worker_count_is_exact(tmp_path: Path) -> N
         out = subprocess.run([sys.executable, "-m", "relay.cli", "check", "-c", str(cfg)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "workers" not in out.stderr, out.stderr
-        root = cfg / "spool"
-        fill(root, 4)
-        fill(shard_path(root, 1), 4, org="globex")
-        with RelayProcess(cfg) as relay:
-            sink.wait_for(8, 30)
-            assert {m.mail_from.split("@")[1] for m in sink.messages} == {"acme.test", "globex.test"}
-            assert sink.max_concurrent == 1
-            assert relay.stop() == 0
+        deliver_from_both_shards(cfg, sink, 4)
+        assert sink.max_concurrent == 1
 
 
 def test_killing_a_worker_mid_stream_loses_nothing_acknowledged(tmp_path: Path) -> None:
@@ -414,12 +415,6 @@ def test_redis_shares_the_connection_limit_between_workers(tmp_path: Path) -> No
                               "max_connections": 2})},
                           limits={"backend": "redis", "redis_url": redis.url,
                                   "node_id": "node-a"}).write()
-        root = cfg / "spool"
-        fill(root, 5)
-        fill(shard_path(root, 1), 5, org="globex")
-        with RelayProcess(cfg) as relay:
-            sink.wait_for(10, 30)
-            assert {m.mail_from.split("@")[1] for m in sink.messages} == {"acme.test", "globex.test"}
-            # Two workers, one limit of 2 in Redis: never more than 2 at once, and both used.
-            assert sink.max_concurrent == 2
-            assert relay.stop() == 0
+        deliver_from_both_shards(cfg, sink, 5)
+        # Two workers, one limit of 2 in Redis: never more than 2 at once, and both used.
+        assert sink.max_concurrent == 2
