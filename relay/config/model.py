@@ -34,7 +34,10 @@ class Org:
 def resolve_workers(value: int | str) -> int:
     """The `workers` setting as a number ("auto": one per CPU this process may use)."""
     if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        try:
+            return max(1, len(os.sched_getaffinity(0)))  # the CPUs we may run on (cgroups)
+        except (AttributeError, OSError):  # not Linux
+            return max(1, os.cpu_count() or 1)
     return int(value)
 
 
