@@ -28,6 +28,8 @@ from typing import Any, AnyStr, Literal
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from relay.model import TlsMode, Upstream
+
 TlsKind = Literal["none", "starttls", "implicit"]
 
 
@@ -480,3 +482,19 @@ class ThreadedSink:
     def drop_connections(self, *, abort: bool = False) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(lambda: self._sink.drop_connections(abort=abort))
+
+
+def loopback_upstream(port: int, **kw: object) -> Upstream:
+    """An Upstream for the delivery tests: "mx.test" (pinned to 127.0.0.1 by their
+    resolver) on `port`, plain, short timeouts; `kw` overrides any field."""
+    values: dict[str, object] = {
+        "id": "up",
+        "host": "mx.test",
+        "port": port,
+        "tls": TlsMode.NONE,
+        "pool": "default",
+        "connect_timeout": 2.0,
+        "command_timeout": 2.0,
+    }
+    values.update(kw)
+    return Upstream(**values)  # type: ignore[arg-type]

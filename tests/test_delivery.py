@@ -25,7 +25,7 @@ from relay.model import (
 )
 from tests.certs import CertAuthority
 from tests.conftest import MakeSink
-from tests.sinks import Script, Sink
+from tests.sinks import Script, Sink, loopback_upstream
 
 SRC2 = EgressSource("edge-2", "127.0.0.2", "egress2.relay.test")
 SRC3 = EgressSource("edge-3", "127.0.0.3", "egress3.relay.test")
@@ -35,17 +35,7 @@ PASSWORD = "s3cr3t-Pa55word"
 
 
 def upstream(sink: Sink, **kw: object) -> Upstream:
-    values: dict[str, object] = {
-        "id": "up",
-        "host": "mx.test",
-        "port": sink.port,
-        "tls": TlsMode.NONE,
-        "pool": "default",
-        "connect_timeout": 2.0,
-        "command_timeout": 2.0,
-    }
-    values.update(kw)
-    return Upstream(**values)  # type: ignore[arg-type]
+    return loopback_upstream(sink.port, **kw)
 
 
 @pytest.fixture

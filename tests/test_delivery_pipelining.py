@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from relay.delivery import Deliverer, DnsResolver
-from relay.model import EgressSource, Outcome, TlsMode, Upstream
+from relay.model import EgressSource, Outcome
+from tests.sinks import loopback_upstream
 
 SRC = EgressSource("edge-2", "127.0.0.2", "egress2.relay.test")
 MSG = b"Subject: hello\r\n\r\n.leading dot\r\nHello.\r\n"
@@ -131,18 +132,6 @@ class GroupServer:
         return self.rcpt.get(address, b"250 2.1.5 OK\r\n")
 
 
-def upstream(port: int, **kw: object) -> Upstream:
-    values: dict[str, object] = {
-        "id": "up",
-        "host": "mx.test",
-        "port": port,
-        "tls": TlsMode.NONE,
-        "pool": "default",
-        "connect_timeout": 2.0,
-        "command_timeout": 2.0,
-    }
-    values.update(kw)
-    return Upstream(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -155,7 +144,7 @@ async def deliverer() -> AsyncIterator[Deliverer]:
 async def test_pipelined_group_with_one_recipient_refused(deliverer: Deliverer) -> None:
     async with GroupServer(rcpt={"b@x.test": b"550 5.1.1 <b@x.test>: no such user\r\n"}) as srv:
         results = await deliverer.deliver(
-            upstream(srv.port), SRC, "s@saas.test", ["a@x.test", "b@x.test", "c@x.test"], MSG
+            loopback_upstream(srv.port), SRC, "s@saas.test", ["a@x.test", "b@x.test", "c@x.test"], MSG
         )
         assert [(r.recipient, r.outcome) for r in results] == [
             ("a@x.test", Outcome.DELIVERED),
@@ -169,7 +158,7 @@ async def test_pipelined_group_with_one_recipient_refused(deliverer: Deliverer) 
         assert srv.bodies == [b"Subject: hello\r\n\r\n..leading dot\r\nHello.\r\n.\r\n"]
 
         # The session completed its transaction: reused without RSET, again pipelined.
-        [again] = await deliverer.deliver(upstream(srv.port), SRC, "s@saas.test", ["d@x.test"], MSG)
+        [again] = await deliverer.deliver(loopback_upstream(srv.port), SRC, "s@saas.test", ["d@x.test"], MSG)
         assert again.outcome is Outcome.DELIVERED
         assert srv.connections == 1
         assert srv.commands[5:] == [b"MAIL", b"RCPT", b"DATA"]
@@ -184,7 +173,7 @@ async def test_every_recipient_refused_sends_no_body_and_resets_before_reuse(
     }
     async with GroupServer(rcpt=refusals) as srv:
         results = await deliverer.deliver(
-            upstream(srv.port), SRC, "s@saas.test", ["a@x.test", "b@x.test"], MSG
+            loopback_upstream(srv.port), SRC, "s@saas.test", ["a@x.test", "b@x.test"], MSG
         )
         assert [(r.outcome, str(r.reply)) for r in results] == [
             (Outcome.BOUNCED, "550 5.1.1 no such user"),
@@ -194,7 +183,7 @@ async def test_every_recipient_refused_sends_no_body_and_resets_before_reuse(
         assert srv.commands == [b"MAIL", b"RCPT", b"RCPT", b"DATA"]
         assert srv.bodies == []
 
-        [ok] = await deliverer.deliver(upstream(srv.port), SRC, "s@saas.test", ["c@x.test"], MSG)
+        [ok] = await deliverer.deliver(loopback_upstream(srv.port), SRC, "s@saas.test", ["c@x.test"], MSG)
         assert ok.outcome is Outcome.DELIVERED
         # The same connection, reset first: the server still held the sender from before.
         assert srv.connections == 1
@@ -208,13 +197,13 @@ async def test_a_354_without_valid_recipients_gets_no_body_but_a_closed_connecti
     async with GroupServer(rcpt={"a@x.test": b"550 5.1.1 no such user\r\n"}) as srv:
         srv.data_anyway = True
         [result] = await deliverer.deliver(
-            upstream(srv.port), SRC, "s@saas.test", ["a@x.test"], MSG
+            loopback_upstream(srv.port), SRC, "s@saas.test", ["a@x.test"], MSG
         )
         assert (result.outcome, str(result.reply)) == (Outcome.BOUNCED, "550 5.1.1 no such user")
         # The server waits for a body; a lone "." would deliver an empty message, so the
         # connection is closed instead, which aborts the transaction (RFC 5321 § 4.1.1.4).
         assert deliverer.pool.idle_count() == 0
-        [ok] = await deliverer.deliver(upstream(srv.port), SRC, "s@saas.test", ["b@x.test"], MSG)
+        [ok] = await deliverer.deliver(loopback_upstream(srv.port), SRC, "s@saas.test", ["b@x.test"], MSG)
         assert ok.outcome is Outcome.DELIVERED
         assert srv.connections == 2
         assert len(srv.bodies) == 1
@@ -223,7 +212,7 @@ async def test_a_354_without_valid_recipients_gets_no_body_but_a_closed_connecti
 async def test_refused_sender_in_a_pipelined_group(deliverer: Deliverer) -> None:
     async with GroupServer(mail=b"553 5.7.1 sender rejected\r\n") as srv:
         results = await deliverer.deliver(
-            upstream(srv.port), SRC, "s@saas.test", ["a@x.test", "b@x.test"], MSG
+            loopback_upstream(srv.port), SRC, "s@saas.test", ["a@x.test", "b@x.test"], MSG
         )
         assert [(r.outcome, str(r.reply)) for r in results] == [
             (Outcome.BOUNCED, "553 5.7.1 sender rejected")
@@ -232,7 +221,7 @@ async def test_refused_sender_in_a_pipelined_group(deliverer: Deliverer) -> None
         # Every reply of the group was read (the RCPTs' and DATA's 503s), so the session
         # is in step: a NOOP-free reuse starts with RSET and gets its own replies.
         srv.mail = b"250 2.1.0 OK\r\n"
-        [ok] = await deliverer.deliver(upstream(srv.port), SRC, "s@saas.test", ["c@x.test"], MSG)
+        [ok] = await deliverer.deliver(loopback_upstream(srv.port), SRC, "s@saas.test", ["c@x.test"], MSG)
         assert ok.outcome is Outcome.DELIVERED
         assert srv.connections == 1
         assert srv.commands[-4:] == [b"RSET", b"MAIL", b"RCPT", b"DATA"]
@@ -243,7 +232,7 @@ async def test_server_without_pipelining_gets_lock_step(deliverer: Deliverer) ->
         pipelining=False, rcpt={"b@x.test": b"550 5.1.1 no such user\r\n"}
     ) as srv:
         results = await deliverer.deliver(
-            upstream(srv.port), SRC, "s@saas.test", ["a@x.test", "b@x.test"], MSG
+            loopback_upstream(srv.port), SRC, "s@saas.test", ["a@x.test", "b@x.test"], MSG
         )
         assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.BOUNCED]
         assert srv.commands == [b"MAIL", b"RCPT", b"RCPT", b"DATA"]
@@ -252,7 +241,7 @@ async def test_server_without_pipelining_gets_lock_step(deliverer: Deliverer) ->
         assert len(srv.bodies) == 1
 
         # Every recipient refused, lock-step: DATA is never sent at all.
-        [gone] = await deliverer.deliver(upstream(srv.port), SRC, "s@saas.test", ["b@x.test"], MSG)
+        [gone] = await deliverer.deliver(loopback_upstream(srv.port), SRC, "s@saas.test", ["b@x.test"], MSG)
         assert gone.outcome is Outcome.BOUNCED
         assert srv.commands[4:] == [b"MAIL", b"RCPT"]
         assert max(srv.lines_per_read) == 1
@@ -261,7 +250,7 @@ async def test_server_without_pipelining_gets_lock_step(deliverer: Deliverer) ->
 async def test_server_hanging_up_mid_pipeline_defers_everything(deliverer: Deliverer) -> None:
     async with GroupServer(hangup_after_mail=True) as srv:
         results = await deliverer.deliver(
-            upstream(srv.port), SRC, "s@saas.test", ["a@x.test", "b@x.test"], MSG
+            loopback_upstream(srv.port), SRC, "s@saas.test", ["a@x.test", "b@x.test"], MSG
         )
         for r in results:
             assert r.outcome is Outcome.DEFERRED
@@ -275,13 +264,13 @@ async def test_reused_session_that_hangs_up_at_mail_reconnects_pipelined(
     deliverer: Deliverer,
 ) -> None:
     async with GroupServer() as srv:
-        [first] = await deliverer.deliver(upstream(srv.port), SRC, "s@saas.test", ["a@x.test"], MSG)
+        [first] = await deliverer.deliver(loopback_upstream(srv.port), SRC, "s@saas.test", ["a@x.test"], MSG)
         assert first.outcome is Outcome.DELIVERED
         assert deliverer.pool.idle_count() == 1
         srv.hangup_after_mail = True
         srv.mail = b"421 4.4.2 idle too long, closing\r\n"
         [second] = await deliverer.deliver(
-            upstream(srv.port), SRC, "s@saas.test", ["b@x.test"], MSG
+            loopback_upstream(srv.port), SRC, "s@saas.test", ["b@x.test"], MSG
         )
         # The pooled session's group met a 421 at MAIL: nothing was accepted there, so the
         # delivery moved to a fresh connection, whose own 421 is a throttle (RFC 5321 § 3.8).

@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -418,3 +419,17 @@ def test_redis_shares_the_connection_limit_between_workers(tmp_path: Path) -> No
         deliver_from_both_shards(cfg, sink, 5)
         # Two workers, one limit of 2 in Redis: never more than 2 at once, and both used.
         assert sink.max_concurrent == 2
+
+
+def test_the_supervisor_api_serves_every_route_of_the_worker_api() -> None:
+    """The supervisor's front (fanout.py) and a worker's API (admin.py) list their routes
+    separately: a route added to one only would answer 404 with workers > 1."""
+    from relay.admin import AdminApi
+    from relay.fanout import Fanout, FanoutApi
+
+    def routes(app: Any) -> set[tuple[str, str]]:
+        return {(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
+
+    worker = AdminApi(None, None).app()  # type: ignore[arg-type]
+    front = FanoutApi(Fanout([]), listeners=dict, on_reloaded=lambda: None).app()
+    assert routes(front) == routes(worker)
