@@ -28,7 +28,7 @@ from typing import Any, AnyStr, Literal
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relay.model import TlsMode, Upstream
+from relay.core.model import TlsMode, Upstream
 
 TlsKind = Literal["none", "starttls", "implicit"]
 

@@ -206,7 +206,7 @@ def test_test_upstream_over_the_api(relay: tuple[RelayProcess, str, RelayConfig]
 def test_openapi_documents_every_route() -> None:
     import yaml
 
-    from relay.admin import AdminApi
+    from relay.ops.admin import AdminApi
 
     doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml").read_text())
     app = AdminApi(None, None).app()  # type: ignore[arg-type]  # routes only, no requests

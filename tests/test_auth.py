@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.auth import (
+from relay.smtp.users import (
     HashFormatError,
     UsersFileError,
     hash_password,

@@ -340,7 +340,7 @@ def test_egress_ips_unknown_pool_fails() -> None:
 
 
 def test_hash_password_reads_stdin_and_prints_a_verifiable_hash() -> None:
-    from relay.auth import verify_password
+    from relay.smtp.users import verify_password
 
     proc = subprocess.run(
         [sys.executable, "-m", "relay.cli", "hash-password"],

@@ -18,7 +18,7 @@ from relay.config.load import effective
 from relay.config.secrets import SecretUnavailable, resolve_secret
 from relay.config.units import parse_duration, parse_size
 from relay.config.yamlsrc import load_yaml
-from relay.model import Secret, TlsMode
+from relay.core.model import Secret, TlsMode
 
 REPO = Path(__file__).resolve().parent.parent
 # Every secret the examples reference, with values that must never be printed.

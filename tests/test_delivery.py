@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from relay.delivery import Deliverer, DnsResolver
-from relay.errors import PermanentError
-from relay.model import (
+from relay.core.errors import PermanentError
+from relay.core.model import (
     EgressSource,
     Outcome,
     Secret,
@@ -23,6 +22,7 @@ from relay.model import (
     TlsMode,
     Upstream,
 )
+from relay.delivery import Deliverer, DnsResolver
 from tests.certs import CertAuthority
 from tests.conftest import MakeSink
 from tests.sinks import Script, Sink, loopback_upstream

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay.core.model import Outcome, Reply
 from relay.delivery import outcome
-from relay.model import Outcome, Reply
 
 
 @pytest.mark.parametrize(

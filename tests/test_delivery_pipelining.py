@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from relay.core.model import EgressSource, Outcome
 from relay.delivery import Deliverer, DnsResolver
-from relay.model import EgressSource, Outcome
 from tests.sinks import loopback_upstream
 
 SRC = EgressSource("edge-2", "127.0.0.2", "egress2.relay.test")

@@ -12,7 +12,7 @@ import pytest
 
 from relay.config import load_config
 from relay.config.model import Config
-from relay.domaincheck import (
+from relay.ops.domaincheck import (
     MISSING,
     OK,
     WRONG,

@@ -10,8 +10,8 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
-from relay.delivery import build_dsn, should_send_dsn
-from relay.model import Reply
+from relay.bounce.dsn import build_dsn, should_send_dsn
+from relay.core.model import Reply
 
 ARRIVAL = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 NOW = ARRIVAL + 3600

@@ -16,12 +16,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.bounce.dsn import build_dsn
 from relay.config import ConfigErrors, load_config
 from relay.config.yamlsrc import load_yaml
+from relay.core.message import header_end, header_values, remove_headers
+from relay.core.model import Outcome, Reply
 from relay.delivery import outcome
-from relay.delivery.dsn import build_dsn
-from relay.message import header_end, header_values, remove_headers
-from relay.model import Outcome, Reply
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay.auth import hash_password
-from relay.penalty import PenaltyBox
+from relay.smtp.penalty import PenaltyBox
+from relay.smtp.users import hash_password
 from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import ThreadedSink
 

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from relay.config import load_config
-from relay.errors import PolicyError
+from relay.core.errors import PolicyError
+from relay.core.model import Envelope
 from relay.events import MailLog
 from relay.intake import Intake
-from relay.listener import SessionInfo
-from relay.model import Envelope
+from relay.smtp.server import SessionInfo
 from relay.spool import Spool
 from tests.relayproc import RelayConfig
 

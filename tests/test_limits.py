@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from relay.config.schema import LimitsConf
-from relay.errors import RateLimited
+from relay.core.errors import RateLimited
+from relay.core.model import Throttle, TlsMode, Upstream
 from relay.events import Metrics
 from relay.limits import (
     Failover,
@@ -32,7 +33,6 @@ from relay.limits import (
     UpstreamGate,
     Window,
 )
-from relay.model import Throttle, TlsMode, Upstream
 from relay.policy import AppliedLimit
 from tests.redisproc import RedisServer
 from tests.relayproc import RelayConfig

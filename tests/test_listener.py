@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import trustme
 
-from relay.auth import Users, hash_password
-from relay.errors import AccessDenied, PermanentError, RateLimited, RelayError, SpoolError
-from relay.listener import Listener, ListenerSettings, SessionInfo
-from relay.model import Envelope, TlsMode
+from relay.core.errors import AccessDenied, PermanentError, RateLimited, RelayError, SpoolError
+from relay.core.model import Envelope, TlsMode
+from relay.smtp.server import Listener, ListenerSettings, SessionInfo
+from relay.smtp.users import Users, hash_password
 
 REPLY_TIMEOUT = 5.0
 ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")

@@ -6,14 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.addresses import (
+from relay.core.errors import to_reply
+from relay.smtp.addresses import (
     AddressError,
     AddressSyntaxError,
     parse_mailbox,
     parse_params,
     split_path,
 )
-from relay.errors import to_reply
 
 
 @pytest.mark.parametrize(

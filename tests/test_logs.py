@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.logsetup import REDACTED, JsonFormatter, Redactor, TextFormatter
+from relay.runtime.logsetup import REDACTED, JsonFormatter, Redactor, TextFormatter
 from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import ThreadedSink
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from relay.core.model import EgressSource, Secret, TlsMode, Upstream
 from relay.delivery import DnsResolver
-from relay.model import EgressSource, Secret, TlsMode, Upstream
-from relay.probe import ProbeReport, Step, probe
+from relay.ops.probe import ProbeReport, Step, probe
 from tests.certs import CertAuthority
 from tests.conftest import MakeSink
 from tests.sinks import Script

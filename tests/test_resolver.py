@@ -17,8 +17,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from relay.core.errors import PermanentError, TemporaryError
 from relay.delivery import DnsResolver
-from relay.errors import PermanentError, TemporaryError
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.retry import RetryPolicy
+from relay.scheduler.retry import RetryPolicy
 
 schedules = st.lists(st.floats(min_value=0.5, max_value=86400), min_size=1, max_size=8).map(tuple)
 

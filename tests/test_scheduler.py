@@ -272,7 +272,7 @@ async def test_recover_resumes_what_the_spool_holds(
 async def test_bulk_queue_action_covers_every_match_not_one_listing_page(
     make_sink: Any, rig_factory: Any
 ) -> None:
-    from relay.queueops import Filters, QueueOps
+    from relay.ops.queueops import Filters, QueueOps
 
     sink = await make_sink()
     rig = await rig_factory({"up": plain(sink)}, default_upstream="up", start=False)
@@ -422,7 +422,7 @@ async def test_new_mail_displaces_messages_waiting_for_a_later_retry(
 async def test_operator_retry_and_release_reach_messages_not_in_memory(
     make_sink: Any, rig_factory: Any
 ) -> None:
-    from relay.queueops import Filters, QueueOps
+    from relay.ops.queueops import Filters, QueueOps
 
     sink = await make_sink()
     rig = await rig_factory({"up": plain(sink)}, default_upstream="up", start=False, max_entries=5)
@@ -457,7 +457,7 @@ async def test_operator_retry_and_release_reach_messages_not_in_memory(
 
 
 async def test_bounce_of_a_message_not_in_memory(make_sink: Any, rig_factory: Any) -> None:
-    from relay.queueops import QueueOps
+    from relay.ops.queueops import QueueOps
 
     sink = await make_sink()
     rig = await rig_factory({"up": plain(sink)}, default_upstream="up", start=False, max_entries=2)

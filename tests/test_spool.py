@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.errors import SpoolError, to_reply
+from relay.core.errors import SpoolError, to_reply
 from relay.spool import (
     RcptStatus,
     RecipientUpdate,

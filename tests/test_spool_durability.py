@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.errors import SpoolError, to_reply
+from relay.core.errors import SpoolError, to_reply
 from relay.spool import RcptStatus, Spool
 
 BODY = b"Subject: durable\r\n\r\n" + b"x" * 5000 + b"\r\n"

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from relay.fanout import merge_metrics, merge_summaries
 from relay.limits.partition import Partition, PartitionedStore, SharedSpacing, part
 from relay.limits.store import Window
+from relay.runtime.fanout import merge_metrics, merge_summaries
 from relay.spool import Spool
 from relay.spool.shards import merge_shard, shard_path, surplus_shards
 from tests.adminapi import ENV, admin_url, http, relay_with_admin
@@ -424,8 +424,8 @@ def test_redis_shares_the_connection_limit_between_workers(tmp_path: Path) -> No
 def test_the_supervisor_api_serves_every_route_of_the_worker_api() -> None:
     """The supervisor's front (fanout.py) and a worker's API (admin.py) list their routes
     separately: a route added to one only would answer 404 with workers > 1."""
-    from relay.admin import AdminApi
-    from relay.fanout import Fanout, FanoutApi
+    from relay.ops.admin import AdminApi
+    from relay.runtime.fanout import Fanout, FanoutApi
 
     def routes(app: Any) -> set[tuple[str, str]]:
         return {(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}

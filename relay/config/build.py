@@ -16,7 +16,7 @@ from relay.config.schema import OrgConf, RelayConf, UpstreamConf
 from relay.config.secrets import SecretUnavailable, is_reference, resolve_secret
 from relay.config.yamlsrc import Located
 from relay.config.yamlsrc import Path as YPath
-from relay.model import EgressPool, EgressSource, Secret, Throttle, TlsMode, Upstream
+from relay.core.model import EgressPool, EgressSource, Secret, Throttle, TlsMode, Upstream
 
 # Built-in presets (DESIGN.md): always defined, so a config only has to add credentials.
 PRESETS: dict[str, dict[str, object]] = {

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.config.schema import RateConf, RelayConf
-from relay.model import EgressPool, EgressSource, Upstream
+from relay.core.model import EgressPool, EgressSource, Upstream
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from relay.model import Secret
+from relay.core.model import Secret
 
 SECRET_PREFIXES = ("env:", "file:", "credential:")
 

@@ -20,11 +20,11 @@ from typing import cast
 
 import aiosmtplib
 
+from relay.core.errors import RelayError
+from relay.core.model import EgressSource, Reply, TlsMode, Upstream
 from relay.delivery import outcome
 from relay.delivery.channel import BadReply, Channel
 from relay.delivery.resolver import Resolver
-from relay.errors import RelayError
-from relay.model import EgressSource, Reply, TlsMode, Upstream
 
 PoolKey = tuple[str, int, str, str, str]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from relay.core.model import EgressSource, Outcome, RecipientResult, Reply, Upstream
 from relay.delivery import outcome
 from relay.delivery.channel import BadReply, Channel, wire_body
 from relay.delivery.connection import (
@@ -22,7 +23,6 @@ from relay.delivery.connection import (
 )
 from relay.delivery.pool import Pool
 from relay.delivery.resolver import Resolver
-from relay.model import EgressSource, Outcome, RecipientResult, Reply, Upstream
 
 # RFC 5321 § 4.5.3.2.6: wait at least 10 minutes for the reply to the final "." of DATA
 # (the server may be scanning or relaying the message before it answers).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from relay.model import Outcome, Reply
+from relay.core.model import Outcome, Reply
 
 # RFC 3463 § 2: class.subject.detail; the class must agree with the reply code's first
 # digit (RFC 2034 § 4), otherwise the token is just text.

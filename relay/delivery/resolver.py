@@ -18,7 +18,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from relay.errors import PermanentError, TemporaryError
+from relay.core.errors import PermanentError, TemporaryError
 
 _LOCALHOST: dict[int, list[str]] = {socket.AF_INET: ["127.0.0.1"], socket.AF_INET6: ["::1"]}
 

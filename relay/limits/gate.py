@@ -30,10 +30,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from relay.core.model import Upstream
 from relay.events import Metrics
 from relay.limits.failover import BACKEND_ERRORS, BackendUnavailable
 from relay.limits.store import Lease, Store, Window
-from relay.model import Upstream
 
 log = logging.getLogger("relay.limits")
 

@@ -14,7 +14,7 @@ import logging
 import math
 from collections import Counter
 
-from relay.errors import RateLimited
+from relay.core.errors import RateLimited
 from relay.events import Metrics
 from relay.limits.failover import BACKEND_ERRORS, BackendUnavailable
 from relay.limits.store import Store, Window

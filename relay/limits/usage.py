@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from relay.config.schema import LimitsConf
+from relay.core.model import Upstream
 from relay.limits.failover import BACKEND_ERRORS
 from relay.limits.gate import quota_windows
 from relay.limits.intake import intake_windows
 from relay.limits.redis_store import RedisStore
-from relay.model import Upstream
 from relay.policy import AppliedLimit
 
 MEMORY_NOTE = (

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay.config.model import Config
-from relay.model import EgressPool, Upstream
+from relay.core.model import EgressPool, Upstream
 from relay.policy.attribution import Attribution
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.errors import SpoolError
+from relay.core.errors import SpoolError
 from relay.spool import recovery
 from relay.spool.queue_id import new_queue_id
 from relay.spool.recovery import DueBatch

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from relay.errors import SpoolError
+from relay.core.errors import SpoolError
 
 log = logging.getLogger("relay.spool")
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from relay.message import header_end
+from relay.core.message import header_end
 from relay.scheduler import ACTIVE, READY, WAITING, Scheduler
 from relay.spool import Spool, SpoolMessage
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from relay.config.model import Config
-from relay.model import EgressSource
+from relay.core.model import EgressSource
 
 
 def sources_in(config: Config, pool: str | None = None) -> list[EgressSource]:

@@ -27,6 +27,8 @@ from typing import Any, NoReturn
 import aiosmtplib
 
 from relay.config.model import Config
+from relay.core.errors import RelayError
+from relay.core.model import EgressSource, Reply, TlsMode, Upstream
 from relay.delivery.connection import (
     MAX_ADDRESSES_TRIED,
     TlsContexts,
@@ -37,8 +39,6 @@ from relay.delivery.connection import (
 )
 from relay.delivery.outcome import parse_reply
 from relay.delivery.resolver import Resolver
-from relay.errors import RelayError
-from relay.model import EgressSource, Reply, TlsMode, Upstream
 
 log = logging.getLogger("relay.probe")
 

@@ -21,9 +21,9 @@ import dns.exception
 import dns.resolver
 
 from relay.config.model import Config
-from relay.egress import sources_in
-from relay.model import EgressPool, Upstream
+from relay.core.model import EgressPool, Upstream
 from relay.policy import Attribution, route
+from relay.policy.egress import sources_in
 
 SENDGRID_SPF = "include:sendgrid.net"
 MAILJET_SPF = "include:spf.mailjet.com"

@@ -18,7 +18,7 @@ import ipaddress
 import re
 import unicodedata
 
-from relay.errors import PermanentError
+from relay.core.errors import PermanentError
 
 __all__ = [
     "AddressError",

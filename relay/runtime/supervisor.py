@@ -37,11 +37,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relay.app import admin_token, listener_settings, sd_notify
 from relay.config import ConfigErrors, load_config
 from relay.config.model import Config
-from relay.errors import SpoolError
-from relay.fanout import Fanout, FanoutApi, FanoutServer
+from relay.core.errors import SpoolError
+from relay.runtime.fanout import Fanout, FanoutApi, FanoutServer
+from relay.runtime.settings import admin_token, listener_settings
+from relay.runtime.systemd import sd_notify
 from relay.spool.shards import fold_surplus
 from relay.spool.store import lock_file
 

@@ -32,11 +32,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from relay.bounce.dsn import build_dsn, should_send_dsn
 from relay.config.model import Config
-from relay.delivery.dsn import build_dsn, should_send_dsn
-from relay.events import MailLog
-from relay.message import header_end
-from relay.model import (
+from relay.core.message import header_end
+from relay.core.model import (
     Disposition,
     EgressPool,
     EgressSource,
@@ -45,8 +44,9 @@ from relay.model import (
     Reply,
     Upstream,
 )
+from relay.events import MailLog
 from relay.policy import Attribution, route
-from relay.retry import RetryPolicy
+from relay.scheduler.retry import RetryPolicy
 from relay.spool import RcptStatus, RecipientUpdate, Spool, SpoolMessage
 
 log = logging.getLogger("relay.scheduler")

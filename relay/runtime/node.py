@@ -1,102 +1,36 @@
-"""Composition root: config → objects, the event loop, signals, reload and graceful drain.
+"""One relay node, the composition root: config → objects (spool, limits, deliverer,
+scheduler, intake, listeners, admin API), reload and graceful stop.
 
-`relay serve` runs `serve()`. Every other module receives its collaborators here; nothing
-else reaches for global state.
+A node is the only process (`workers: 1`) or one of the supervisor's workers (then with a
+`WorkerSlot`: its spool shard, inherited sockets, private admin socket). Every other module
+receives its collaborators here; nothing else reaches for global state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import socket
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from relay.auth import Users
-from relay.auth import load_users as read_users
 from relay.config import ConfigErrors, load_config
 from relay.config.model import Config
-from relay.config.secrets import SecretUnavailable, resolve_secret
 from relay.delivery import Deliverer, DnsResolver
-from relay.errors import SpoolError
 from relay.events import MailLog, Metrics
 from relay.intake import Intake
 from relay.limits import Limits
 from relay.limits.partition import Partition
-from relay.listener import Listener, ListenerSettings
-from relay.logsetup import configure as configure_logging
-from relay.logsetup import remember_config_secrets
-from relay.model import TlsMode
-from relay.penalty import PenaltyBox
+from relay.ops.admin import AdminServer
+from relay.runtime.logsetup import remember_config_secrets
+from relay.runtime.settings import admin_token, listener_settings, load_users, mail_log_path
+from relay.runtime.slot import WorkerSlot
+from relay.runtime.systemd import sd_notify
 from relay.scheduler import Scheduler
+from relay.smtp.penalty import PenaltyBox
+from relay.smtp.server import Listener
 from relay.spool import Spool
-from relay.spool.shards import fold_surplus, shard_path
-from relay.worker import WorkerSlot
-
-if TYPE_CHECKING:
-    from relay.admin import AdminServer
+from relay.spool.shards import shard_path
 
 log = logging.getLogger("relay")
-
-
-def listener_settings(config: Config) -> list[ListenerSettings]:
-    out = []
-    for lc in config.relay.listeners:
-        def path(p: str | None) -> str | None:
-            return None if p is None else str(p if Path(p).is_absolute() else config.base_dir / p)
-
-        out.append(ListenerSettings(
-            name=lc.name, address=lc.address, port=lc.port, tls=TlsMode(lc.tls),
-            cert_file=path(lc.cert_file), key_file=path(lc.key_file), hostname=config.hostname,
-            require_tls=lc.require_tls, require_auth=lc.require_auth,
-            max_message_size=lc.max_message_size, max_recipients=lc.max_recipients,
-            idle_timeout=lc.idle_timeout, session_timeout=lc.session_timeout, max_errors=lc.max_errors,
-        ))
-    return out
-
-
-def load_users(config: Config) -> Users | None:
-    f = config.relay.clients.users_file
-    if not f:
-        return None
-    p = Path(f)
-    return read_users(p if p.is_absolute() else config.base_dir / p)
-
-
-def mail_log_path(config: Config) -> str:
-    target = config.relay.log.mail_log
-    if target == "-" or Path(target).is_absolute():
-        return target
-    return str(config.base_dir / target)
-
-
-def admin_token(config: Config) -> str | None:
-    """The admin API token, re-read from its reference (None: open endpoints only)."""
-    ref = config.relay.admin.token
-    if not ref:
-        return None
-    try:
-        return resolve_secret(ref, base_dir=config.base_dir).reveal()
-    except SecretUnavailable:
-        return None  # `relay check` warned; the API then fails closed (403)
-
-
-def sd_notify(message: str) -> None:
-    """systemd readiness protocol (sd_notify(3)) without libsystemd: one datagram."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-    except OSError as exc:
-        log.warning("sd_notify failed: %s", exc)
 
 
 class Relay:
@@ -155,10 +89,12 @@ class Relay:
         # Minimum intervals are shared through files next to the shards (partition.py).
         return Partition(self.slot.index, self.slot.count, self.config.spool_path / "limits")
 
+    def listening(self) -> dict[str, int]:
+        """Listener name -> bound port (the admin API's /readyz)."""
+        return {lst.settings.name: lst.port for lst in self.listeners}
+
     async def _start_admin(self, cfg: Config) -> None:
         a = cfg.relay.admin
-        from relay.admin import AdminServer
-
         if self.slot is not None:
             # A worker's API is for its supervisor only, which serves the real one.
             if self.slot.admin_socket:
@@ -230,58 +166,3 @@ class Relay:
         self.events.close()
 
 
-async def run(location: str | None, slot: WorkerSlot | None = None) -> int:
-    try:
-        config = load_config(location)
-    except ConfigErrors as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
-        return 2
-    # One JSON object per line (or text), AUTH arguments and known secrets redacted.
-    configure_logging(config.relay.log.level, config.relay.log.format)
-    remember_config_secrets(config, [t for t in [admin_token(config)] if t])
-    if slot is None:
-        for w in config.warnings:  # a worker's supervisor has said them already
-            log.warning("%s", w)
-        if config.workers > 1:
-            from relay.supervisor import supervise
-
-            return await supervise(config, location)
-        try:  # the last run had more workers: their shards' mail is ours now
-            await asyncio.to_thread(fold_surplus, config.spool_path, 1)
-        except (OSError, SpoolError) as exc:
-            log.error("cannot start: %s", getattr(exc, "reason", exc))
-            return 1
-    relay = Relay(config, location, slot)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    reloads: set[asyncio.Task[bool]] = set()
-
-    def on_hup() -> None:
-        t = loop.create_task(relay.reload())
-        reloads.add(t)
-        t.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    try:
-        await relay.start()
-    except SpoolError as exc:
-        # e.g. a read-only or missing spool: never listen without a place to keep mail.
-        log.error("cannot start: %s", exc.reason)
-        return 1
-    await stop.wait()
-    log.info("stopping: no new connections, finishing transactions in progress")
-    await relay.stop()
-    log.info("stopped")
-    return 0
-
-
-def serve(location: str | None, slot: WorkerSlot | None = None) -> int:
-    try:
-        import uvloop
-
-        return uvloop.run(run(location, slot))
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(run(location, slot))

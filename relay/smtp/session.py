@@ -1,7 +1,7 @@
-"""The SMTP listener: our own asyncio.Protocol server, turning client sessions into typed
-Intake calls.
+"""One SMTP session of our own asyncio.Protocol server, turning a client's commands into
+typed Intake calls.
 
-Each connection is one `_SmtpSession`, a state machine driven by `data_received`: complete
+Each connection is one `SmtpSession`, a state machine driven by `data_received`: complete
 CRLF lines are cut out of one input buffer and dispatched synchronously (a dict of command
 handlers); the session only goes async where it must wait for someone else — the spool's
 fsync behind `Intake.submit`, the password hash behind `Intake.authenticate`, and the TLS
@@ -46,39 +46,39 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import email.utils
-import ipaddress
-import logging
 import socket
 import ssl
-import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, cast
 
-from relay.addresses import AddressSyntaxError, parse_mailbox, parse_params, split_path
-from relay.errors import PermanentError, RelayError, to_reply
-from relay.model import Envelope, TlsMode
-
-__all__ = ["Intake", "Listener", "ListenerSettings", "SessionInfo"]
-
-# Replies we send from more than one place. RFC 5321 § 4.2 codes, RFC 3463 enhanced codes.
-R_SHUTDOWN = "421 4.3.2 Service shutting down, closing connection"
-R_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
-R_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
-R_TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many authentication failures, closing connection"
-R_TOO_MANY_UNKNOWN = "421 4.7.0 Too many unrecognized commands, closing connection"
-R_NEED_HELO = "503 5.5.1 Error: send HELO/EHLO first"
-R_LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
-R_COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
-R_BAD_SYNTAX = "500 5.5.2 Error: bad syntax"
-R_UNKNOWN_COMMAND = "500 5.5.1 Error: command not recognized"  # never echoed: it may hold a CR
-R_NEED_STARTTLS = "530 5.7.0 Must issue a STARTTLS command first"
-R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-# 5.6.0 ("other media error", RFC 3463 § 3.7): a registered code for a content format we
-# refuse; see the module docstring for why bare CR/LF is refused at all.
-R_BARE_NEWLINE = "554 5.6.0 Bare CR or LF in message not accepted (RFC 5321 section 2.3.8)"
+from relay.core.errors import PermanentError, RelayError, to_reply
+from relay.core.model import Envelope, TlsMode
+from relay.smtp.addresses import parse_mailbox, parse_params, split_path
+from relay.smtp.bodycheck import body_problem
+from relay.smtp.interfaces import ConnectionObserver, Intake, SessionInfo, SessionOwner, is_observer
+from relay.smtp.received import received_header
+from relay.smtp.replies import (
+    R_BAD_SYNTAX,
+    R_COMMAND_TOO_LONG,
+    R_LINE_TOO_LONG,
+    R_NEED_HELO,
+    R_NEED_STARTTLS,
+    R_SHUTDOWN,
+    R_TIMEOUT,
+    R_TOO_BIG,
+    R_TOO_MANY_AUTH_FAILURES,
+    R_TOO_MANY_ERRORS,
+    R_TOO_MANY_UNKNOWN,
+    R_UNKNOWN_COMMAND,
+)
+from relay.smtp.syntax import (
+    b64decode,
+    decode_plain,
+    mail_params,
+    peer_address,
+    strip_keyword,
+    valid_helo,
+)
 
 # Unrecognised commands before the session ends (aiosmtpd's BOGUS_LIMIT, kept).
 _MAX_UNKNOWN_COMMANDS = 5
@@ -87,291 +87,20 @@ _ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
 # MAIL may carry SIZE (+26, RFC 1870 § 3) and SMTPUTF8 (+10, RFC 6531 § 3.4) after EHLO.
 _MAIL_EXTRA_LENGTH = 26 + 10
 # Seconds a closing connection may take to flush its goodbye before it is aborted.
-_CLOSE_FLUSH_TIMEOUT = 5.0
+CLOSE_FLUSH_TIMEOUT = 5.0
 # The end of DATA (RFC 5321 § 4.1.1.4); the body buffer starts with the DATA line's CRLF.
 _END_OF_DATA = b"\r\n.\r\n"
-# Line-length checks split the body in windows of about this size (bounded extra memory).
-_SPLIT_WINDOW = 1 << 18
 
 # Session states: what the next complete line is.
 _COMMAND, _DATA, _SASL = 0, 1, 2
 
 
-@dataclass(frozen=True, slots=True)
-class SessionInfo:
-    """What the intake may know about the client when it decides."""
-
-    peer_ip: str
-    peer_port: int
-    helo: str
-    tls: bool
-    user: str | None  # authenticated identity
-
-
-class Intake(Protocol):
-    """The policy+spool side of the listener. Raise a RelayError to refuse.
-
-    `authenticate` runs in a worker thread (asyncio.to_thread) so that a slow password
-    hash does not stall every other session: it must be thread-safe (a lookup and a hash
-    check are)."""
-
-    def check_connect(self, peer_ip: str) -> None: ...
-
-    def authenticate(self, session: SessionInfo, user: str, password: str) -> bool: ...
-
-    def check_sender(self, session: SessionInfo, sender: str) -> None: ...
-
-    def check_recipient(self, session: SessionInfo, sender: str, rcpt: str) -> None: ...
-
-    async def submit(self, session: SessionInfo, envelope: Envelope) -> str: ...
-
-
-@runtime_checkable
-class ConnectionObserver(Protocol):
-    """Optional for an Intake: told when a connection that passed check_connect ends (so
-    it can count concurrent connections per client)."""
-
-    def connection_closed(self, peer_ip: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class ListenerSettings:
-    name: str
-    address: str
-    port: int  # 0 = ephemeral (tests)
-    tls: TlsMode  # NONE plain; STARTTLS offered (require_tls makes it mandatory); IMPLICIT
-    cert_file: str | None = None
-    key_file: str | None = None
-    hostname: str = "localhost"  # greeting banner and Received
-    require_tls: bool = False  # STARTTLS listeners: no MAIL before STARTTLS (530 5.7.0)
-    require_auth: bool = False  # even allowlisted networks must AUTH
-    max_message_size: int = 35 * 1024 * 1024
-    max_recipients: int = 1000
-    max_line_length: int = 1000  # RFC 5321 § 4.5.3.1.6 text line incl. CRLF
-    max_command_length: int = 512  # RFC 5321 § 4.5.3.1.4
-    idle_timeout: float = 300.0  # per command (RFC 5321 § 4.5.3.2.7: 5 minutes)
-    session_timeout: float = 1800.0  # whole connection
-    max_errors: int = 10  # bad commands before 421 4.7.0 and disconnect
-    max_auth_failures: int = 3  # then 421 4.7.0 and disconnect
-
-
-class Listener:
-    """One listening socket and the SMTP sessions accepted on it."""
-
-    def __init__(
-        self,
-        settings: ListenerSettings,
-        intake: Intake,
-        *,
-        logger: logging.Logger | None = None,
-    ) -> None:
-        if settings.tls is not TlsMode.NONE and not (settings.cert_file and settings.key_file):
-            raise ValueError(
-                f"listener {settings.name}: TLS mode {settings.tls} needs cert and key"
-            )
-        self.settings = settings
-        self.log = logger or logging.getLogger("relay.listener")
-        self._intake = intake
-        self._server: asyncio.Server | None = None
-        self._sessions: set[_SmtpSession] = set()
-        self._no_sessions = asyncio.Event()
-        self._no_sessions.set()
-
-    @property
-    def intake(self) -> Intake:
-        return self._intake
-
-    def set_intake(self, intake: Intake) -> None:
-        """Config reload: sessions read the intake at connect, AUTH and MAIL, so new
-        sessions and new transactions use this one; a transaction in flight keeps its own."""
-        self._intake = intake
-
-    @property
-    def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("listener not started")
-        return int(self._server.sockets[0].getsockname()[1])
-
-    def _tls_context(self) -> ssl.SSLContext:
-        assert self.settings.cert_file and self.settings.key_file
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.settings.cert_file, self.settings.key_file)
-        return ctx
-
-    async def start(self, sock: socket.socket | None = None) -> None:
-        """Bind on the running loop, or serve `sock`, a listening socket inherited from
-        the supervisor (relay/supervisor.py)."""
-        loop = asyncio.get_running_loop()
-        s = self.settings
-        ctx = None if s.tls is TlsMode.NONE else self._tls_context()
-        starttls_ctx = ctx if s.tls is TlsMode.STARTTLS else None
-        extra: dict[str, Any] = {}
-        if s.tls is TlsMode.IMPLICIT:
-            extra = {"ssl": ctx, "ssl_handshake_timeout": min(s.idle_timeout, 60.0)}
-        if sock is not None:
-            extra["sock"] = sock
-        else:
-            extra.update(host=s.address, port=s.port, reuse_address=True)
-        self._server = await loop.create_server(
-            lambda: _SmtpSession(self, starttls_ctx, loop), **extra
-        )
-        self.log.info(
-            "listener %s listening on %s port %d (%s)", s.name, s.address, self.port, s.tls
-        )
-
-    async def stop(self, grace: float = 30.0) -> None:
-        """Stop accepting; let transactions in progress finish (up to `grace` seconds);
-        every session gets 421 4.3.2 once it is outside a transaction, or when grace ends."""
-        if self._server is None:
-            return
-        self._server.close()
-        for session in list(self._sessions):
-            session.begin_drain()
-        try:
-            if self._sessions:
-                await asyncio.wait_for(self._no_sessions.wait(), grace)
-        except TimeoutError:
-            self.log.warning(
-                "listener %s: %d session(s) still open after %.1fs grace, closing them",
-                self.settings.name,
-                len(self._sessions),
-                grace,
-            )
-            for session in list(self._sessions):
-                session.goodbye(R_SHUTDOWN)
-            try:
-                await asyncio.wait_for(self._no_sessions.wait(), _CLOSE_FLUSH_TIMEOUT + 1.0)
-            except TimeoutError:
-                self.log.error("listener %s: sessions did not close", self.settings.name)
-        try:
-            await asyncio.wait_for(self._server.wait_closed(), _CLOSE_FLUSH_TIMEOUT)
-        except TimeoutError:
-            pass
-        self.log.info("listener %s stopped", self.settings.name)
-
-    def _register(self, session: _SmtpSession) -> None:
-        self._sessions.add(session)
-        self._no_sessions.clear()
-
-    def _unregister(self, session: _SmtpSession) -> None:
-        self._sessions.discard(session)
-        if not self._sessions:
-            self._no_sessions.set()
-
-
-def _peer_address(peername: object) -> tuple[str, int]:
-    if not isinstance(peername, tuple) or len(peername) < 2:
-        return "", 0
-    host = str(peername[0])
-    if ":" not in host:
-        return host, int(peername[1])  # the kernel's dotted quad: already canonical
-    ip = ipaddress.ip_address(host.split("%", 1)[0])
-    # A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; allowlists say a.b.c.d.
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip), int(peername[1])
-
-
-def _strip_keyword(keyword: str, arg: str | None) -> str | None:
-    if arg is None or arg[: len(keyword)].upper() != keyword:
-        return None
-    return arg[len(keyword) :]
-
-
-def _valid_helo(arg: str | None) -> bool:
-    # A domain or address literal (RFC 5321 § 4.1.1.1): printable ASCII, no spaces. It
-    # goes into our Received header, so nothing else is accepted.
-    return arg is not None and 0 < len(arg) <= 255 and all("!" <= c <= "~" for c in arg)
-
-
-def _b64decode(text: str | bytes) -> bytes | None:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-
-
-def _longest_line(content: bytes | bytearray) -> int:
-    """The longest CRLF-separated line of `content`, CRLF excluded. C-speed splits, in
-    windows so that a huge message does not double in memory as a list of lines."""
-    n = len(content)
-    longest = 0
-    start = 0
-    while start < n:
-        end = content.find(b"\r\n", start + _SPLIT_WINDOW) if n - start > _SPLIT_WINDOW else -1
-        if end < 0:
-            end = n
-        longest = max(longest, max(map(len, content[start:end].split(b"\r\n"))))
-        start = end + 2
-    return longest
-
-
-def _first_problem(lines: bytes, max_line: int, limit: int) -> str | None:
-    """The refusal a line-by-line reader would give for dot-stuffed DATA `lines` (whole
-    CRLF-ended lines, no end marker): the first offending line decides; within a line, its
-    length, then the running size, then a bare CR or LF. Only the refusal path runs this."""
-    size = 0
-    for line in lines.split(b"\r\n")[:-1]:
-        stuffed = len(line) + 2
-        size += stuffed
-        unstuffed = stuffed - 1 if line[:1] == b"." else stuffed  # RFC 5321 § 4.5.2
-        if unstuffed > max_line:
-            return R_LINE_TOO_LONG
-        if size > limit:
-            return R_TOO_BIG
-        if b"\r" in line or b"\n" in line:
-            return R_BARE_NEWLINE
-    return None
-
-
-def _body_problem(lines: bytes | bytearray, max_line: int, limit: int) -> str | None:
-    """The refusal for dot-stuffed DATA `lines` (the DATA line's CRLF, then whole CRLF-ended
-    lines), or None. A few whole-buffer scans in C screen the body; only a body that
-    fails them goes through the line-by-line `_first_problem` for the exact reply."""
-    crs = lines.count(b"\r")
-    if (
-        len(lines) - 2 <= limit
-        and crs == lines.count(b"\n") == lines.count(b"\r\n")  # no bare CR, no bare LF
-        and _longest_line(lines) <= max_line - 2  # stuffed: never shorter than unstuffed
-    ):
-        return None
-    return _first_problem(bytes(lines[2:]), max_line, limit)
-
-
-_OBSERVER_TYPES: dict[type, bool] = {}
-
-
-def _is_observer(intake: Intake) -> bool:
-    """isinstance(intake, ConnectionObserver), once per class: a runtime-checkable
-    Protocol's isinstance inspects the class's members on every call."""
-    cls = type(intake)
-    known = _OBSERVER_TYPES.get(cls)
-    if known is None:
-        known = _OBSERVER_TYPES[cls] = isinstance(intake, ConnectionObserver)
-    return known
-
-
-class _DateCache:
-    """RFC 5322 date for the Received header, formatted once per second."""
-
-    second = 0
-    text = ""
-
-    @classmethod
-    def now(cls) -> str:
-        second = int(time.time())
-        if second != cls.second:
-            cls.second, cls.text = second, email.utils.formatdate(second, localtime=True)
-        return cls.text
-
-
-class _SmtpSession(asyncio.Protocol):
+class SmtpSession(asyncio.Protocol):
     """One client connection: the SMTP state machine (see the module docstring)."""
 
     def __init__(
         self,
-        listener: Listener,
+        listener: SessionOwner,
         starttls_context: ssl.SSLContext | None,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
@@ -434,7 +163,7 @@ class _SmtpSession(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses; they have its methods.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        self._peer_ip, self._peer_port = _peer_address(transport.get_extra_info("peername"))
+        self._peer_ip, self._peer_port = peer_address(transport.get_extra_info("peername"))
         s = self._settings
         now = self._loop.time()
         self._last_active = now
@@ -442,7 +171,7 @@ class _SmtpSession(asyncio.Protocol):
         self._timer = self._loop.call_at(
             min(now + s.idle_timeout, self._session_deadline), self._on_timer
         )
-        self._listener._register(self)
+        self._listener.register(self)
         self._log.debug("%s:%d connected", self._peer_ip, self._peer_port)
         refusal = self._check_connect()
         if refusal is not None:
@@ -473,14 +202,14 @@ class _SmtpSession(asyncio.Protocol):
             self._abort_timer.cancel()  # gone: never touch its (reusable) descriptor again
         self._buf = bytearray()
         opened, self._connect_intake = self._connect_intake, None
-        if opened is not None and _is_observer(opened):
+        if opened is not None and is_observer(opened):
             try:
                 cast(ConnectionObserver, opened).connection_closed(self._peer_ip)
             except Exception:
                 self._log.exception("connection_closed hook failed")
         self._log.debug("%s:%d disconnected", self._peer_ip, self._peer_port)
         if self._task is None:
-            self._listener._unregister(self)
+            self._listener.unregister(self)
         # else: the submit in flight still finishes (a spool write is never cut half-way);
         # it unregisters the session when it is done, so that stop() waits for it.
 
@@ -554,7 +283,7 @@ class _SmtpSession(asyncio.Protocol):
         # transport: the TLS one waits for the peer's close_notify.
         raw = self._raw_transport
         self._abort_timer = self._loop.call_later(
-            _CLOSE_FLUSH_TIMEOUT, _abort, raw if raw is not None else transport
+            CLOSE_FLUSH_TIMEOUT, _abort, raw if raw is not None else transport
         )
 
     def begin_drain(self) -> None:
@@ -718,7 +447,7 @@ class _SmtpSession(asyncio.Protocol):
         self._task_is_ours = False
         self._last_active = self._loop.time()
         if self._lost:
-            self._listener._unregister(self)
+            self._listener.unregister(self)
             return False
         return not self._closing
 
@@ -762,7 +491,7 @@ class _SmtpSession(asyncio.Protocol):
     # ---- commands without a transaction --------------------------------------------------
 
     def smtp_HELO(self, arg: str | None) -> None:
-        if not _valid_helo(arg):
+        if not valid_helo(arg):
             self._reply("501 5.5.4 Syntax: HELO hostname")
             return
         self._set_rset_state()  # RFC 5321 § 4.1.4: HELO/EHLO reset like RSET
@@ -772,7 +501,7 @@ class _SmtpSession(asyncio.Protocol):
         self._reply(f"250 {self._settings.hostname}")
 
     def smtp_EHLO(self, arg: str | None) -> None:
-        if not _valid_helo(arg):
+        if not valid_helo(arg):
             self._reply("501 5.5.4 Syntax: EHLO hostname")
             return
         self._set_rset_state()
@@ -906,7 +635,7 @@ class _SmtpSession(asyncio.Protocol):
         if initial == "=":
             blob: bytes | None = b""  # RFC 4954 § 4: "=" is an empty initial response
         else:
-            blob = _b64decode(initial)
+            blob = b64decode(initial)
         if blob is None:
             self._reply("501 5.5.2 Cannot decode base64")
             return
@@ -926,19 +655,18 @@ class _SmtpSession(asyncio.Protocol):
         if blob == b"*":
             self._reply("501 5.7.0 Auth aborted")  # RFC 4954 § 4: the client cancelled
             return
-        decoded = _b64decode(blob)
+        decoded = b64decode(blob)
         if decoded is None:
             self._reply("501 5.5.2 Can't decode base64")
             return
         step(decoded)
 
     def _sasl_plain(self, blob: bytes) -> None:
-        parts = blob.split(b"\x00")  # RFC 4616: authzid NUL authcid NUL passwd
-        try:
-            authz, user, password = (p.decode("utf-8") for p in parts)
-        except (ValueError, UnicodeDecodeError):
+        decoded = decode_plain(blob)
+        if decoded is None:
             self._reply("501 5.5.2 Malformed PLAIN response")
             return
+        authz, user, password = decoded
         if authz and authz != user:
             # No proxy authorization: acting as someone else is a failed AUTH.
             self._reply("535 5.7.8 Authentication credentials invalid")
@@ -987,32 +715,6 @@ class _SmtpSession(asyncio.Protocol):
 
     # ---- the mail transaction ------------------------------------------------------------
 
-    def _mail_params(self, params: dict[str, str | None]) -> tuple[bool, bool]:
-        """(smtputf8, body_8bit) from MAIL parameters; raises RelayError to refuse."""
-        size = params.pop("SIZE", None)
-        if size is not None:
-            if not size.isdigit() or len(size) > 20:
-                raise AddressSyntaxError("SIZE takes a number")
-            if int(size) > self._settings.max_message_size:
-                raise PermanentError(
-                    "Message size exceeds fixed maximum message size", code=552, enhanced="5.3.4"
-                )
-        body = params.pop("BODY", "7BIT")
-        if body is None or body.upper() not in ("7BIT", "8BITMIME"):
-            raise AddressSyntaxError("BODY takes 7BIT or 8BITMIME")
-        smtputf8 = "SMTPUTF8" in params
-        if params.pop("SMTPUTF8", None) is not None:
-            raise AddressSyntaxError("SMTPUTF8 takes no value")
-        # RFC 4954 § 5: accepted from any client, and ignored (we do not trust it).
-        params.pop("AUTH", None)
-        if params:
-            raise PermanentError(
-                "MAIL parameters not recognized: " + " ".join(sorted(params)),
-                code=555,
-                enhanced="5.5.4",
-            )
-        return smtputf8, body.upper() == "8BITMIME" or smtputf8
-
     def _ask(self, stage: str, check: Any, *args: Any) -> str | None:
         """Run one synchronous intake check; the reply if it refused (or crashed)."""
         try:
@@ -1034,13 +736,15 @@ class _SmtpSession(asyncio.Protocol):
         if self._draining:
             self.goodbye(R_SHUTDOWN)
             return
-        rest = _strip_keyword("FROM:", arg)
+        rest = strip_keyword("FROM:", arg)
         if rest is None:
             self._reply("501 5.5.4 Syntax: MAIL FROM:<address>")
             return
         try:
             path, param_text = split_path(rest)
-            smtputf8, body_8bit = self._mail_params(parse_params(param_text))
+            smtputf8, body_8bit = mail_params(
+                parse_params(param_text), self._settings.max_message_size
+            )
             sender = parse_mailbox(path, smtputf8=smtputf8) if path else ""  # <> is null
         except RelayError as exc:
             self._reply(to_reply(exc))
@@ -1063,7 +767,7 @@ class _SmtpSession(asyncio.Protocol):
         if intake is None:
             self._reply("503 5.5.1 Error: need MAIL command")
             return
-        rest = _strip_keyword("TO:", arg)
+        rest = strip_keyword("TO:", arg)
         if rest is None:
             self._reply("501 5.5.4 Syntax: RCPT TO:<address>")
             return
@@ -1119,7 +823,7 @@ class _SmtpSession(asyncio.Protocol):
                 # to find the end marker, storing nothing else (bounded memory).
                 if self._data_problem is None:
                     last = buf.rfind(b"\r\n") + 2  # whole lines only
-                    self._data_problem = _body_problem(
+                    self._data_problem = body_problem(
                         buf[:last], s.max_line_length, s.max_message_size
                     ) or (R_LINE_TOO_LONG if len(buf) - last > s.max_line_length else R_TOO_BIG)
                 del buf[:-4]
@@ -1138,7 +842,7 @@ class _SmtpSession(asyncio.Protocol):
         s = self._settings
         problem = self._data_problem
         if problem is None:
-            problem = _body_problem(stuffed, s.max_line_length, s.max_message_size)
+            problem = body_problem(stuffed, s.max_line_length, s.max_message_size)
         if problem is not None:
             self._log.info("%s:%d DATA refused: %s", self._peer_ip, self._peer_port, problem)
             self._set_rset_state()
@@ -1198,35 +902,31 @@ class _SmtpSession(asyncio.Protocol):
         self._resume()
 
     def _received_header(self) -> bytes:
-        """RFC 5321 § 4.4 trace field; `with` keywords from RFC 3848 and RFC 6531."""
-        ip = self._peer_ip
-        literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
-        if not self._extended:
-            protocol = "SMTP"
-        else:
-            protocol = "UTF8SMTP" if self._smtputf8 else "ESMTP"
-            protocol += ("S" if self._tls else "") + ("A" if self._auth_user else "")
-        return (
-            f"Received: from {self._helo} ({literal})\r\n"
-            f"\tby {self._settings.hostname} (egress-relay) with {protocol};\r\n"
-            f"\t{_DateCache.now()}\r\n"
-        ).encode("ascii")
+        return received_header(
+            helo=self._helo,
+            peer_ip=self._peer_ip,
+            hostname=self._settings.hostname,
+            extended=self._extended,
+            smtputf8=self._smtputf8,
+            tls=self._tls,
+            authenticated=self._auth_user is not None,
+        )
 
 
-_HANDLERS: dict[str, Callable[[_SmtpSession, str | None], None]] = {
-    "HELO": _SmtpSession.smtp_HELO,
-    "EHLO": _SmtpSession.smtp_EHLO,
-    "MAIL": _SmtpSession.smtp_MAIL,
-    "RCPT": _SmtpSession.smtp_RCPT,
-    "DATA": _SmtpSession.smtp_DATA,
-    "RSET": _SmtpSession.smtp_RSET,
-    "NOOP": _SmtpSession.smtp_NOOP,
-    "QUIT": _SmtpSession.smtp_QUIT,
-    "VRFY": _SmtpSession.smtp_VRFY,
-    "EXPN": _SmtpSession.smtp_EXPN,
-    "HELP": _SmtpSession.smtp_HELP,
-    "STARTTLS": _SmtpSession.smtp_STARTTLS,
-    "AUTH": _SmtpSession.smtp_AUTH,
+_HANDLERS: dict[str, Callable[[SmtpSession, str | None], None]] = {
+    "HELO": SmtpSession.smtp_HELO,
+    "EHLO": SmtpSession.smtp_EHLO,
+    "MAIL": SmtpSession.smtp_MAIL,
+    "RCPT": SmtpSession.smtp_RCPT,
+    "DATA": SmtpSession.smtp_DATA,
+    "RSET": SmtpSession.smtp_RSET,
+    "NOOP": SmtpSession.smtp_NOOP,
+    "QUIT": SmtpSession.smtp_QUIT,
+    "VRFY": SmtpSession.smtp_VRFY,
+    "EXPN": SmtpSession.smtp_EXPN,
+    "HELP": SmtpSession.smtp_HELP,
+    "STARTTLS": SmtpSession.smtp_STARTTLS,
+    "AUTH": SmtpSession.smtp_AUTH,
 }
 
 

@@ -16,19 +16,40 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from relay.config.model import Config
 from relay.config.units import parse_duration
 from relay.delivery import DnsResolver
-from relay.egress import as_dict, render
-from relay.probe import TargetError, adhoc_upstream, configured_upstream, probe, sources_for
-from relay.queueops import ACTIONS, Filters, QueueOps
+from relay.events import Metrics
+from relay.ops.http import error_response as _error
+from relay.ops.http import json_response as _json
+from relay.ops.http import start_tcp_site
+from relay.ops.probe import TargetError, adhoc_upstream, configured_upstream, probe, sources_for
+from relay.ops.queueops import ACTIONS, Filters, QueueOps
+from relay.policy.egress import as_dict, render
+from relay.scheduler import Scheduler
+from relay.spool import Spool
 
-if TYPE_CHECKING:
-    from relay.app import Relay
+
+class RunningRelay(Protocol):
+    """What the API reads and asks of the running relay (relay.runtime.node.Relay)."""
+
+    config: Config
+    scheduler: Scheduler
+    spool: Spool
+    metrics: Metrics
+    ready: bool
+    reload_errors: list[str]
+
+    def listening(self) -> dict[str, int]:
+        """Listener name -> bound port."""
+        ...
+
+    async def reload(self) -> bool: ...
 
 log = logging.getLogger("relay.admin")
 
@@ -41,22 +62,10 @@ MAX_PROBE_TIMEOUT = 60.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        text=json.dumps(data, indent=2, default=str) + "\n",
-        status=status,
-        content_type="application/json",
-    )
-
-
-def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return _json({"error": message, **extra}, status)
-
-
 class AdminApi:
     """The routes; `relay` is the running Relay (its current config, scheduler, spool)."""
 
-    def __init__(self, relay: Relay, token: str | None) -> None:
+    def __init__(self, relay: RunningRelay, token: str | None) -> None:
         self.relay = relay
         self.token = token
 
@@ -110,7 +119,7 @@ class AdminApi:
         ready = r.ready
         body = {
             "ready": ready,
-            "listeners": {lst.settings.name: lst.port for lst in r.listeners} if ready else {},
+            "listeners": r.listening() if ready else {},
             "queued": (await r.spool.count())[0] if ready else None,
         }
         return _json(body, 200 if ready else 503)
@@ -295,20 +304,12 @@ class AdminApi:
         return body
 
 
-async def start_tcp_site(runner: web.AppRunner, address: str, port: int) -> int:
-    """Serve `runner` on address:port; returns the bound port (0 asks for any)."""
-    site = web.TCPSite(runner, address, port, reuse_address=True)
-    await site.start()
-    sockets = getattr(site._server, "sockets", None) or []
-    return int(sockets[0].getsockname()[1]) if sockets else port
-
-
 class AdminServer:
     """The API on its own TCP site; start/stop from the Relay."""
 
     def __init__(
         self,
-        relay: Relay,
+        relay: RunningRelay,
         address: str,
         port: int,
         token: str | None,

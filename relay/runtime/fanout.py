@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from relay.admin import start_tcp_site
+from relay.ops.http import start_tcp_site
 
 log = logging.getLogger("relay.admin")
 

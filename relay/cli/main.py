@@ -1,29 +1,32 @@
-"""The `relay` command: serve, check, route, egress-ips, hash-password, and the operator tools."""
+"""The `relay` command: its parser, and the commands that need only the configuration (serve,
+check, route, egress-ips, hash-password). The operator tools live beside it: queue.py
+(queue, reload) and diagnose.py (test-upstream, check-domain)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import getpass
 import json
 import signal
 import sys
 from collections.abc import Sequence
 
-from relay.config import ConfigErrors, load_config
+from relay.cli import diagnose, queue
+from relay.cli.common import load_or_report
 from relay.config.model import Config
-
-
-def _load(args: argparse.Namespace) -> Config | None:
-    try:
-        config = load_config(args.config)
-    except ConfigErrors as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
-        return None
-    return config
+from relay.limits.usage import as_text as usage_text
+from relay.limits.usage import current_use
+from relay.ops.explain import as_text, explain
+from relay.policy import applicable_limits, attribute, route
+from relay.policy.egress import render
+from relay.runtime.serve import serve
+from relay.runtime.slot import WorkerSlot
+from relay.smtp.users import hash_password
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = load_or_report(args.config)
     if config is None:
         return 1
     for w in config.warnings:
@@ -38,10 +41,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from relay.explain import as_text, explain
-    from relay.limits.usage import as_text as usage_text
 
-    config = _load(args)
+    config = load_or_report(args.config)
     if config is None:
         return 1
     if args.org and args.org not in config.orgs:
@@ -58,10 +59,6 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def _current_use(config: Config, args: argparse.Namespace) -> dict[str, object]:
     """Live counters of the limits that apply (readable with the Redis backend only)."""
-    import asyncio
-
-    from relay.limits.usage import current_use
-    from relay.policy import applicable_limits, attribute, route
 
     att = attribute(config, args.sender, tag_org=args.org, tag_account=args.account)
     limits = applicable_limits(config, att, args.sender, args.client)
@@ -70,9 +67,7 @@ def _current_use(config: Config, args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_egress_ips(args: argparse.Namespace) -> int:
-    from relay.egress import render
-
-    config = _load(args)
+    config = load_or_report(args.config)
     if config is None:
         return 1
     if args.pool and args.pool not in config.pools:
@@ -83,10 +78,6 @@ def cmd_egress_ips(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    import getpass
-
-    from relay.auth import hash_password
-
     pw = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass()
     if not pw:
         print("empty password", file=sys.stderr)
@@ -96,9 +87,6 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.app import serve
-    from relay.worker import WorkerSlot
-
     slot = None
     if args.worker:  # started by a supervisor (workers > 1), never by hand
         slot = WorkerSlot.parse(args.worker, args.listen_fds, args.ready_fd, args.admin_socket)
@@ -157,9 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("hash-password", help="read a password on stdin, print its users-file hash")
     sp.set_defaults(func=cmd_hash_password)
 
-    from relay.opscli import add_subcommands  # queue, reload, test-upstream, check-domain
-
-    add_subcommands(sub)
+    queue.add_subcommands(sub)  # queue, reload
+    diagnose.add_subcommands(sub)  # test-upstream, check-domain
     return p
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from relay.model import Reply
+from relay.core.model import Reply
 
 CRLF = b"\r\n"
 MAX_LINE = 998  # RFC 5322 § 2.1.1, excluding the CRLF

@@ -15,14 +15,14 @@ import time
 from typing import Protocol
 
 from relay.config.model import Config
-from relay.errors import AccessDenied, PolicyError, RelayError, TemporaryError
+from relay.core.errors import AccessDenied, PolicyError, RelayError, TemporaryError
+from relay.core.message import header_values, remove_headers
+from relay.core.model import Disposition, Envelope
 from relay.events import MailLog
-from relay.listener import SessionInfo
-from relay.message import header_values, remove_headers
-from relay.model import Disposition, Envelope
-from relay.penalty import PenaltyBox
 from relay.policy import AppliedLimit, Attribution, applicable_limits, attribute, route
 from relay.scheduler import Entry, Scheduler
+from relay.smtp.penalty import PenaltyBox
+from relay.smtp.server import SessionInfo
 from relay.spool import Spool
 
 log = logging.getLogger("relay.intake")

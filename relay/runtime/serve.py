@@ -1,0 +1,76 @@
+"""`relay serve`: load the configuration, then run one relay node (or, with `workers: N`, the
+supervisor), with signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from relay.config import ConfigErrors, load_config
+from relay.core.errors import SpoolError
+from relay.runtime.logsetup import configure as configure_logging
+from relay.runtime.logsetup import remember_config_secrets
+from relay.runtime.node import Relay
+from relay.runtime.settings import admin_token
+from relay.runtime.slot import WorkerSlot
+from relay.runtime.supervisor import supervise
+from relay.spool.shards import fold_surplus
+
+log = logging.getLogger("relay")
+
+
+async def run(location: str | None, slot: WorkerSlot | None = None) -> int:
+    try:
+        config = load_config(location)
+    except ConfigErrors as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return 2
+    # One JSON object per line (or text), AUTH arguments and known secrets redacted.
+    configure_logging(config.relay.log.level, config.relay.log.format)
+    remember_config_secrets(config, [t for t in [admin_token(config)] if t])
+    if slot is None:
+        for w in config.warnings:  # a worker's supervisor has said them already
+            log.warning("%s", w)
+        if config.workers > 1:
+            return await supervise(config, location)
+        try:  # the last run had more workers: their shards' mail is ours now
+            await asyncio.to_thread(fold_surplus, config.spool_path, 1)
+        except (OSError, SpoolError) as exc:
+            log.error("cannot start: %s", getattr(exc, "reason", exc))
+            return 1
+    relay = Relay(config, location, slot)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        t = loop.create_task(relay.reload())
+        reloads.add(t)
+        t.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await relay.start()
+    except SpoolError as exc:
+        # e.g. a read-only or missing spool: never listen without a place to keep mail.
+        log.error("cannot start: %s", exc.reason)
+        return 1
+    await stop.wait()
+    log.info("stopping: no new connections, finishing transactions in progress")
+    await relay.stop()
+    log.info("stopped")
+    return 0
+
+
+def serve(location: str | None, slot: WorkerSlot | None = None) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(run(location, slot))
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(run(location, slot))
