@@ -3,6 +3,7 @@ standing in for SendGrid, Mailjet and a customer's own server (issue: the relay 
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import threading
@@ -79,7 +80,8 @@ def test_each_organisation_reaches_its_upstream_from_its_egress_ip(
         mj.wait_for(2, 15)
         own.wait_for(1, 15)
         relay.wait_events("delivered", 5)
-    assert "queued as" in reply.lower() or len(reply.split()) >= 1
+    queued = re.fullmatch(r"2\.0\.0 OK: queued as (\S+)", reply)
+    assert queued is not None, reply
     assert sorted(m.rcpt_tos[0] for m in sg.messages) == ["r1@customer.test", "r5@customer.test"]
     assert sorted(m.rcpt_tos[0] for m in mj.messages) == ["r2@customer.test", "r4@customer.test"]
     [c] = own.messages
@@ -98,6 +100,7 @@ def test_each_organisation_reaches_its_upstream_from_its_egress_ip(
     assert acme.data.startswith(b"Received: from app.test ([127.0.0.1])")
     log = relay.mail_log()
     delivered = {e["recipient"]: e for e in log if e["event"] == "delivered"}
+    assert delivered["r1@customer.test"]["queue_id"] == queued.group(1)  # the id we were given
     assert delivered["r3@customer.test"]["upstream"] == "contoso/own"
     assert delivered["r3@customer.test"]["egress"] == "127.0.0.4"
     assert delivered["r2@customer.test"]["org"] == "eurostudy"

@@ -383,7 +383,7 @@ tags = st.one_of(st.none(), st.sampled_from([*ORG_IDS, "", " acme ", "ACME"]), s
 
 
 def expected_org(config: Config, sender: str, tag_org: str | None, tag_account: str | None) -> str:
-    """The attribution order of DESIGN.md, written out independently of relay.policy."""
+    """The attribution order of docs/architecture.md, written out independently of relay.policy."""
     if tag_org and tag_org.strip() in config.orgs:
         return tag_org.strip()
     for address in (tag_account or "", sender):

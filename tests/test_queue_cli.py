@@ -22,7 +22,7 @@ from tests.sinks import Script, ThreadedSink
 
 
 # workers 2: the same commands through the supervisor's API, which asks both workers and
-# merges their answers (relay/fanout.py); the queue ids land in either shard.
+# merges their answers (relay/runtime/fanout.py); the queue ids land in either shard.
 @pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
 def running(
     tmp_path: Path, request: pytest.FixtureRequest

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from relay.bounce.notifier import Bouncer
 from relay.config import load_config
 from relay.delivery import Deliverer, DnsResolver
 from relay.events import MailLog
@@ -43,7 +44,14 @@ class Rig:
             upstream="",
         )
         self.scheduler.enqueue(
-            Entry(qid, sender, org, sender, time.time(), False, False, dict.fromkeys(rcpts, 0))
+            Entry(
+                queue_id=qid,
+                sender=sender,
+                org=org,
+                account=sender,
+                received_at=time.time(),
+                pending=dict.fromkeys(rcpts, 0),
+            )
         )
         return qid
 
@@ -87,7 +95,10 @@ async def rig_factory(tmp_path: Path) -> AsyncIterator[Any]:
         spool = await Spool.open(d / "spool")
         deliverer = Deliverer(DnsResolver())
         log = MailLog(str(d / "mail.log"))
-        sched = Scheduler(config, spool, deliverer, log, max_entries=max_entries)
+        sched = Scheduler(
+            config, spool, deliverer, log, bounces=Bouncer(spool, log, clock=time.time),
+            max_entries=max_entries,
+        )
         if start:
             sched.start()
         made.append((sched, spool, deliverer, log))
@@ -143,15 +154,13 @@ async def test_hold_keeps_a_message_back_and_release_sends_it(
     )
     rig.scheduler.enqueue(
         Entry(
-            qid,
-            "a@x.test",
-            "default",
-            "a@x.test",
-            time.time(),
-            False,
-            False,
-            {"r@y.test": 0},
-            time.time() + 0.3,
+            queue_id=qid,
+            sender="a@x.test",
+            org="default",
+            account="a@x.test",
+            received_at=time.time(),
+            pending={"r@y.test": 0},
+            next_attempt=time.time() + 0.3,
         )
     )
     assert rig.scheduler.hold(qid)
@@ -258,7 +267,11 @@ async def test_recover_resumes_what_the_spool_holds(
             upstream="up",
         )
     config = load_config(rig.dir)
-    fresh = Scheduler(config, rig.spool, Deliverer(DnsResolver()), MailLog(str(rig.log)))
+    log = MailLog(str(rig.log))
+    fresh = Scheduler(
+        config, rig.spool, Deliverer(DnsResolver()), log,
+        bounces=Bouncer(rig.spool, log, clock=time.time),
+    )
     assert await fresh.recover() == 5
     fresh.start()
     try:

@@ -196,9 +196,9 @@ def test_concurrent_connections_per_client_are_capped(bench: Bench) -> None:
 def test_a_throttle_that_refuses_every_other_try_still_serves_both_organisations() -> None:
     q = UpstreamQueue("u")
     for i in range(5):
-        q.push(Entry(f"b{i}", "", "bulk", "", 0.0, False, False, {}))
+        q.push(Entry(queue_id=f"b{i}", sender="", org="bulk", account="", received_at=0.0, pending={}))
     for i in range(2):
-        q.push(Entry(f"s{i}", "", "small", "", 0.0, False, False, {}))
+        q.push(Entry(queue_id=f"s{i}", sender="", org="small", account="", received_at=0.0, pending={}))
     order = []
     for _ in range(7):
         refused = q.pop()

@@ -1,5 +1,5 @@
 """`workers: N`: a supervisor, N worker processes on one listening socket, one spool shard
-each (relay/supervisor.py, relay/spool/shards.py, relay/fanout.py, relay/limits/partition.py).
+each (relay/runtime/supervisor.py, relay/spool/shards.py, relay/runtime/fanout.py, relay/limits/partition.py).
 
 Shards are filled offline through the Spool API where a test needs mail in a *given*
 worker's shard: which worker accepts a connection is the kernel's choice."""

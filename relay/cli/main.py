@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("serve", help="run the relay")
     with_config(sp, required=False)
-    # Set by the supervisor for its worker processes (relay/supervisor.py); hidden.
+    # Set by the supervisor for its worker processes (relay/runtime/supervisor.py); hidden.
     sp.add_argument("--worker", help=argparse.SUPPRESS)
     sp.add_argument("--listen-fds", help=argparse.SUPPRESS)
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -18,7 +18,7 @@ from relay.config.yamlsrc import Located
 from relay.config.yamlsrc import Path as YPath
 from relay.core.model import EgressPool, EgressSource, Secret, Throttle, TlsMode, Upstream
 
-# Built-in presets (DESIGN.md): always defined, so a config only has to add credentials.
+# Built-in presets (docs/architecture.md): always defined, so a config only has to add credentials.
 PRESETS: dict[str, dict[str, object]] = {
     "sendgrid": {
         "host": "smtp.sendgrid.net",

@@ -223,7 +223,7 @@ class LogConf(Strict):
 class RelayConf(Strict):
     hostname: HostName = "localhost"
     # Worker processes sharing the listening sockets, each with its own spool shard,
-    # scheduler and deliverer ("auto" = one per CPU). See relay/supervisor.py.
+    # scheduler and deliverer ("auto" = one per CPU). See relay/runtime/supervisor.py.
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     policies: str = "policies"  # directory of organisation files, relative to this file
     listeners: list[ListenerConf] = Field(default_factory=lambda: [ListenerConf()])

@@ -149,8 +149,10 @@ class Intake:
                          account=att.account, sender=envelope.sender,
                          recipients=len(envelope.recipients), size=len(data), upstream=upstream_id,
                          attributed_by=att.rule)
-        self.scheduler.enqueue(Entry(qid, envelope.sender, att.org, att.account, now, False, False,
-                                     dict.fromkeys(envelope.recipients, 0), 0.0, upstream_id))
+        self.scheduler.enqueue(Entry(
+            queue_id=qid, sender=envelope.sender, org=att.org, account=att.account,
+            received_at=now, pending=dict.fromkeys(envelope.recipients, 0), upstream=upstream_id,
+        ))
         return qid
 
     async def _prepare(self, session: SessionInfo, env: Envelope) -> tuple[Attribution, str, bytes]:

@@ -25,8 +25,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
 
 import aiosmtplib
+from pydantic import ValidationError
 
+from relay.config.build import Builder
 from relay.config.model import Config
+from relay.config.schema import UpstreamConf
+from relay.config.yamlsrc import Located
 from relay.core.errors import RelayError
 from relay.core.model import EgressSource, Reply, TlsMode, Upstream
 from relay.delivery.connection import (
@@ -609,12 +613,6 @@ def adhoc_upstream(
     """An Upstream from a customer server description not yet in a policy, with the keys of
     an `upstreams:` entry in YAML (host, port, tls, username, password *reference*, ...) and
     the same checks as the configuration (a literal password is refused)."""
-    from pydantic import ValidationError
-
-    from relay.config.build import Builder
-    from relay.config.schema import UpstreamConf
-    from relay.config.yamlsrc import Located
-
     try:
         conf = UpstreamConf.model_validate(dict(description))
     except ValidationError as exc:

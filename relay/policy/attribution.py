@@ -1,4 +1,4 @@
-"""Attribution: which organisation and account a message belongs to (DESIGN.md, in order).
+"""Attribution: which organisation and account a message belongs to (docs/architecture.md, in order).
 
 1. trusted tag headers (X-Relay-Org / X-Relay-Account), set by the platform;
 2. the sender address as a member account of an organisation;

@@ -1,6 +1,6 @@
 """Routing: which upstream carries a message and from which egress pool.
 
-Order (DESIGN.md): the organisation's choice if it enforces it → the account's personal
+Order (docs/architecture.md): the organisation's choice if it enforces it → the account's personal
 choice → the organisation's default → the global default. The egress pool is the
 organisation's pool when it sets one (customers allowlist the organisation's IPs), else the
 upstream's. Total: any attribution yields a Route (config validation guarantees the ids).

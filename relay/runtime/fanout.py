@@ -1,6 +1,6 @@
 """The admin API of a supervisor: one front for the private APIs of its workers.
 
-With `workers: N` every worker serves the ordinary admin API (relay/admin.py) on a private
+With `workers: N` every worker serves the ordinary admin API (relay/ops/admin.py) on a private
 Unix socket; the supervisor serves the configured address and answers each request by
 asking the workers and merging what they say, so `relay queue`, `relay reload`, Prometheus
 and the OpenAPI description see one relay, whatever N is:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 
+from relay.bounce.notifier import Bouncer
 from relay.config import ConfigErrors, load_config
 from relay.config.model import Config
 from relay.delivery import Deliverer, DnsResolver
@@ -59,7 +61,10 @@ class Relay:
             DnsResolver(cfg.relay.dns.hosts, lifetime=cfg.relay.dns.timeout),
             unpooled=lambda up: self.limits.store.fresh_connections(up.throttle.max_connections),
         )
-        self.scheduler = Scheduler(cfg, self.spool, self.deliverer, self.events, gate=self.limits.gate)
+        self.scheduler = Scheduler(
+            cfg, self.spool, self.deliverer, self.events,
+            bounces=Bouncer(self.spool, self.events, clock=time.time), gate=self.limits.gate,
+        )
         loaded = await self.scheduler.recover()
         queued, held = await self.spool.count()
         log.info("recovered %d unfinished messages from %s (%d held; %d loaded, the rest are read "

@@ -1,6 +1,6 @@
 """What a worker process is told by its supervisor (`relay serve --worker I/N …`).
 
-The supervisor (relay/supervisor.py) binds the listening sockets once and starts N copies of
+The supervisor (relay/runtime/supervisor.py) binds the listening sockets once and starts N copies of
 `relay serve` that inherit them. Each worker is an ordinary relay node with its own spool
 shard, scheduler and deliverer; this record says which shard, which inherited sockets serve
 which listener, where its private admin socket goes, and which pipe to write "ready" to.

@@ -11,7 +11,7 @@ bound, so a machine with N cores runs N workers. The supervisor:
    ordinary relay on its own spool shard with its own scheduler and deliverer (limits
    are split between workers, relay/limits/partition.py, or shared through Redis);
 4. once every worker has written "ready" on its pipe, prints the `relay: listening …`
-   lines, serves the admin API for all of them (relay/fanout.py) and tells systemd;
+   lines, serves the admin API for all of them (relay/runtime/fanout.py) and tells systemd;
 5. restarts a worker that dies (backoff 1 s doubling to 30 s; its shard's mail waits in
    its spool meanwhile, nothing is lost), forwards SIGHUP (after validating the new
    configuration) and, on SIGTERM/SIGINT, stops every worker the graceful way and waits.

@@ -66,7 +66,7 @@ class Listener:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Bind on the running loop, or serve `sock`, a listening socket inherited from
-        the supervisor (relay/supervisor.py)."""
+        the supervisor (relay/runtime/supervisor.py)."""
         loop = asyncio.get_running_loop()
         s = self.settings
         ctx = None if s.tls is TlsMode.NONE else self._tls_context()

@@ -1,0 +1,86 @@
+"""The bounce stage: for recipients that bounced or expired, one RFC 3464 DSN to the sender,
+made durable in the spool like any message and handed back to the scheduler to deliver."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from relay.bounce.dsn import build_dsn, should_send_dsn
+from relay.core.message import header_end
+from relay.core.model import Disposition, Reply
+from relay.events import MailLog
+from relay.scheduler.entry import Entry
+from relay.spool import Spool
+
+log = logging.getLogger("relay.bounce")
+
+
+class Bouncer:
+    """relay.scheduler.ports.BounceNotifier over the spool and the mail log."""
+
+    def __init__(self, spool: Spool, events: MailLog, *, clock: Callable[[], float]) -> None:
+        self.spool = spool
+        self.events = events
+        self.clock = clock
+
+    async def bounced(
+        self,
+        e: Entry,
+        failed: list[tuple[str, str, Reply]],
+        data: bytes | None,
+        *,
+        reporting_mta: str,
+    ) -> Entry | None:
+        """Queue one DSN to `e.sender` for the `failed` recipients (recipient, status, reply);
+        returns its entry, or None when no DSN is due (null sender, a DSN itself) or it could
+        not be queued (logged: the failure is in the mail log already)."""
+        if not should_send_dsn(e.sender, e.is_dsn):
+            return None
+        if data is None:
+            try:
+                data = await self.spool.read_body(e.queue_id)
+            except KeyError:
+                data = b""
+        headers = data[: header_end(data)]
+        dsn = build_dsn(
+            reporting_mta=reporting_mta,
+            original_sender=e.sender,
+            queue_id=e.queue_id,
+            arrival=e.received_at,
+            failures=failed,
+            original_headers=headers,
+            now=self.clock(),
+        )
+        try:
+            qid = await self.spool.put(
+                sender="",
+                recipients=[e.sender],
+                data=dsn,
+                client="relay",
+                org=e.org,
+                account=e.account,
+                upstream=e.upstream,
+                is_dsn=True,
+            )
+        except Exception:
+            log.exception("could not queue the DSN for %s", e.queue_id)
+            return None
+        self.events.emit(
+            Disposition.QUEUED,
+            queue_id=qid,
+            org=e.org,
+            account=e.account,
+            sender="",
+            recipients=1,
+            dsn_for=e.queue_id,
+        )
+        return Entry(
+            queue_id=qid,
+            sender="",
+            org=e.org,
+            account=e.account,
+            received_at=self.clock(),
+            pending={e.sender: 0},
+            is_dsn=True,
+        )
