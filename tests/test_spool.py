@@ -20,6 +20,7 @@ from relay.spool import (
     SpoolMessage,
     is_queue_id,
     new_queue_id,
+    schema,
 )
 from relay.spool.queue_id import decode, encode
 from relay.spool.schema import connect
@@ -414,3 +415,25 @@ async def test_a_version_1_spool_gets_its_due_column_from_the_recipients(tmp_pat
         assert batch.exhausted
     finally:
         await spool.close()
+
+
+async def test_named_schema_steps_run_once_each_across_reopens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def count(conn: sqlite3.Connection) -> None:
+        calls.append("counted")
+        conn.execute("CREATE TABLE step_probe (x INTEGER)")
+
+    monkeypatch.setattr(schema, "STEPS", [("probe-table", count), ("probe-sql", "CREATE TABLE p2 (y)")])
+    for _ in range(2):
+        spool = await Spool.open(tmp_path / "spool")
+        await spool.close()
+    assert calls == ["counted"]
+    conn = schema.connect(tmp_path / "spool" / schema.DB_NAME)
+    names = [r[0] for r in conn.execute("SELECT name FROM schema_steps ORDER BY name")]
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    conn.close()
+    assert names == ["probe-sql", "probe-table"]
+    assert {"step_probe", "p2"} <= tables

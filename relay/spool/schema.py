@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +102,44 @@ def init_schema(conn: sqlite3.Connection) -> None:
                 " FROM json_each(recipients) WHERE json_extract(value, '$[1]') = 'pending'), 0)"
                 " WHERE json_valid(recipients)"
             )
-        for statement in DDL.split(";\n"):
-            if statement.strip():
-                conn.execute(statement)
+        _run(conn, DDL)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        _apply_steps(conn)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+# Schema changes after version 2 are named steps, applied once each, in this order, in the
+# same transaction as the rest of init_schema; `schema_steps` records which ran. A feature
+# that needs a table or a column appends its own step here (never edit or reorder a step that
+# has shipped): steps from independent features then never collide on a version number.
+Step = tuple[str, "str | Callable[[sqlite3.Connection], None]"]
+STEPS: list[Step] = []
+
+
+def _run(conn: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";\n"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _apply_steps(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_steps (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT name FROM schema_steps")}
+    for name, step in STEPS:
+        if name in done:
+            continue
+        if isinstance(step, str):
+            _run(conn, step)
+        else:
+            step(conn)
+        conn.execute(
+            "INSERT INTO schema_steps (name, applied_at) VALUES (?, julianday('now'))", (name,)
+        )
 
 
 class DamagedRow(ValueError):
