@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.runtime.logsetup import REDACTED, JsonFormatter, Redactor, TextFormatter
+from relay.core.redact import REDACTED, Redactor
+from relay.runtime.logsetup import JsonFormatter, TextFormatter
 from tests.relayproc import RelayConfig, RelayProcess, plain_upstream, send
 from tests.sinks import ThreadedSink
 
