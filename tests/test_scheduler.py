@@ -442,7 +442,7 @@ async def test_operator_retry_and_release_reach_messages_not_in_memory(
     far = time.time() + 3600
     ids = [await put_due(rig, f"r{i:02d}@y.test", far + i) for i in range(20)]
     held = await put_due(rig, "held@y.test", far)
-    await rig.spool.set_held(held, True)
+    await rig.spool.set_held(held, held=True)
     assert await rig.scheduler.recover() == 5
     rig.scheduler.start()
     ops = QueueOps(rig.scheduler, rig.spool)

@@ -176,7 +176,7 @@ async def test_unknown_ids(spool: Spool) -> None:
     assert await spool.get("0000000000000000") is None
     with pytest.raises(KeyError):
         await spool.read_body("0000000000000000")
-    assert await spool.set_held("0000000000000000", True) is False
+    assert await spool.set_held("0000000000000000", held=True) is False
     assert await spool.delete("0000000000000000") is False
     await spool.update("0000000000000000", [done("x@example.org")])  # ignored
 
@@ -235,11 +235,11 @@ async def test_update_records_outcomes_and_deletes_when_nothing_pending(spool: S
 
 async def test_hold_release_and_delete(spool: Spool) -> None:
     qid = await put(spool)
-    assert await spool.set_held(qid, True) is True
+    assert await spool.set_held(qid, held=True) is True
     msg = await spool.get(qid)
     assert msg is not None and msg.held
     assert (await spool.summary())["held"] == 1
-    assert await spool.set_held(qid, False) is True
+    assert await spool.set_held(qid, held=False) is True
     msg = await spool.get(qid)
     assert msg is not None and not msg.held
     assert await spool.delete(qid) is True
@@ -289,7 +289,7 @@ async def test_summary_groups_by_upstream_and_org(spool: Spool) -> None:
     )
     held = await put(spool, org="acme", upstream="mailjet", received_at=7.0)
     await put(spool, org="beta", upstream="sendgrid", received_at=3.0)
-    await spool.set_held(held, True)
+    await spool.set_held(held, held=True)
     s = await spool.summary()
     assert (s["messages"], s["recipients_pending"], s["held"], s["oldest_received_at"]) == (
         3,

@@ -137,14 +137,14 @@ class QueueOps:
         in_flight = e is not None and e.state == ACTIVE
         if action == "hold":
             known = self.scheduler.hold(queue_id)
-            known = await self.spool.set_held(queue_id, True) or known
+            known = await self.spool.set_held(queue_id, held=True) or known
             if not known:
                 return "not_found", f"{queue_id}: not in the queue"
             log.info("queue: %s held by the operator", queue_id)
             return "ok", "held" + (" (the attempt in progress finishes first)" if in_flight else "")
         if action == "release":
             now = time.time()
-            known = await self.spool.set_held(queue_id, False, due=now)
+            known = await self.spool.set_held(queue_id, held=False, due=now)
             if self.scheduler.release(queue_id):
                 known = True
             elif known:

@@ -298,7 +298,7 @@ class Spool:
 
         await self._write(op)
 
-    async def set_held(self, queue_id: str, held: bool, *, due: float | None = None) -> bool:
+    async def set_held(self, queue_id: str, *, held: bool, due: float | None = None) -> bool:
         """Hold (no delivery attempts) or release a message, optionally setting its `due`
         time too (a release makes it due now); False if the id is unknown."""
 
