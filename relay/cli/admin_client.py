@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from relay.cli import shell
 from relay.cli.common import load_or_report
 from relay.config.model import Config
 from relay.config.secrets import SecretUnavailable, resolve_secret
@@ -104,7 +105,7 @@ def admin_token(args: argparse.Namespace, config: Config | None) -> str | None:
 
 
 def add_api_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("-c", "--config", help="configuration directory (for the admin URL and token)")
+    shell.complete_directory(sp.add_argument("-c", "--config", help="configuration directory (for the admin URL and token)"))
     sp.add_argument("--url", help="admin API URL (default: from the config's admin: section)")
     sp.add_argument("--token-file", help=f"file holding the admin token (else ${TOKEN_ENV})")
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from relay.cli import shell
 from relay.cli.admin_client import AdminClient, AdminError
 from relay.cli.common import load_or_report
 from relay.delivery import DnsResolver
@@ -156,7 +157,7 @@ def add_subcommands(sub: Any) -> None:
         " from the relay's egress source, step by step",
     )
     sp.add_argument("name", nargs="?", help="a configured upstream id (org-own ones: org/name)")
-    sp.add_argument("-c", "--config", help="configuration directory")
+    shell.complete_directory(sp.add_argument("-c", "--config", help="configuration directory"))
     g = sp.add_argument_group("an ad-hoc server, not yet in a policy")
     g.add_argument("--host")
     g.add_argument("--port", type=int)
@@ -190,7 +191,7 @@ def add_subcommands(sub: Any) -> None:
     sp = sub.add_parser(
         "check-domain", help="SPF, DMARC and DKIM of a sender domain against its route"
     )
-    sp.add_argument("-c", "--config", required=True, help="configuration directory")
+    shell.complete_directory(sp.add_argument("-c", "--config", required=True, help="configuration directory"))
     sp.add_argument("domain")
     sp.add_argument("--nameserver", action="append", help="ask this DNS server (repeatable)")
     sp.add_argument(

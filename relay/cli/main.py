@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from relay.cli import diagnose, queue
+from relay.cli import diagnose, queue, shell
 from relay.cli.common import load_or_report
 from relay.config.model import Config
 from relay.limits.usage import as_text as usage_text
@@ -96,18 +96,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.config, slot)
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(shell.completion_script(build_parser(), args.shell), end="")
+    return 0
+
+
+def cmd_manpage(args: argparse.Namespace) -> int:
+    print(shell.manpage(build_parser()), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description="egress-relay: policy-routed SMTP relay")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser, required: bool = True) -> None:
-        sp.add_argument(
+        shell.complete_directory(sp.add_argument(
             "-c",
             "--config",
             required=required,
             default=None,
             help="configuration directory (holding relay.yaml) or file",
-        )
+        ))
 
     sp = sub.add_parser("serve", help="run the relay")
     with_config(sp, required=False)
@@ -147,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue.add_subcommands(sub)  # queue, reload
     diagnose.add_subcommands(sub)  # test-upstream, check-domain
+
+    sp = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    sp.add_argument("shell", choices=shell.SHELLS)
+    sp.set_defaults(func=cmd_completion)
+    sp = sub.add_parser("manpage", help="print relay(1), the manual page, in roff")
+    sp.set_defaults(func=cmd_manpage)
     return p
 
 
