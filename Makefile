@@ -10,15 +10,19 @@ $(BIN)/relay: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: install run test lint
+.PHONY: install run demo test lint
 install: $(BIN)/relay
 
 run: install
 	$(BIN)/relay check -c config
 	$(BIN)/relay serve -c config
 
+# A sink, the relay, one message and what each saw; then both stop (scripts/demo.py).
+demo: install
+	$(BIN)/python scripts/demo.py
+
 lint: install
-	$(BIN)/ruff check relay tests benchmarks
+	$(BIN)/ruff check relay tests benchmarks scripts
 	$(BIN)/mypy
 
 test: lint
