@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from relay.cli import main
+from relay.ops.shape import EDGES_MINUTES
 from tests.adminapi import ENV, TOKEN, admin_url, relay_with_admin
 from tests.relayproc import RelayProcess, plain_upstream, send
 from tests.sinks import Script, ThreadedSink
@@ -90,6 +91,21 @@ def test_views(running: tuple[RelayProcess, ThreadedSink, list[str]]) -> None:
     assert out.returncode == 1 and "401" in out.stderr
     out = queue(relay, token=None)  # the config's reference env:RELAY_ADMIN_TOKEN is unset here
     assert out.returncode == 1 and "RELAY_ADMIN_TOKEN" in out.stderr and "--token-file" in out.stderr
+
+
+def test_shape(running: tuple[RelayProcess, ThreadedSink, list[str]]) -> None:
+    relay, _, _ = running
+    out = queue(relay, "shape", "--by", "org")
+    assert out.returncode == 0, out.stderr
+    header, total, *groups = out.stdout.splitlines()
+    assert header.split() == ["by", "org", "T", *(f"{m}m" for m in EDGES_MINUTES), "1280m+"]
+    # All three were received seconds ago: the first bucket (0-5m) holds them.
+    assert total.split() == ["TOTAL", "3", "3", *["0"] * 9]
+    assert [g.split()[:3] for g in groups] == [["acme", "2", "2"], ["globex", "1", "1"]]
+    out = queue(relay, "shape", "--json")
+    data = json.loads(out.stdout)
+    assert data["by"] == "upstream" and data["groups"] == {"plain": [3, *[0] * 9]}
+    assert data["total"] == [3, *[0] * 9]
 
 
 def test_test_upstream_through_the_running_relay(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import string
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -437,3 +438,24 @@ async def test_named_schema_steps_run_once_each_across_reopens(
     conn.close()
     assert names == ["probe-sql", "probe-table"]
     assert {"step_probe", "p2"} <= tables
+
+
+async def test_age_shape_counts_each_message_in_its_bucket_by_group(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool")
+    try:
+        for org, upstream in (("a", "u1"), ("a", "u2"), ("b", "u1")):
+            await spool.put(sender="s@x.test", recipients=["r@y.test"], data=b"x\r\n",
+                            client="t", org=org, account="s@x.test", upstream=upstream)
+        put_at = time.time()
+        edges = [300.0, 600.0, 1200.0]
+        assert await spool.age_shape(by="org", edges=edges, now=put_at) == {
+            "a": [2, 0, 0, 0], "b": [1, 0, 0, 0]}
+        # Seven minutes later they are 5-10 minutes old; an hour later, older than the last edge.
+        assert await spool.age_shape(by="upstream", edges=edges, now=put_at + 420) == {
+            "u1": [0, 2, 0, 0], "u2": [0, 1, 0, 0]}
+        assert await spool.age_shape(by="upstream", edges=edges, now=put_at + 3600) == {
+            "u1": [0, 0, 0, 2], "u2": [0, 0, 0, 1]}
+        with pytest.raises(ValueError):
+            await spool.age_shape(by="sender", edges=edges, now=put_at)
+    finally:
+        await spool.close()

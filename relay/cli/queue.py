@@ -16,6 +16,7 @@ from typing import Any
 from relay.cli.admin_client import AdminClient, AdminError, add_api_args
 from relay.cli.common import age, load_or_report
 from relay.config.model import Config
+from relay.ops.shape import render as render_shape
 from relay.runtime.supervisor import running_supervisor
 
 
@@ -98,6 +99,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
             )
         elif action == "show":
             status, data = client.call("GET", f"/queue/messages/{urllib.parse.quote(args.ids[0])}")
+        elif action == "shape":
+            status, data = client.call("GET", "/queue/shape", query={"by": args.by})
         else:
             body: dict[str, Any] = {"action": action, **_filters(args)}
             if args.ids:
@@ -128,6 +131,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
         _print_list(data["messages"])
     elif action == "show":
         _print_show(data)
+    elif action == "shape":
+        print(render_shape(data))
     else:
         for qid, r in data["results"].items():
             print(f"{qid}: {r['result']}: {r['text']}")
@@ -199,6 +204,7 @@ def add_subcommands(sub: Any) -> None:
     for name, text in (
         ("list", "queued messages, oldest first"),
         ("show", "one message: recipients, state, headers"),
+        ("shape", "age distribution by upstream or organisation (like Postfix's qshape)"),
         ("retry", "attempt delivery now"),
         ("hold", "no delivery until released"),
         ("release", "undo hold"),
@@ -208,6 +214,8 @@ def add_subcommands(sub: Any) -> None:
         qp = qsub.add_parser(name, help=text)
         if name == "show":
             qp.add_argument("ids", nargs=1, metavar="QUEUE_ID")
+        elif name == "shape":
+            qp.add_argument("--by", choices=["upstream", "org"], default="upstream")
         else:
             if name != "list":
                 qp.add_argument("ids", nargs="*", metavar="QUEUE_ID")

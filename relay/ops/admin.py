@@ -30,6 +30,7 @@ from relay.ops.http import json_response as _json
 from relay.ops.http import start_tcp_site
 from relay.ops.probe import TargetError, adhoc_upstream, configured_upstream, probe, sources_for
 from relay.ops.queueops import ACTIONS, Filters, QueueOps
+from relay.ops.shape import BY, queue_shape
 from relay.policy.egress import as_dict, render
 from relay.scheduler import Scheduler
 from relay.spool import Spool
@@ -86,6 +87,7 @@ class AdminApi:
         r.add_get("/egress-ips", self.egress_ips)
         r.add_get("/queue", self.queue_summary)
         r.add_get("/queue/messages", self.queue_list)
+        r.add_get("/queue/shape", self.queue_shape)
         r.add_post("/queue/actions", self.queue_actions)
         r.add_get("/queue/messages/{queue_id}", self.queue_show)
         r.add_delete("/queue/messages/{queue_id}", self.queue_delete)
@@ -172,6 +174,12 @@ class AdminApi:
             raise web.HTTPBadRequest(
                 text=json.dumps({"error": str(exc)}), content_type="application/json"
             ) from None
+
+    async def queue_shape(self, request: web.Request) -> web.Response:
+        by = request.query.get("by", "upstream")
+        if by not in BY:
+            return _error(400, f"by: want one of {', '.join(BY)}")
+        return _json(await queue_shape(self.relay.spool, by))
 
     async def queue_list(self, request: web.Request) -> web.Response:
         f = self._filters(request.query)

@@ -31,6 +31,7 @@ import aiohttp
 from aiohttp import web
 
 from relay.ops.http import start_tcp_site
+from relay.ops.shape import merge_shapes
 
 log = logging.getLogger("relay.admin")
 
@@ -212,6 +213,7 @@ class FanoutApi:
         r.add_post("/test-upstream", self.first)
         r.add_get("/queue", self.queue_summary)
         r.add_get("/queue/messages", self.queue_list)
+        r.add_get("/queue/shape", self.queue_shape)
         r.add_post("/queue/actions", self.queue_actions)
         r.add_get("/queue/messages/{queue_id}", self.one_message)
         r.add_delete("/queue/messages/{queue_id}", self.one_message)
@@ -269,6 +271,14 @@ class FanoutApi:
         if bad is not None:
             return bad
         out = merge_summaries([a.json() for a in answers])
+        out["unavailable_workers"] = down
+        return _json(out)
+
+    async def queue_shape(self, request: web.Request) -> web.Response:
+        answers, down, bad = await self._views(request)
+        if bad is not None:
+            return bad
+        out = merge_shapes([a.json() for a in answers])
         out["unavailable_workers"] = down
         return _json(out)
 
