@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "config": 1,
     "policy": 2,
     "events": 2,
+    "notify": 3,
     "spool": 2,
     "delivery": 2,
     "smtp": 2,

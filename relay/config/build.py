@@ -12,6 +12,7 @@ from pathlib import Path
 
 from relay.config.errors import ConfigError
 from relay.config.model import Config, Member, Org
+from relay.config.notify_build import check_org_notify, check_relay_notify
 from relay.config.schema import OrgConf, RelayConf, UpstreamConf
 from relay.config.secrets import SecretUnavailable, is_reference, resolve_secret
 from relay.config.yamlsrc import Located
@@ -307,7 +308,15 @@ class Builder:
                 members=members,
                 limits=oc.limits,
                 dkim_selectors=tuple(oc.dkim_selectors),
+                webhooks=dict(oc.webhooks),
+                dsn=oc.dsn,
+                dsn_upstream=(
+                    scoped(oc.dsn.upstream, ("dsn", "upstream")) if oc.dsn.upstream else None
+                ),
+                suppression=oc.suppression,
             )
+            check_org_notify(self, oc, src, relay, base_dir)
+        dsn_upstream = check_relay_notify(self, relay, rsrc, global_confs, base_dir)
         if self.errors:
             return None
         return Config(
@@ -322,5 +331,6 @@ class Builder:
             domain_index=domain_index,
             account_index=account_index,
             username_refs=self.username_refs,
+            dsn_upstream=dsn_upstream or default_upstream,
             warnings=[str(w) for w in sorted(set(self.warnings), key=lambda e: (e.file, e.line))],
         )

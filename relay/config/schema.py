@@ -13,6 +13,13 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from relay.config.notify import (
+    DsnConf,
+    EventsConf,
+    OrgDsnConf,
+    SuppressionConf,
+    WebhookConf,
+)
 from relay.config.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -242,6 +249,9 @@ class RelayConf(Strict):
     admin: AdminConf = Field(default_factory=AdminConf)
     dns: DnsConf = Field(default_factory=DnsConf)
     log: LogConf = Field(default_factory=LogConf)
+    events: EventsConf = Field(default_factory=EventsConf)
+    webhooks: dict[Name, WebhookConf] = Field(default_factory=dict)
+    dsn: DsnConf = Field(default_factory=DsnConf)
 
 
 class MemberConf(Strict):
@@ -264,3 +274,6 @@ class OrgConf(Strict):
     dkim_selectors: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]] = (
         Field(default_factory=list)
     )
+    webhooks: dict[Name, WebhookConf] = Field(default_factory=dict)
+    dsn: OrgDsnConf = Field(default_factory=OrgDsnConf)
+    suppression: SuppressionConf = Field(default_factory=SuppressionConf)

@@ -157,3 +157,4 @@ class RecipientResult:
     # True when the upstream said "slow down" (421, 4.7.x throttling): the scheduler backs
     # off the whole upstream, not just this message.
     throttled: bool = False
+    tls: str | None = None  # the TLS version the transaction ran under ("TLSv1.3"), if any

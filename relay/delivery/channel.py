@@ -72,6 +72,12 @@ class Channel(asyncio.Protocol):
     def alive(self) -> bool:
         return self._error is None and not self._transport.is_closing()
 
+    @property
+    def tls_version(self) -> str | None:
+        """The negotiated TLS version ("TLSv1.3"), or None on a plaintext connection."""
+        ssl_object = self._transport.get_extra_info("ssl_object")
+        return None if ssl_object is None else ssl_object.version()
+
     def send(self, data: bytes) -> None:
         """Write commands (each ending in CRLF) or a body; replies are read with `reply`."""
         if not self.alive:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from relay.core.model import EgressSource, Outcome, RecipientResult, Reply, Upstream
 from relay.delivery import outcome
@@ -151,6 +152,9 @@ class Deliverer:
                 results = await self._transaction(
                     session, upstream, sender, recipients, data, reused=not fresh
                 )
+                version = session.channel.tls_version
+                if version is not None:
+                    results = [replace(r, tls=version) for r in results]
             except _StaleConnection:
                 self._log.debug(
                     "upstream %s: pooled connection was dead, reconnecting", upstream.id

@@ -21,11 +21,14 @@ from relay.events import MailLog, Metrics
 from relay.intake import Intake
 from relay.limits import Limits
 from relay.limits.partition import Partition
+from relay.notify.suppression import AutoSuppressor, SuppressionList
+from relay.notify.webhook import WebhookSender
 from relay.ops.admin import AdminServer
 from relay.runtime.logsetup import remember_config_secrets
 from relay.runtime.settings import admin_token, listener_settings, load_users, mail_log_path
 from relay.runtime.slot import WorkerSlot
 from relay.runtime.systemd import sd_notify
+from relay.policy.dsnroute import dsn_upstream_id
 from relay.scheduler import Scheduler
 from relay.smtp.penalty import PenaltyBox
 from relay.smtp.server import Listener
@@ -63,15 +66,19 @@ class Relay:
         )
         self.scheduler = Scheduler(
             cfg, self.spool, self.deliverer, self.events,
-            bounces=Bouncer(self.spool, self.events, clock=time.time), gate=self.limits.gate,
+            bounces=Bouncer(self.spool, self.events, clock=time.time,
+                            dsn_upstream=lambda org: dsn_upstream_id(self.config, org)),
+            gate=self.limits.gate,
         )
+        await self._start_notify(cfg)
         loaded = await self.scheduler.recover()
         queued, held = await self.spool.count()
         log.info("recovered %d unfinished messages from %s (%d held; %d loaded, the rest are read "
                  "in due order as room frees)", queued, spool_path, held, loaded)
         self.penalty = PenaltyBox()  # failed-AUTH memory; survives reloads, not restarts
         self.intake = Intake(cfg, self.spool, self.scheduler, self.events, users=load_users(cfg),
-                             penalty=self.penalty, limiter=self.limits.limiter)
+                             penalty=self.penalty, limiter=self.limits.limiter,
+                             suppression=self.suppression)
         self.scheduler.start()
         await self._start_admin(cfg)
         for settings in listener_settings(cfg):
@@ -87,6 +94,21 @@ class Relay:
             sd_notify("READY=1\nSTATUS=accepting mail")
         else:
             slot.notify_ready()
+
+    async def _start_notify(self, cfg: Config) -> None:
+        """Suppression list (node-wide, shared with Redis) and this shard's webhook sender."""
+        lc = cfg.relay.limits
+        self.suppression = SuppressionList(
+            cfg.spool_path, redis_url=lc.redis_url if lc.backend == "redis" else None,
+            redis_timeout=lc.redis_timeout)
+        await self.suppression.start()
+        self.scheduler.recorder.suppressor = AutoSuppressor(
+            self.suppression,
+            lambda org: o.suppression if (o := self.config.orgs.get(org)) else None)
+        node = lc.node_id or cfg.hostname
+        self.webhooks = WebhookSender(self.spool, self.metrics.registry,
+                                      f"{node}/w{self.slot.index if self.slot else 0}", cfg)
+        await self.webhooks.start()
 
     def _partition(self) -> Partition | None:
         if self.slot is None or self.slot.count <= 1:
@@ -140,8 +162,10 @@ class Relay:
         self.config = new
         self.scheduler.reconfigure(new)
         await self._reload_limits(new)
+        await self.webhooks.reconfigure(new)
         self.intake = Intake(new, self.spool, self.scheduler, self.events, users=load_users(new),
-                             penalty=self.penalty, limiter=self.limits.limiter)
+                             penalty=self.penalty, limiter=self.limits.limiter,
+                             suppression=self.suppression)
         for lst in self.listeners:
             lst.set_intake(self.intake)
         log.info("configuration reloaded")
@@ -165,6 +189,8 @@ class Relay:
         await self.scheduler.stop(grace=min(grace, 10.0))
         if self.admin is not None:
             await self.admin.stop()
+        await self.webhooks.close()
+        await self.suppression.close()
         await self.limits.close()
         await self.deliverer.close()
         await self.spool.close()

@@ -31,6 +31,7 @@ from relay.core.model import (
 )
 from relay.events import MailLog
 from relay.policy import Attribution, route
+from relay.policy.dsnroute import dsn_route
 from relay.scheduler.entry import ACTIVE, READY, WAITING, Entry
 from relay.scheduler.outcomes import Recorder
 from relay.scheduler.ports import BounceNotifier, Deliverer, Gate, NoGate
@@ -184,6 +185,8 @@ class Scheduler:
                 pass
 
     def route_entry(self, e: Entry) -> tuple[Upstream, EgressPool]:
+        if e.is_dsn:  # to the sender, through the DSN upstream (relay/policy/dsnroute.py)
+            return dsn_route(self.config, e.org)
         r = route(self.config, Attribution(e.org, e.account, "queued"))
         return r.upstream, r.pool
 
@@ -337,8 +340,10 @@ class Scheduler:
         source: EgressSource | None,
         results: Sequence[RecipientResult],
         data: bytes | None,
+        operator: str | None = None,
     ) -> None:
-        done = await self.recorder.record(e, upstream, source, results)
+        done = await self.recorder.record(e, upstream, source, results, data=data,
+                                          operator=operator)
         if done.some_unanswered:
             self.window.pinned.add(e.queue_id)  # some recipients kept their own (earlier) time
         else:
@@ -415,6 +420,7 @@ class Scheduler:
         reply = Reply(550, text, "5.0.0")
         e.state = ACTIVE
         await self._record(
-            e, upstream, None, [RecipientResult(r, Outcome.BOUNCED, reply) for r in e.pending], None
+            e, upstream, None, [RecipientResult(r, Outcome.BOUNCED, reply) for r in e.pending], None,
+            operator=text,
         )
         return True

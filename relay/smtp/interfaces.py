@@ -20,6 +20,7 @@ class SessionInfo:
     helo: str
     tls: bool
     user: str | None  # authenticated identity
+    listener: str = ""  # the name of the listener that accepted the connection
 
 
 class Intake(Protocol):

@@ -479,6 +479,7 @@ class SmtpSession(asyncio.Protocol):
                 helo=self._helo or "",
                 tls=self._tls,
                 user=self._auth_user,
+                listener=self._settings.name,
             )
         return info
 

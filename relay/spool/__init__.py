@@ -26,15 +26,19 @@ recipient to be delivered again (a duplicate), never a message to be lost.
 
 from relay.spool.queue_id import is_queue_id, new_queue_id
 from relay.spool.store import Spool
-from relay.spool.types import RcptStatus, RecipientUpdate, SpoolMessage, SpoolRecipient
+from relay.spool.eventlog import EventLog, StoredEvent
+from relay.spool.types import EventRow, RcptStatus, RecipientUpdate, SpoolMessage, SpoolRecipient
 from relay.spool.writer import WriterStats
 
 __all__ = [
+    "EventLog",
+    "EventRow",
     "RcptStatus",
     "RecipientUpdate",
     "Spool",
     "SpoolMessage",
     "SpoolRecipient",
+    "StoredEvent",
     "WriterStats",
     "is_queue_id",
     "new_queue_id",

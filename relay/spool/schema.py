@@ -118,6 +118,37 @@ def init_schema(conn: sqlite3.Connection) -> None:
 Step = tuple[str, "str | Callable[[sqlite3.Connection], None]"]
 STEPS: list[Step] = []
 
+# Events (relay/notify): every disposition and operator action, written in the same
+# transaction as the state change it reports; the trace and the webhook outboxes read them.
+# `seq` orders one shard's events (AUTOINCREMENT: never reused, even after pruning, so a
+# receiver checks for gaps by it); `webhook_cursors` holds each endpoint's last acknowledged
+# seq (its outbox is every later event it subscribes to). Independent of `bodies`.
+STEPS.append((
+    "events-1",
+    """
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT    NOT NULL UNIQUE,
+    ts         REAL    NOT NULL,
+    type       TEXT    NOT NULL,
+    queue_id   TEXT    NOT NULL,
+    message_id TEXT    NOT NULL,
+    org        TEXT    NOT NULL,
+    recipient  TEXT    NOT NULL,
+    data       TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE INDEX IF NOT EXISTS events_queue ON events (queue_id);
+CREATE INDEX IF NOT EXISTS events_message ON events (message_id) WHERE message_id != '';
+CREATE INDEX IF NOT EXISTS events_recipient ON events (recipient) WHERE recipient != '';
+CREATE TABLE IF NOT EXISTS webhook_cursors (
+    endpoint   TEXT PRIMARY KEY,
+    acked      INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+""",
+))
+
 
 def _run(conn: sqlite3.Connection, script: str) -> None:
     for statement in script.split(";\n"):
