@@ -49,7 +49,7 @@ class WebhookConf(_Strict):
 
     url: Annotated[str, AfterValidator(_https_url)]
     secret: Annotated[str, AfterValidator(_secret_ref)]
-    events: list[EventType] = Field(default_factory=lambda: list(EVENT_TYPES))
+    events: list[EventType] = Field(default_factory=lambda: list(EVENT_TYPES))  # type: ignore[arg-type]
     batch_size: Annotated[int, Field(ge=1, le=1000)] = 100
     timeout: Duration = 10.0
     verify_tls: bool = True
@@ -79,5 +79,5 @@ class OrgDsnConf(_Strict):
 
 class SuppressionConf(_Strict):
     enabled: bool = False
-    classes: list[FailureClass] = Field(default_factory=lambda: ["hard"])
+    classes: list[FailureClass] = Field(default_factory=lambda: ["hard"])  # type: ignore[arg-type]
     duration: Duration = 30 * 86400.0

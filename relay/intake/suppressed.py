@@ -42,7 +42,7 @@ class SuppressionCheck:
             ev.SUPPRESSED, queue_id=queue_id, org=s.org, sender=sender, recipient=s.recipient,
             message_id=message_id, client=client, stage=stage,
             suppressed_at=s.created_at, suppressed_until=s.expires_at, reason=s.reason,
-            source=s.source, **{"class": s.klass},
+            source=s.source, klass=s.klass,
         )
 
     def at_rcpt(self, session: SessionInfo, sender: str, rcpt: str) -> None:

@@ -44,7 +44,7 @@ def reply_fields(reply: Reply) -> dict[str, Any]:
 def make_event(kind: str, *, queue_id: str, org: str = "", account: str = "",
                sender: str | None = None, recipient: str = "", message_id: str = "",
                reply: Reply | None = None, ts: float | None = None,
-               **fields: Any) -> EventRow:
+               klass: str | None = None, **fields: Any) -> EventRow:
     """One event as its spool row. `fields` adds the rest (upstream, egress, tls, attempt,
     class, next_attempt, ...); None values are left out."""
     when = time.time() if ts is None else ts
@@ -56,6 +56,8 @@ def make_event(kind: str, *, queue_id: str, org: str = "", account: str = "",
     }
     if reply is not None:
         data["reply"] = reply_fields(reply)
+    if klass:
+        data["class"] = klass
     for key, value in fields.items():
         if value is not None:
             data[key] = redact(value) if isinstance(value, str) and key in ("reason",) else value

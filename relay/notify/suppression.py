@@ -86,6 +86,10 @@ def _key(org: str, recipient: str) -> str:
     return f"{org}\x00{recipient.lower()}"
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def clean_reason(text: str) -> str:
     text = " ".join(redact(text).split())
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
@@ -231,7 +235,7 @@ class SuppressionList:
         except (RedisError, OSError) as exc:
             log.warning("suppression list: Redis unreachable (%s); using this node's copy", exc)
             return
-        self._stream_id = last[0][0].decode() if last else "0-0"
+        self._stream_id = _text(last[0][0]) if last else "0-0"
         index: dict[str, Suppression] = {}
         for raw in entries.values():
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -266,11 +270,12 @@ class SuppressionList:
             got = await self._redis.xread({REDIS_STREAM: self._stream_id}, count=10_000)
         except (RedisError, OSError):
             return
-        for _, items in got or []:
+        streams: list[Any] = list(got or [])
+        for _, items in streams:
             for sid, fields in items:
-                self._stream_id = sid.decode()
-                key = fields.get(b"k", b"").decode()
-                value = fields.get(b"v", b"").decode()
+                self._stream_id = _text(sid)
+                key = _text(fields.get(b"k", b""))
+                value = _text(fields.get(b"v", b""))
                 self._apply(key, value or None)
 
     async def _follow(self) -> None:

@@ -24,7 +24,8 @@ _ATTEMPTS = {ev.DELIVERED, ev.DEFERRED, ev.BOUNCED, ev.EXPIRED, ev.DSN_FAILED}
 
 def _sent(e: StoredEvent, data: dict[str, Any], endpoints: Sequence[EndpointState]
           ) -> tuple[list[str], list[str]]:
-    sent, waiting = [], []
+    sent: list[str] = []
+    waiting: list[str] = []
     for st in endpoints:
         ep = st.endpoint
         if ep.types is not None and e.row.type not in ep.types:

@@ -168,9 +168,9 @@ class WebhookSender:
                 if st.task is not None:
                     st.task.cancel()
         for name, ep in wanted.items():
-            st = self.states.get(name)
-            if st is not None:
-                st.endpoint = ep
+            known = self.states.get(name)
+            if known is not None:
+                known.endpoint = ep
                 self._contexts.pop(name, None)
                 continue
             if name not in cursors:

@@ -25,9 +25,12 @@ from relay.config.model import Config
 from relay.config.units import parse_duration
 from relay.delivery import DnsResolver
 from relay.events import Metrics
+from relay.notify.suppression import SuppressionList
+from relay.notify.webhook import WebhookSender
 from relay.ops.http import error_response as _error
 from relay.ops.http import json_response as _json
 from relay.ops.http import start_tcp_site
+from relay.ops.notify_api import NotifyApi
 from relay.ops.probe import TargetError, adhoc_upstream, configured_upstream, probe, sources_for
 from relay.ops.queueops import ACTIONS, Filters, QueueOps
 from relay.ops.shape import BY, queue_shape
@@ -45,6 +48,8 @@ class RunningRelay(Protocol):
     metrics: Metrics
     ready: bool
     reload_errors: list[str]
+    webhooks: WebhookSender
+    suppression: SuppressionList
 
     def listening(self) -> dict[str, int]:
         """Listener name -> bound port."""
@@ -94,6 +99,7 @@ class AdminApi:
         r.add_post("/queue/messages/{queue_id}/{action}", self.queue_action)
         r.add_post("/reload", self.reload)
         r.add_post("/test-upstream", self.test_upstream)
+        NotifyApi(self.relay).add_routes(r)  # /events, /trace, /suppression
         return app
 
     @web.middleware

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from relay.ops.http import start_tcp_site
 from relay.ops.shape import merge_shapes
+from relay.runtime.fanout_notify import add_notify_routes
 
 log = logging.getLogger("relay.admin")
 
@@ -219,6 +220,7 @@ class FanoutApi:
         r.add_delete("/queue/messages/{queue_id}", self.one_message)
         r.add_post("/queue/messages/{queue_id}/{action}", self.one_message)
         r.add_post("/reload", self.reload)
+        add_notify_routes(r, self.fanout.all, self.first)  # /events, /trace, /suppression
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:

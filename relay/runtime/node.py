@@ -24,11 +24,11 @@ from relay.limits.partition import Partition
 from relay.notify.suppression import AutoSuppressor, SuppressionList
 from relay.notify.webhook import WebhookSender
 from relay.ops.admin import AdminServer
+from relay.policy.dsnroute import dsn_upstream_id
 from relay.runtime.logsetup import remember_config_secrets
 from relay.runtime.settings import admin_token, listener_settings, load_users, mail_log_path
 from relay.runtime.slot import WorkerSlot
 from relay.runtime.systemd import sd_notify
-from relay.policy.dsnroute import dsn_upstream_id
 from relay.scheduler import Scheduler
 from relay.smtp.penalty import PenaltyBox
 from relay.smtp.server import Listener

@@ -126,7 +126,7 @@ class Recorder:
                 egress=source.address if source else None, tls=res.tls, attempt=attempts,
                 next_attempt=round(when, 3) if status is RcptStatus.PENDING else None,
                 dsn=True if e.is_dsn else None, operator=operator,
-                **{"class": klass or None},
+                klass=klass,
             ))
             if status is RcptStatus.PENDING:
                 self.events.emit(Disposition.DEFERRED, **fields, retry_in=round(when - now, 1))
