@@ -82,6 +82,7 @@ def test_kill_9_with_the_receiver_down_then_every_event_arrives_without_gaps(
             relay.wait_events("delivered", n)
             # The outbox holds every event (the receiver refuses them all), then kill -9.
             status, outbox, _ = http("GET", admin_url(relay) + "/events/outbox")
+            assert status == 200
             assert sum(e["depth"] for e in outbox["endpoints"]) >= 2 * n - 4
             deadline = time.monotonic() + 10
             while rx.calls == 0:  # the endpoint has been tried (and refused)
