@@ -40,6 +40,9 @@ from relay.spool import Spool, StoredEvent
 log = logging.getLogger("relay.webhook")
 
 IDLE_POLL = 0.25  # seconds between looks at an empty outbox
+# A batch that is not full waits until this long after the previous call (like Kafka's
+# linger.ms): under load the calls carry full batches instead of a few events each.
+LINGER = 0.25
 CHECK = 5.0  # seconds between outbox bound checks (depth, age)
 PRUNE_EVERY = 600.0
 USER_AGENT = "egress-relay-webhook/1"
@@ -200,6 +203,7 @@ class WebhookSender:
     # -- one endpoint -------------------------------------------------------------------
     async def _run(self, st: EndpointState) -> None:
         delay = st.endpoint.conf.retry_initial
+        last_call = 0.0
         while self._running:
             ep = st.endpoint
             try:
@@ -214,6 +218,11 @@ class WebhookSender:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(st.wake.wait(), IDLE_POLL)
                 continue
+            linger = last_call + LINGER - time.monotonic()
+            if len(batch) < ep.conf.batch_size and linger > 0:
+                await asyncio.sleep(linger)
+                continue  # read again: the batch has grown
+            last_call = time.monotonic()
             error = await self._post(st, batch)
             if error is None:
                 st.acked = batch[-1].seq
