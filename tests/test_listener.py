@@ -282,7 +282,8 @@ async def test_allowlisted_client_sends_a_message(make_listener: MakeListener) -
     await c.closed()
 
     [(session, envelope)] = intake.submitted
-    assert session == SessionInfo("127.0.0.1", session.peer_port, "client.example", False, None)
+    assert session == SessionInfo("127.0.0.1", session.peer_port, "client.example", False, None,
+                                  listener="test")
     assert envelope.sender == "app@example.com"
     assert envelope.recipients == ("user@example.org", '"john doe"@example.net')
     proto, body = message_body(envelope)
