@@ -5,7 +5,12 @@ a screenshot lands in tests/output/ and its path is printed in the test output."
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +120,37 @@ def test_the_status_document_merges_workers_like_the_page(tmp_path: Path) -> Non
     assert sum(body["activity"]["per_minute"]["delivered"]) == 4
     assert [u["id"] for u in body["upstreams"]] == sorted(u["id"] for u in body["upstreams"])
     json.dumps(body)  # one JSON document, nothing else
+
+
+def test_relay_top_shows_rates_queue_and_upstreams(tmp_path: Path) -> None:
+    refuse = Script(rcpt_fn=lambda r: "451 4.2.0 mailbox busy" if r.startswith("busy") else None)
+    with ThreadedSink(script=refuse) as sink:
+        cfg = relay_with_admin(tmp_path / "relay", upstreams={"s": plain_upstream(sink.port)},
+                               default_upstream="s", workers=2,
+                               retry={"schedule": ["1h"], "jitter": 0, "max_age": "1d"}).write()
+        with RelayProcess(cfg, env=ENV) as relay:
+            url = admin_url(relay)
+            send(relay.port, "a@x.test", ["busy@y.test"])
+            relay.wait_events("deferred", 1)
+            top = subprocess.Popen(
+                [sys.executable, "-m", "relay.cli", "top", "--once", "--interval", "1.5",
+                 "-c", str(cfg), "--url", url], stdout=subprocess.PIPE, text=True,
+                env={**os.environ, **ENV},
+            )
+            # Mail flows while top takes its two samples, so its rates cannot be zero.
+            deadline = time.monotonic() + 30
+            i = 0
+            while top.poll() is None and time.monotonic() < deadline:
+                send(relay.port, "a@x.test", [f"ok{i}@y.test"])
+                i += 1
+                time.sleep(0.1)
+            out, _ = top.communicate(timeout=30)
+    assert top.returncode == 0, out
+    lines = out.splitlines()
+    assert "ready" in lines[0] and "workers 2/2 up" in lines[0]
+    rates = dict(re.findall(r"(\w+) ([\d.]+)/s", lines[1]))
+    assert float(rates["received"]) > 0 and float(rates["delivered"]) > 0
+    assert lines[2].startswith("queue      1 messages, 1 recipients pending, 0 held")
+    row = next(line for line in lines if line.startswith("s "))
+    assert row.split()[:3] == ["s", "active", "1"]
+    assert any("busy@y.test: 451 4.2.0 mailbox busy" in line for line in lines)

@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from relay.cli import diagnose, queue, shell
+from relay.cli import diagnose, queue, shell, top
 from relay.cli.common import load_or_report
 from relay.config.model import Config
 from relay.limits.usage import as_text as usage_text
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue.add_subcommands(sub)  # queue, reload
     diagnose.add_subcommands(sub)  # test-upstream, check-domain
+    top.add_subcommands(sub)
 
     sp = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")
     sp.add_argument("shell", choices=shell.SHELLS)
