@@ -156,6 +156,12 @@ class AdminApi:
         for upstream, (n, oldest) in depth.items():
             m.queue_depth.labels(upstream or "unrouted").set(n)
             m.queue_oldest.labels(upstream or "unrouted").set(max(0.0, now - oldest))
+        try:
+            fs = os.statvfs(self.relay.spool.directory)
+            m.spool_fs_avail.set(fs.f_bavail * fs.f_frsize)
+            m.spool_fs_size.set(fs.f_blocks * fs.f_frsize)
+        except OSError:
+            pass  # the gauges keep their last value; /readyz tells about the spool itself
         body = generate_latest(m.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

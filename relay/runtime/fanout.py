@@ -156,7 +156,13 @@ def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # Gauges where the relay's value is the largest of its workers', not their sum.
-MAX_FAMILIES = frozenset({"relay_queue_oldest_age_seconds", "relay_limits_backend_degraded"})
+MAX_FAMILIES = frozenset({
+    "relay_queue_oldest_age_seconds",
+    "relay_limits_backend_degraded",
+    # every shard lives on the spool's one file system: the same figure from each worker
+    "relay_spool_filesystem_avail_bytes",
+    "relay_spool_filesystem_size_bytes",
+})
 
 
 def merge_metrics(texts: list[str]) -> str:
