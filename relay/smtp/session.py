@@ -29,6 +29,10 @@ Protocol decisions:
   later hop could split differently is refused outright (SMTP smuggling, 2023; Postfix
   smtpd_forbid_bare_newline, Exim and Sendmail did the same). When a body has several
   problems, the reply is for the first offending line, as a line-by-line reader would say.
+- A body containing a NUL is refused the same way (554 5.6.0; Postfix's
+  message_reject_characters = \0): a lenient next hop may end a line or the data there.
+- When DATA is refused, bytes the client already pipelined after it are its message text,
+  not commands: they are discarded and the session ends with 421 4.5.0.
 - Bytes the client pipelined after STARTTLS are discarded (RFC 3207 § 4.2, CVE-2011-0411):
   reading stops at the STARTTLS line and the buffer is cleared before the handshake.
 - Every 5xx reply counts as a client error except 535 (counted separately as an AUTH
@@ -63,6 +67,7 @@ from relay.smtp.replies import (
     R_LINE_TOO_LONG,
     R_NEED_HELO,
     R_NEED_STARTTLS,
+    R_PIPELINED_AFTER_DATA,
     R_SHUTDOWN,
     R_TIMEOUT,
     R_TOO_BIG,
@@ -373,6 +378,18 @@ class SmtpSession(asyncio.Protocol):
                 self._reply(R_UNKNOWN_COMMAND)
             return
         handler(self, arg)
+        if verb == "DATA" and self._state != _DATA and self._buf and not self._closing:
+            # DATA was refused, yet the client sent more after it without waiting for our
+            # answer: that is its message text (RFC 2920 § 3.1: the text only follows a 354),
+            # never commands. Drop it and end the session (Postfix:
+            # smtpd_forbid_unauth_pipelining); text arriving later cannot be told apart.
+            self._log.info(
+                "%s:%d input pipelined after a refused DATA, closing",
+                self._peer_ip,
+                self._peer_port,
+            )
+            self._buf.clear()
+            self.goodbye(R_PIPELINED_AFTER_DATA)
 
     def _crashed(self, exc: Exception) -> None:
         """A bug in a command handler: fail closed with 451 4.3.0 (never a traceback)."""
