@@ -395,8 +395,8 @@ def test_lines_of_nested_keys_and_items() -> None:
 def test_yaml_problems_are_errors_not_exceptions() -> None:
     for text, expected in [
         (
-            "a: [1\n",
-            "f.yaml:2: YAML syntax: while parsing a flow sequence,"
+            "a: [1\n",  # the end of the stream is after line 1's newline: still line 1
+            "f.yaml:1: YAML syntax: while parsing a flow sequence,"
             " expected ',' or ']', but got '<stream end>'",
         ),
         ("a: !!int nope\n", "f.yaml:1: the value is not a valid int"),
