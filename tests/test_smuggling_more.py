@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_listener import (  # noqa: F401 - fixtures are used by name
-    Client,
-    MakeListener,
-    ca,
-    cert_files,
-    close_clients,
-    make_listener,
+from tests import test_listener as kit
+from tests.test_listener import Client, MakeListener
+
+# The dialog fixtures of test_listener.py, used here by name.
+ca, cert_files, close_clients, make_listener = (
+    kit.ca,
+    kit.cert_files,
+    kit.close_clients,
+    kit.make_listener,
 )
 
 SPOOFED = (
