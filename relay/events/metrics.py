@@ -31,3 +31,5 @@ class Metrics:
                                                            0.1, 0.25, 0.5, 1, 2.5))
         self.limits_degraded = Gauge("relay_limits_backend_degraded",
                                      "1 while the shared limits backend is unreachable", registry=r)
+        self.spool_full = Gauge("relay_spool_full",
+                                "1 while the spool cannot write for lack of space", registry=r)

@@ -178,6 +178,11 @@ class Spool:
     def stats(self) -> WriterStats:
         return self._writer.stats
 
+    @property
+    def full(self) -> str | None:
+        """Why the spool cannot take mail now (no space left), or None."""
+        return self._writer.health.reason
+
     # --- writes (writer thread, group commit) -----------------------------------------------
 
     async def put(
