@@ -125,6 +125,8 @@ class Relay:
             raise cannot_listen("admin API", a.address, a.port, exc) from None
         # Like the listening lines: tests and operators read the bound port here.
         print(f"relay: admin API http://{a.address}:{self.admin.port}", file=sys.stderr, flush=True)
+        if admin_token(cfg) is None:  # `relay check` warns only when admin: is written
+            log.info("admin API without a token: only /healthz, /readyz and /metrics answer")
 
     async def reload(self) -> bool:
         """SIGHUP: the new config replaces the old only if it validates; secrets are re-read."""
