@@ -222,6 +222,8 @@ class LogConf(Strict):
 
 class RelayConf(Strict):
     hostname: HostName = "localhost"
+    # Where RCPT TO:<Postmaster> (no domain, RFC 5321 § 4.5.1) goes; default postmaster@hostname.
+    postmaster: Mailbox | None = None
     # Worker processes sharing the listening sockets, each with its own spool shard,
     # scheduler and deliverer ("auto" = one per CPU). See relay/runtime/supervisor.py.
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from relay.config.model import Config
+from relay.core.dsn import DsnParams
 from relay.core.errors import SpoolError
 from relay.core.model import (
     EgressPool,
@@ -283,7 +284,12 @@ class Scheduler:
             except KeyError:
                 self.window.drop(e.queue_id)  # deleted by an operator meanwhile
                 return
-            results = await self.deliverer.deliver(upstream, source, e.sender, rcpts, data)
+            if e.dsn:  # RFC 3461 parameters, passed on to an upstream that offers DSN
+                results = await self.deliverer.deliver(
+                    upstream, source, e.sender, rcpts, data, dsn=DsnParams.decode(e.dsn)
+                )
+            else:
+                results = await self.deliverer.deliver(upstream, source, e.sender, rcpts, data)
         self._note_health(upstream, results)
         # The upstream has answered: free the delivery slot now and commit the outcome in the
         # background (a slot waiting for the spool's fsync cost ~20% of a 100 ms upstream's

@@ -67,6 +67,7 @@ class ListenerSettings:
     session_timeout: float = 1800.0  # whole connection
     max_errors: int = 10  # bad commands before 421 4.7.0 and disconnect
     max_auth_failures: int = 3  # then 421 4.7.0 and disconnect
+    postmaster: str = "postmaster@localhost"  # RCPT TO:<Postmaster> goes here (RFC 5321 § 4.5.1)
 
 
 class SessionOwner(Protocol):

@@ -55,10 +55,12 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+from relay.core.dsn import DsnParams, RcptDsn
 from relay.core.errors import PermanentError, RelayError, to_reply
 from relay.core.model import Envelope, TlsMode
 from relay.smtp.addresses import parse_mailbox, parse_params, split_path
 from relay.smtp.bodycheck import body_problem
+from relay.smtp.dsnparams import mail_dsn, rcpt_dsn
 from relay.smtp.interfaces import ConnectionObserver, Intake, SessionInfo, SessionOwner, is_observer
 from relay.smtp.received import received_header
 from relay.smtp.replies import (
@@ -89,8 +91,11 @@ from relay.smtp.syntax import (
 _MAX_UNKNOWN_COMMANDS = 5
 # RFC 3207 § 4: what a require_tls listener accepts before STARTTLS.
 _ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
-# MAIL may carry SIZE (+26, RFC 1870 § 3) and SMTPUTF8 (+10, RFC 6531 § 3.4) after EHLO.
-_MAIL_EXTRA_LENGTH = 26 + 10
+# MAIL may carry SIZE (+26, RFC 1870 § 3), SMTPUTF8 (+10, RFC 6531 § 3.4), RET and ENVID
+# (+100 for ENVID, RFC 3461 § 5, and their keywords) after EHLO; RCPT may carry ORCPT (+500,
+# RFC 3461 § 5) and NOTIFY.
+_MAIL_EXTRA_LENGTH = 26 + 10 + 100 + 20
+_RCPT_EXTRA_LENGTH = 500 + 50
 # Seconds a closing connection may take to flush its goodbye before it is aborted.
 CLOSE_FLUSH_TIMEOUT = 5.0
 # The end of DATA (RFC 5321 § 4.1.1.4); the body buffer starts with the DATA line's CRLF.
@@ -161,6 +166,9 @@ class SmtpSession(asyncio.Protocol):
         self._rcpts: list[str] = []
         self._smtputf8 = False
         self._body_8bit = False
+        self._ret: str | None = None  # RFC 3461 parameters of this transaction
+        self._envid: str | None = None
+        self._rcpt_dsn: list[tuple[str, RcptDsn]] = []
 
     # ---- connection lifecycle ------------------------------------------------------------
 
@@ -360,6 +368,8 @@ class SmtpSession(asyncio.Protocol):
         limit = self._settings.max_command_length  # RFC 5321 § 4.5.3.1.4
         if verb == "MAIL" and self._extended:
             limit += _MAIL_EXTRA_LENGTH
+        elif verb == "RCPT" and self._extended:
+            limit += _RCPT_EXTRA_LENGTH
         if len(line) > limit:
             self._reply(R_COMMAND_TOO_LONG)
             return
@@ -486,6 +496,8 @@ class SmtpSession(asyncio.Protocol):
         self._rcpts = []
         self._smtputf8 = False
         self._body_8bit = False
+        self._ret = self._envid = None
+        self._rcpt_dsn = []
 
     def _info(self) -> SessionInfo:
         info = self._info_cache
@@ -532,6 +544,7 @@ class SmtpSession(asyncio.Protocol):
             "8BITMIME",  # RFC 6152
             "SMTPUTF8",  # RFC 6531
             "ENHANCEDSTATUSCODES",  # RFC 2034
+            "DSN",  # RFC 3461
         ]
         if self._starttls_context is not None and not self._tls:
             lines.append("STARTTLS")  # RFC 3207
@@ -759,9 +772,9 @@ class SmtpSession(asyncio.Protocol):
             return
         try:
             path, param_text = split_path(rest)
-            smtputf8, body_8bit = mail_params(
-                parse_params(param_text), self._settings.max_message_size
-            )
+            params = parse_params(param_text)
+            ret, envid = mail_dsn(params)
+            smtputf8, body_8bit = mail_params(params, self._settings.max_message_size)
             sender = parse_mailbox(path, smtputf8=smtputf8) if path else ""  # <> is null
         except RelayError as exc:
             self._reply(to_reply(exc))
@@ -775,6 +788,7 @@ class SmtpSession(asyncio.Protocol):
         self._body_8bit = body_8bit
         self._mail_from = sender
         self._smtputf8 = smtputf8
+        self._ret, self._envid = ret, envid
         self._reply("250 2.1.0 Sender OK")
 
     def smtp_RCPT(self, arg: str | None) -> None:
@@ -790,8 +804,14 @@ class SmtpSession(asyncio.Protocol):
             return
         try:
             path, param_text = split_path(rest)
-            if parse_params(param_text):
+            params = parse_params(param_text)
+            dsn = rcpt_dsn(params)
+            if params:
                 raise PermanentError("RCPT parameters not recognized", code=555, enhanced="5.5.4")
+            if path.lower() == "postmaster":
+                # RFC 5321 § 4.5.1: <Postmaster> without a domain must be accepted; it is the
+                # relay's own postmaster, a configured address.
+                path = self._settings.postmaster
             rcpt = parse_mailbox(path, smtputf8=self._smtputf8)
         except RelayError as exc:
             self._reply(to_reply(exc))
@@ -804,6 +824,8 @@ class SmtpSession(asyncio.Protocol):
             self._reply(refusal)
             return
         self._rcpts.append(rcpt)
+        if dsn is not None:
+            self._rcpt_dsn.append((rcpt, dsn))
         self._reply("250 2.1.5 Recipient OK")
 
     def smtp_DATA(self, arg: str | None) -> None:
@@ -881,8 +903,14 @@ class SmtpSession(asyncio.Protocol):
             # Declared, or 8-bit octets sent anyway: delivery then asks the upstream for
             # 8BITMIME instead of passing undeclared 8-bit data on.
             body_8bit=self._body_8bit or not content.isascii(),
+            dsn=self._dsn(),
         )
         self._start(self._submit(intake, info, envelope), ours=True)
+
+    def _dsn(self) -> DsnParams | None:
+        if self._ret is None and self._envid is None and not self._rcpt_dsn:
+            return None
+        return DsnParams(self._ret, self._envid, tuple(self._rcpt_dsn))
 
     async def _submit(self, intake: Intake, info: SessionInfo, envelope: Envelope) -> None:
         try:
