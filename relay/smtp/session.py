@@ -58,7 +58,7 @@ from typing import Any, cast
 from relay.core.dsn import DsnParams, RcptDsn
 from relay.core.errors import PermanentError, RelayError, to_reply
 from relay.core.model import Envelope, TlsMode
-from relay.smtp.addresses import parse_mailbox, parse_params, split_path
+from relay.smtp.addresses import AddressSyntaxError, parse_mailbox, parse_params, split_path
 from relay.smtp.bodycheck import body_problem
 from relay.smtp.dsnparams import mail_dsn, rcpt_dsn
 from relay.smtp.interfaces import ConnectionObserver, Intake, SessionInfo, SessionOwner, is_observer
@@ -568,6 +568,9 @@ class SmtpSession(asyncio.Protocol):
         self.goodbye("221 2.0.0 Bye")
 
     def smtp_VRFY(self, arg: str | None) -> None:
+        if not arg:  # RFC 5321 § 4.1.1.6: VRFY SP String
+            self._reply("501 5.5.4 Syntax: VRFY <address>")
+            return
         # RFC 5321 § 3.5.3: 252 when we will not verify; a relay has nothing to verify.
         self._reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
 
@@ -772,6 +775,8 @@ class SmtpSession(asyncio.Protocol):
             return
         try:
             path, param_text = split_path(rest)
+            if param_text and not self._extended:
+                raise AddressSyntaxError("ESMTP parameters need EHLO, not HELO")  # RFC 5321 § 4.1.1.11
             params = parse_params(param_text)
             ret, envid = mail_dsn(params)
             smtputf8, body_8bit = mail_params(params, self._settings.max_message_size)
@@ -804,6 +809,8 @@ class SmtpSession(asyncio.Protocol):
             return
         try:
             path, param_text = split_path(rest)
+            if param_text and not self._extended:
+                raise AddressSyntaxError("ESMTP parameters need EHLO, not HELO")
             params = parse_params(param_text)
             dsn = rcpt_dsn(params)
             if params:
