@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -62,6 +63,8 @@ from relay.smtp.addresses import AddressSyntaxError, parse_mailbox, parse_params
 from relay.smtp.bodycheck import body_problem
 from relay.smtp.dsnparams import mail_dsn, rcpt_dsn
 from relay.smtp.interfaces import ConnectionObserver, Intake, SessionInfo, SessionOwner, is_observer
+from relay.smtp.proxyproto import ProxyError
+from relay.smtp.proxyproto import parse as parse_proxy
 from relay.smtp.received import received_header
 from relay.smtp.replies import (
     R_BAD_SYNTAX,
@@ -101,8 +104,8 @@ CLOSE_FLUSH_TIMEOUT = 5.0
 # The end of DATA (RFC 5321 § 4.1.1.4); the body buffer starts with the DATA line's CRLF.
 _END_OF_DATA = b"\r\n.\r\n"
 
-# Session states: what the next complete line is.
-_COMMAND, _DATA, _SASL = 0, 1, 2
+# Session states: what the next complete line is (_PROXY: a PROXY protocol header first).
+_COMMAND, _DATA, _SASL, _PROXY = 0, 1, 2, 3
 
 
 class SmtpSession(asyncio.Protocol):
@@ -186,6 +189,16 @@ class SmtpSession(asyncio.Protocol):
         )
         self._listener.register(self)
         self._log.debug("%s:%d connected", self._peer_ip, self._peer_port)
+        if s.proxy_from:
+            if not _within(self._peer_ip, s.proxy_from):
+                # A PROXY listener serves its balancers only: anyone else would be taken
+                # for a balancer, or skip the per-client checks the balancer's header feeds.
+                self._log.warning("%s:%d is not a configured load balancer (proxy_from)",
+                                  self._peer_ip, self._peer_port)
+                self.goodbye("554 5.7.1 This port accepts connections from its load balancer only")
+                return
+            self._state = _PROXY  # the greeting waits for the header naming the client
+            return
         refusal = self._check_connect()
         if refusal is not None:
             self.goodbye(refusal)
@@ -324,6 +337,10 @@ class SmtpSession(asyncio.Protocol):
         """Handle every complete line (or the whole DATA body) in the buffer, in order."""
         cap = self._settings.max_line_length + 1
         while not self._closing and self._task is None:
+            if self._state == _PROXY:
+                if not self._proxy_step():
+                    return
+                continue
             if self._state == _DATA:
                 if not self._data_step():
                     return
@@ -351,6 +368,33 @@ class SmtpSession(asyncio.Protocol):
                     self._command(line)
             except Exception as exc:
                 self._crashed(exc)
+
+    def _proxy_step(self) -> bool:
+        """The PROXY header (relay/smtp/proxyproto.py): the real client, then the connect
+        check and the greeting. False to wait for more bytes (or after refusing)."""
+        try:
+            header = parse_proxy(self._buf)
+        except ProxyError as exc:
+            self._log.warning("%s:%d %s", self._peer_ip, self._peer_port, exc)
+            self._buf.clear()
+            self.goodbye("421 4.7.0 Invalid PROXY protocol header, closing connection")
+            return False
+        if header is None:
+            return False  # bounded: the parser refuses a header over its size limit
+        del self._buf[: header.length]
+        if header.source is not None:
+            balancer = self._peer_ip
+            self._peer_ip, self._peer_port = header.source
+            self._log.debug("%s:%d via load balancer %s", self._peer_ip, self._peer_port,
+                            balancer)
+        self._state = _COMMAND
+        self._info_cache = None
+        refusal = self._check_connect()
+        if refusal is not None:
+            self.goodbye(refusal)
+            return False
+        self._out.append(f"220 {self._settings.hostname} ESMTP\r\n".encode())
+        return True
 
     def _command(self, line: bytes) -> None:
         if not line:
@@ -980,6 +1024,14 @@ _HANDLERS: dict[str, Callable[[SmtpSession, str | None], None]] = {
     "STARTTLS": SmtpSession.smtp_STARTTLS,
     "AUTH": SmtpSession.smtp_AUTH,
 }
+
+
+def _within(ip: str, networks: tuple[str, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
 def _abort(transport: asyncio.BaseTransport) -> None:
