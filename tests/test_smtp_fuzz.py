@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import ssl
+import tempfile
 from pathlib import Path
 
 import trustme
@@ -59,10 +61,12 @@ class _Errors(logging.Handler):
 
 _CA = trustme.CA()
 _CERT = _CA.issue_cert("localhost")
-_DIR = Path(__import__("tempfile").mkdtemp(prefix="smtp-fuzz-"))
-_CERT.cert_chain_pems[0].write_to_path(str(_DIR / "cert.pem"))
-_CERT.private_key_pem.write_to_path(str(_DIR / "key.pem"))
-SERVER_TLS = server_tls_context(str(_DIR / "cert.pem"), str(_DIR / "key.pem"))
+with tempfile.TemporaryDirectory(prefix="smtp-fuzz-") as _tmp:
+    _CERT.cert_chain_pems[0].write_to_path(str(Path(_tmp) / "cert.pem"))
+    _CERT.private_key_pem.write_to_path(str(Path(_tmp) / "key.pem"))
+    SERVER_TLS = server_tls_context(str(Path(_tmp) / "cert.pem"), str(Path(_tmp) / "key.pem"))
+CLIENT_TLS = ssl.create_default_context()
+_CA.configure_trust(CLIENT_TLS)
 
 ADDRESSES = st.sampled_from([
     "<a@x.test>", "<>", "<denied@x.test>", "<b@refused.test>", "<Postmaster>", "<@r.test:u@x.test>",
@@ -203,9 +207,7 @@ class SmtpMachine(RuleBasedStateMachine):
             if reply[-1].startswith(b"250 2.0.0 OK: queued as"):
                 self.queued += 1
         if replies and replies[-1][-1].startswith(b"220 "):
-            ctx = __import__("ssl").create_default_context()
-            _CA.configure_trust(ctx)
-            assert self.run(self.wire.starttls(ctx)), "TLS handshake failed"
+            assert self.run(self.wire.starttls(CLIENT_TLS)), "TLS handshake failed"
             assert self.session._tls
             assert "injected@x.test" not in {e.sender for e in self.intake.submitted}
 
