@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from relay.bounce.dsn import build_dsn, should_send_dsn
+from relay.core.dsn import DsnParams, xtext_decode
 from relay.core.message import header_end
 from relay.core.model import Disposition, Reply
 from relay.events import MailLog
@@ -37,6 +38,11 @@ class Bouncer:
         not be queued (logged: the failure is in the mail log already)."""
         if not should_send_dsn(e.sender, e.is_dsn):
             return None
+        # RFC 3461 § 4.1: NOTIFY=NEVER, or a NOTIFY without FAILURE, asks for no DSN.
+        params = DsnParams.decode(e.dsn)
+        failed = [f for f in failed if params.notify(f[0], "FAILURE")]
+        if not failed:
+            return None
         if data is None:
             try:
                 data = await self.spool.read_body(e.queue_id)
@@ -51,6 +57,10 @@ class Bouncer:
             failures=failed,
             original_headers=headers,
             now=self.clock(),
+            envid=xtext_decode(params.envid) if params.envid else None,
+            original_recipients={
+                r: xtext_decode(p.orcpt) for r, p in params.rcpts if p.orcpt is not None
+            },
         )
         try:
             qid = await self.spool.put(

@@ -14,6 +14,7 @@ from relay.config.errors import ConfigError
 from relay.config.model import Config, Member, Org
 from relay.config.schema import OrgConf, RelayConf, UpstreamConf
 from relay.config.secrets import SecretUnavailable, is_reference, resolve_secret
+from relay.config.usage import first_uses, unresolved_warnings
 from relay.config.yamlsrc import Located
 from relay.config.yamlsrc import Path as YPath
 from relay.core.model import EgressPool, EgressSource, Secret, Throttle, TlsMode, Upstream
@@ -47,6 +48,9 @@ class Builder:
         # Upstream id -> the reference its username came from (a Mailjet API key is half a
         # credential): `relay route` shows the reference, never the resolved value.
         self.username_refs: dict[str, str] = {}
+        # Upstream id -> why its credential is unavailable; warned only where mail is routed
+        # to it (relay/config/usage.py).
+        self.unresolved: dict[str, str] = {}
 
     def err(self, src: Located, path: YPath, message: str) -> None:
         self.errors.append(ConfigError(src.file, src.line_of(path), message))
@@ -123,7 +127,7 @@ class Builder:
                 password = resolve_secret(ref, base_dir=base_dir, environ=self.environ)
         except SecretUnavailable as exc:
             unavailable = f"credential unavailable: {exc}"
-            self.warn(src, path, f"upstream '{uid}': {exc}; its mail will wait in the queue")
+            self.unresolved[uid] = str(exc)
         if conf.ca_file and not (base_dir / conf.ca_file).exists():
             self.err(
                 src, (*path, "ca_file"), f"upstream '{uid}': ca_file {conf.ca_file} does not exist"
@@ -201,7 +205,7 @@ class Builder:
                 )
         if relay.limits.backend == "redis" and not relay.limits.redis_url:
             self.err(rsrc, ("limits", "backend"), "limits backend redis needs redis_url")
-        if relay.admin.enabled and relay.admin.token is None:
+        if relay.admin.enabled and relay.admin.token is None and ("admin",) in rsrc.lines:
             self.warn(
                 rsrc,
                 ("admin",),
@@ -308,6 +312,9 @@ class Builder:
                 limits=oc.limits,
                 dkim_selectors=tuple(oc.dkim_selectors),
             )
+        self.warnings += unresolved_warnings(
+            self.unresolved, first_uses(relay, rsrc, orgs, default_upstream)
+        )
         if self.errors:
             return None
         return Config(

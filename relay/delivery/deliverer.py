@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from relay.core.dsn import DsnParams
 from relay.core.model import EgressSource, Outcome, RecipientResult, Reply, Upstream
 from relay.delivery import outcome
 from relay.delivery.channel import BadReply, Channel, wire_body
@@ -99,7 +100,11 @@ class Deliverer:
         sender: str,
         recipients: Sequence[str],
         data: bytes,
+        *,
+        dsn: DsnParams | None = None,
     ) -> list[RecipientResult]:
+        """`dsn`: the message's RFC 3461 parameters, passed on when the upstream offers DSN
+        (otherwise the relay itself answers for NOTIFY=FAILURE, relay/bounce)."""
         recipients = list(recipients)
         if not recipients:
             return []
@@ -112,7 +117,7 @@ class Deliverer:
         if sender and upstream.from_address:
             sender = upstream.from_address
         try:
-            return await self._deliver(upstream, source, sender, recipients, data)
+            return await self._deliver(upstream, source, sender, recipients, data, dsn)
         except Exception:
             # A bug here must not lose or bounce mail: fail closed, like errors.to_reply.
             self._log.exception("upstream %s: unexpected error during delivery", upstream.id)
@@ -126,6 +131,7 @@ class Deliverer:
         sender: str,
         recipients: list[str],
         data: bytes,
+        dsn: DsnParams | None = None,
     ) -> list[RecipientResult]:
         key = (*upstream.pool_key, source.address)
 
@@ -149,7 +155,7 @@ class Deliverer:
                 fresh = False
             try:
                 results = await self._transaction(
-                    session, upstream, sender, recipients, data, reused=not fresh
+                    session, upstream, sender, recipients, data, reused=not fresh, dsn=dsn
                 )
             except _StaleConnection:
                 self._log.debug(
@@ -184,6 +190,7 @@ class Deliverer:
         data: bytes,
         *,
         reused: bool,
+        dsn: DsnParams | None = None,
     ) -> list[RecipientResult]:
         channel = session.channel
         stage = "RSET"
@@ -237,8 +244,15 @@ class Deliverer:
                 mail += b" BODY=8BITMIME"
             if smtputf8:
                 mail += b" SMTPUTF8"
+            if dsn and not session.supports("dsn"):
+                dsn = None  # RFC 3461 § 4: only to a server that offers DSN
+            if dsn:
+                mail += dsn.mail_params()
             mail += b"\r\n"
-            rcpt_commands = [b"RCPT TO:" + _path(r, encoding) + b"\r\n" for r in pending]
+            rcpt_commands = [
+                b"RCPT TO:" + _path(r, encoding) + (dsn.rcpt_params(r) if dsn else b"") + b"\r\n"
+                for r in pending
+            ]
             # RFC 2920 § 3.1: MAIL and RCPT may go anywhere in a group, DATA only last; the
             # replies come back in order and each is checked. Without PIPELINING, lock-step.
             pipelined = session.supports("pipelining")

@@ -36,3 +36,5 @@ class Metrics:
                                    "Size of the spool's file system", registry=r)
         self.limits_degraded = Gauge("relay_limits_backend_degraded",
                                      "1 while the shared limits backend is unreachable", registry=r)
+        self.spool_full = Gauge("relay_spool_full",
+                                "1 while the spool cannot write for lack of space", registry=r)

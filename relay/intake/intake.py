@@ -134,11 +134,12 @@ class Intake:
             log.exception("policy failed for a message from %s", client)
             raise PolicyError(reason=f"policy failed: {exc!r}") from exc
         att, upstream_id, data = prepared
+        dsn = envelope.dsn.encode() if envelope.dsn else None
         started = time.monotonic()
         try:
             qid = await self.spool.put(sender=envelope.sender, recipients=list(envelope.recipients),
                                        data=data, client=client, org=att.org, account=att.account,
-                                       upstream=upstream_id)
+                                       upstream=upstream_id, dsn=dsn)
         except RelayError as exc:  # disk full, read-only, …: 451 4.3.0, and a mail-log line
             self.events.emit(Disposition.REJECTED, client=client, sender=envelope.sender,
                              reason=type(exc).__name__, reply=exc.reply(), detail=exc.reason)
@@ -152,6 +153,7 @@ class Intake:
         self.scheduler.enqueue(Entry(
             queue_id=qid, sender=envelope.sender, org=att.org, account=att.account,
             received_at=now, pending=dict.fromkeys(envelope.recipients, 0), upstream=upstream_id,
+            dsn=dsn,
         ))
         return qid
 

@@ -136,12 +136,15 @@ class AdminApi:
 
     async def readyz(self, request: web.Request) -> web.Response:
         r = self.relay
-        ready = r.ready
+        full = r.spool.full  # listening, but every new message would get 451: not ready
+        ready = r.ready and full is None
         body = {
             "ready": ready,
             "listeners": r.listening() if ready else {},
             "queued": (await r.spool.count())[0] if ready else None,
         }
+        if full is not None:
+            body["spool_full"] = full
         return _json(body, 200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -151,6 +154,7 @@ class AdminApi:
         # stale when nothing happens (the worrying case).
         depth = await self.relay.spool.depth()
         now = time.time()
+        m.spool_full.set(0 if self.relay.spool.full is None else 1)
         m.queue_depth.clear()
         m.queue_oldest.clear()
         for upstream, (n, oldest) in depth.items():

@@ -56,6 +56,15 @@ class Answer:
         return json.loads(self.body)
 
 
+def _spool_full(answer: Answer) -> str | None:
+    """A worker's /readyz reason for not being ready because its spool is full."""
+    try:
+        why = answer.json().get("spool_full")
+    except (ValueError, AttributeError):
+        return None
+    return why if isinstance(why, str) else None
+
+
 class WorkerDown(Exception):
     pass
 
@@ -262,6 +271,9 @@ class FanoutApi:
             "workers": len(self.fanout.sockets),
             "unavailable_workers": down + [a.worker for a in answers if a.status != 200],
         }
+        full = {a.worker: _spool_full(a) for a in answers if a.status != 200}
+        if any(full.values()):
+            body["spool_full"] = {w: why for w, why in full.items() if why}
         return _json(body, 200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
