@@ -19,14 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import procs
+from benchmarks import mime, procs
 from benchmarks.scenarios import Settings, Throughput, latency, scale, throughput
 
 INSTALL = """\
@@ -101,7 +101,8 @@ def print_throughput(runs: list[Throughput]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", choices=["throughput", "latency", "scale", "all"], default="throughput")
+    ap.add_argument("--scenario", choices=["throughput", "large", "latency", "scale", "all"],
+                    default="throughput")
     ap.add_argument("--messages", type=int, default=20_000)
     ap.add_argument("--sessions", type=int, default=50)
     ap.add_argument("--size", type=int, default=5_000, help="payload bytes per message")
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="concurrent connections to the sink (relay max_connections, Postfix "
                          "default_destination_concurrency_limit)")
     ap.add_argument("--reuse", action="store_true", help="smtp-source -d: reuse client connections")
+    ap.add_argument("--mime", action="store_true",
+                    help="send a realistic MIME message of --size bytes (76-character lines, "
+                         "a base64 attachment) instead of smtp-source's -l payload")
+    ap.add_argument("--large-sizes", default="100000:4000,1000000:400",
+                    help="the large scenario: SIZE:MESSAGES pairs, MIME bodies")
     ap.add_argument("--repeat", type=int, default=1, help="throughput runs per MTA, alternating")
     ap.add_argument("--probe-seconds", type=float, default=10.0, help="0 skips the p99 probe")
     ap.add_argument("--latency-messages", type=int, default=4_000)
@@ -148,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"machine": info, "settings": {k: str(v) for k, v in asdict(s).items()}}
     base = Path(tempfile.mkdtemp(prefix="relay-bench-", dir=a.workdir))
     base.chmod(0o755)  # Postfix's unprivileged daemons traverse it
+    if a.mime:
+        s.body_file = mime.write(base, a.size)
     started = time.monotonic()
     try:
         if a.scenario in ("throughput", "all"):
@@ -157,6 +165,21 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(throughput(k, base / f"tp-{i}-{j}", s))
             print_throughput(runs)
             out["throughput"] = [asdict(r) | {"rate": r.rate, "cpu_ms": r.cpu_ms} for r in runs]
+        if a.scenario == "large":
+            # Each size beside Postfix, interleaved; no p99 probe (its messages are small).
+            large: list[Throughput] = []
+            for pair in a.large_sizes.split(","):
+                size, _, count = pair.partition(":")
+                ls = replace(s, size=int(size), messages=int(count), probe_seconds=0,
+                             body_file=mime.write(base, int(size)))
+                runs = []
+                for i in range(a.repeat):
+                    for k in kinds:
+                        runs.append(throughput(k, base / f"large-{size}-{i}", ls))
+                print(f"\n-- {int(size):,}-byte MIME messages --", end="")
+                print_throughput(runs)
+                large += runs
+            out["large"] = [asdict(r) | {"rate": r.rate, "cpu_ms": r.cpu_ms} for r in large]
         if a.scenario in ("latency", "all"):
             print(f"\n== latency-bound upstream: {s.delay * 1000:.0f} ms per transaction, "
                   f"{s.upstream_connections} connections ==")

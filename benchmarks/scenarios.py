@@ -35,6 +35,7 @@ class Settings:
     relay_command: list[str] | None = None  # instead of `python -m relay.cli`
     workers: int | str = "auto"  # the relay's `workers:` for throughput and latency
     webhook: str = "off"  # throughput: off | on | ab (each repeat: relay without, then with)
+    body_file: Path | None = None  # a MIME message (benchmarks/mime.py) instead of -l bytes
 
     def deadline(self, messages: int, min_rate: float = 50.0) -> float:
         """Every wait is bounded: generous for a slow machine, never unbounded."""
@@ -103,9 +104,10 @@ def throughput(kind: str, base: Path, s: Settings, *, with_probe: bool = True) -
             main0 = procs.loop_threads_cpu(mta.pid)
             t0 = time.monotonic()
             took, _ = run_smtp_source(mta.port, s.messages, s.sessions, s.size, reuse=s.reuse,
-                                      timeout=s.deadline(s.messages))
+                                      timeout=s.deadline(s.messages, 20),
+                                      body_file=s.body_file)
             res.ingest_seconds = took
-            end = sink.wait_for(s.messages, t0 + s.deadline(s.messages))
+            end = sink.wait_for(s.messages, t0 + s.deadline(s.messages, 20))
             cpu1 = mta.cpu_seconds()
             if kind.startswith("relay"):
                 main1 = procs.loop_threads_cpu(mta.pid)

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 from relay.bounce.dsn import build_dsn, should_send_dsn
+from relay.core.dsn import DsnParams, xtext_decode
 from relay.core.message import header_end
 from relay.core.model import Disposition, Reply
 from relay.events import MailLog
@@ -52,6 +53,11 @@ class Bouncer:
         if upstream is None:
             log.info("no DSN for %s: organisation %s takes webhooks instead", e.queue_id, e.org)
             return None
+        # RFC 3461 § 4.1: NOTIFY=NEVER, or a NOTIFY without FAILURE, asks for no DSN.
+        params = DsnParams.decode(e.dsn)
+        failed = [f for f in failed if params.notify(f[0], "FAILURE")]
+        if not failed:
+            return None
         if data is None:
             try:
                 data = await self.spool.read_body(e.queue_id)
@@ -66,6 +72,10 @@ class Bouncer:
             failures=failed,
             original_headers=headers,
             now=self.clock(),
+            envid=xtext_decode(params.envid) if params.envid else None,
+            original_recipients={
+                r: xtext_decode(p.orcpt) for r, p in params.rcpts if p.orcpt is not None
+            },
         )
         qid = new_queue_id()
         event = ev.make_event(

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from relay.core.dsn import DsnParams
+
 
 class Secret:
     """A credential resolved from env/file/systemd credential. Never prints its value."""
@@ -117,6 +119,7 @@ class Envelope:
     helo: str = ""
     smtputf8: bool = False
     body_8bit: bool = False
+    dsn: DsnParams | None = None  # RFC 3461 RET/ENVID/NOTIFY/ORCPT, when the client gave any
 
 
 class Disposition(StrEnum):

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from relay.core.dsn import DsnParams
 from relay.core.model import EgressSource, Outcome, RecipientResult, Reply, Upstream
 from relay.delivery import outcome
 from relay.delivery.channel import BadReply, Channel, wire_body
@@ -100,7 +101,11 @@ class Deliverer:
         sender: str,
         recipients: Sequence[str],
         data: bytes,
+        *,
+        dsn: DsnParams | None = None,
     ) -> list[RecipientResult]:
+        """`dsn`: the message's RFC 3461 parameters, passed on when the upstream offers DSN
+        (otherwise the relay itself answers for NOTIFY=FAILURE, relay/bounce)."""
         recipients = list(recipients)
         if not recipients:
             return []
@@ -113,7 +118,7 @@ class Deliverer:
         if sender and upstream.from_address:
             sender = upstream.from_address
         try:
-            return await self._deliver(upstream, source, sender, recipients, data)
+            return await self._deliver(upstream, source, sender, recipients, data, dsn)
         except Exception:
             # A bug here must not lose or bounce mail: fail closed, like errors.to_reply.
             self._log.exception("upstream %s: unexpected error during delivery", upstream.id)
@@ -127,6 +132,7 @@ class Deliverer:
         sender: str,
         recipients: list[str],
         data: bytes,
+        dsn: DsnParams | None = None,
     ) -> list[RecipientResult]:
         key = (*upstream.pool_key, source.address)
 
@@ -150,7 +156,7 @@ class Deliverer:
                 fresh = False
             try:
                 results = await self._transaction(
-                    session, upstream, sender, recipients, data, reused=not fresh
+                    session, upstream, sender, recipients, data, reused=not fresh, dsn=dsn
                 )
                 version = session.channel.tls_version
                 if version is not None:
@@ -188,6 +194,7 @@ class Deliverer:
         data: bytes,
         *,
         reused: bool,
+        dsn: DsnParams | None = None,
     ) -> list[RecipientResult]:
         channel = session.channel
         stage = "RSET"
@@ -241,8 +248,15 @@ class Deliverer:
                 mail += b" BODY=8BITMIME"
             if smtputf8:
                 mail += b" SMTPUTF8"
+            if dsn and not session.supports("dsn"):
+                dsn = None  # RFC 3461 § 4: only to a server that offers DSN
+            if dsn:
+                mail += dsn.mail_params()
             mail += b"\r\n"
-            rcpt_commands = [b"RCPT TO:" + _path(r, encoding) + b"\r\n" for r in pending]
+            rcpt_commands = [
+                b"RCPT TO:" + _path(r, encoding) + (dsn.rcpt_params(r) if dsn else b"") + b"\r\n"
+                for r in pending
+            ]
             # RFC 2920 § 3.1: MAIL and RCPT may go anywhere in a group, DATA only last; the
             # replies come back in order and each is checked. Without PIPELINING, lock-step.
             pipelined = session.supports("pipelining")

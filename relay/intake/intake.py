@@ -160,11 +160,13 @@ class Intake:
             tls=session.tls or None, recipients=list(recipients), size=len(data),
             upstream=upstream_id, attributed_by=att.rule, routed_by=rule,
         ), *(row for _, _, row in dropped)]
+        dsn = envelope.dsn.encode() if envelope.dsn else None
         started = time.monotonic()
         try:
             qid = await self.spool.put(sender=envelope.sender, recipients=recipients,
                                        data=data, client=client, org=att.org, account=att.account,
-                                       upstream=upstream_id, queue_id=qid, events=rows)
+                                       upstream=upstream_id, queue_id=qid, events=rows,
+                                       dsn=dsn)
         except RelayError as exc:  # disk full, read-only, …: 451 4.3.0, and a mail-log line
             self.events.emit(Disposition.REJECTED, client=client, sender=envelope.sender,
                              reason=type(exc).__name__, reply=exc.reply(), detail=exc.reason)
@@ -178,6 +180,7 @@ class Intake:
         self.scheduler.enqueue(Entry(
             queue_id=qid, sender=envelope.sender, org=att.org, account=att.account,
             received_at=now, pending=dict.fromkeys(recipients, 0), upstream=upstream_id,
+            dsn=dsn,
         ))
         return qid
 

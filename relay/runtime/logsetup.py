@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from typing import IO, Any
 
-from relay.core.redact import REDACTOR, Redactor
+from relay.core.redact import REDACTOR, Redactor, auth_forms
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is kept.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -66,6 +66,13 @@ def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = N
 
 
 def remember_config_secrets(config: Any, extra: Iterable[str] = ()) -> None:
-    """Redact every resolved upstream password (and `extra`, e.g. the admin token)."""
-    values = [u.password.reveal() for u in config.upstreams.values() if u.password is not None]
+    """Redact every resolved upstream password, with its AUTH LOGIN/PLAIN base64 forms, a
+    user name that came from a secret reference (a Mailjet API key), and `extra` (e.g. the
+    admin token)."""
+    values: list[str] = []
+    for u in config.upstreams.values():
+        if u.password is not None:
+            values += auth_forms(u.password.reveal(), u.username)
+        if u.id in config.username_refs and u.username:
+            values += auth_forms(u.username)
     REDACTOR.remember([*values, *extra])

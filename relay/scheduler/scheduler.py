@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from relay.config.model import Config
+from relay.core.dsn import DsnParams
+from relay.core.errors import SpoolError
 from relay.core.model import (
     EgressPool,
     EgressSource,
@@ -285,7 +287,12 @@ class Scheduler:
             except KeyError:
                 self.window.drop(e.queue_id)  # deleted by an operator meanwhile
                 return
-            results = await self.deliverer.deliver(upstream, source, e.sender, rcpts, data)
+            if e.dsn:  # RFC 3461 parameters, passed on to an upstream that offers DSN
+                results = await self.deliverer.deliver(
+                    upstream, source, e.sender, rcpts, data, dsn=DsnParams.decode(e.dsn)
+                )
+            else:
+                results = await self.deliverer.deliver(upstream, source, e.sender, rcpts, data)
         self._note_health(upstream, results)
         # The upstream has answered: free the delivery slot now and commit the outcome in the
         # background (a slot waiting for the spool's fsync cost ~20% of a 100 ms upstream's
@@ -326,10 +333,14 @@ class Scheduler:
     ) -> None:
         try:
             await self._record(e, upstream, source, results, data)
-        except Exception:
+        except Exception as exc:
             # Not recorded: the spool still says pending, so it is simply tried again (a
-            # possible duplicate, never a loss).
-            log.exception("recording the outcome of %s failed", e.queue_id)
+            # possible duplicate, never a loss). A spool failure is the spool's to report
+            # (once, relay/spool/health.py); only a bug here gets a traceback.
+            if isinstance(exc, SpoolError):
+                log.debug("recording the outcome of %s failed: %s", e.queue_id, exc.reason)
+            else:
+                log.exception("recording the outcome of %s failed", e.queue_id)
             self.window.pinned.add(e.queue_id)  # the spool has an earlier due: keep it in memory
             self._reschedule(e, self.clock() + self.retry.delay(1, self.rand.random()))
 

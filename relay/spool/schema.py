@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS quarantine (
 """
 
 MESSAGE_COLUMNS = (
-    "queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn, recipients"
+    "queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn, recipients,"
+    " dsn"
 )
 
 
@@ -116,7 +117,10 @@ def init_schema(conn: sqlite3.Connection) -> None:
 # that needs a table or a column appends its own step here (never edit or reorder a step that
 # has shipped): steps from independent features then never collide on a version number.
 Step = tuple[str, "str | Callable[[sqlite3.Connection], None]"]
-STEPS: list[Step] = []
+STEPS: list[Step] = [
+    # RFC 3461 parameters (RET, ENVID, NOTIFY, ORCPT) as relay.core.dsn's JSON; NULL: none.
+    ("dsn-parameters", "ALTER TABLE messages ADD COLUMN dsn TEXT"),
+]
 
 # Events (relay/notify): every disposition and operator action, written in the same
 # transaction as the state change it reports; the trace and the webhook outboxes read them.
@@ -239,9 +243,13 @@ def decode_recipients(raw: Any) -> list[SpoolRecipient]:
 
 def decode_message(row: Sequence[Any]) -> SpoolMessage:
     """A row of MESSAGE_COLUMNS → SpoolMessage; DamagedRow when any column is not what we wrote."""
-    if len(row) != 11:
+    if len(row) != 12:
         raise DamagedRow("row has the wrong number of columns")
-    queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn, rcpts = row
+    queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn, rcpts, dsn = (
+        row
+    )
+    if dsn is not None and not isinstance(dsn, str):
+        raise DamagedRow(f"dsn is {type(dsn).__name__}, not text")
     return SpoolMessage(
         queue_id=_text(queue_id, "queue_id"),
         received_at=number(received_at, "received_at"),
@@ -254,4 +262,5 @@ def decode_message(row: Sequence[Any]) -> SpoolMessage:
         held=bool(_integer(held, "held")),
         is_dsn=bool(_integer(is_dsn, "is_dsn")),
         recipients=decode_recipients(rcpts),
+        dsn=dsn,
     )

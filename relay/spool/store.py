@@ -181,6 +181,11 @@ class Spool:
     def stats(self) -> WriterStats:
         return self._writer.stats
 
+    @property
+    def full(self) -> str | None:
+        """Why the spool cannot take mail now (no space left), or None."""
+        return self._writer.health.reason
+
     # --- writes (writer thread, group commit) -----------------------------------------------
 
     async def put(
@@ -197,6 +202,7 @@ class Spool:
         received_at: float | None = None,
         queue_id: str | None = None,
         events: Sequence[EventRow] = (),
+        dsn: str | None = None,
     ) -> str:
         """Store a message; returns its new queue id once it is committed and fsynced.
         Raises SpoolError when it could not be made durable (then nothing of it is kept).
@@ -223,13 +229,14 @@ class Spool:
             int(is_dsn),
             len(rcpts),
             encode_recipients(rcpts),
+            dsn,
         )
 
         def op(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
                 "INSERT INTO messages (queue_id, received_at, sender, client, org, account,"
-                " upstream, size, held, is_dsn, pending, recipients)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " upstream, size, held, is_dsn, pending, recipients, dsn)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 row,
             )
             conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (cur.lastrowid, data))

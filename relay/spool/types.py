@@ -37,6 +37,7 @@ class SpoolMessage:
     held: bool
     is_dsn: bool
     recipients: list[SpoolRecipient]
+    dsn: str | None = None  # RFC 3461 parameters (relay.core.dsn.DsnParams.encode), if any
 
     @property
     def pending(self) -> list[SpoolRecipient]:
