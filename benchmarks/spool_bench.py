@@ -3,6 +3,11 @@ and summary timings at scale.
 
     python benchmarks/spool_bench.py                      # put throughput comparison
     python benchmarks/spool_bench.py --scale 200000       # also iter_pending / summary at 200k
+    python benchmarks/spool_bench.py --lifecycle --size 100000   # BLOB bodies vs body segments
+
+`--lifecycle` times the whole life of a body in the spool (put, read back, the delivered
+update that deletes it), 50 at a time, once with every body a BLOB in SQLite and once with
+every body in a segment file, and reports messages/s and CPU (all threads) per message.
 
 Run on an idle machine; figures go in relay/spool/__init__.py's docstring.
 """
@@ -22,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from relay.spool import Spool
+from relay.spool import RcptStatus, RecipientUpdate, Spool
 from relay.spool.queue_id import new_queue_id
 
 Putter = Callable[[int], Awaitable[str]]
@@ -135,6 +140,38 @@ async def bench_sqlite(base: Path, concurrency: int, total: int, size: int) -> N
     await spool.close()
 
 
+async def bench_lifecycle(
+    base: Path, concurrency: int, total: int, size: int, inline_max: int, name: str
+) -> None:
+    """put → read_body (from disk: no cache) → update(delivered), `concurrency` at a time."""
+    spool = await Spool.open(base / f"life-{name}", body_cache_bytes=0, inline_max=inline_max)
+    body = (b"x" * 76 + b"\r\n") * max(1, size // 78)
+
+    async def life(n: int) -> str:
+        qid = await spool.put(
+            sender="a@example.com",
+            recipients=[f"r{n}@example.org"],
+            data=body,
+            client="127.0.0.1",
+            org="acme",
+            account="a@example.com",
+            upstream="sendgrid",
+        )
+        assert len(await spool.read_body(qid)) == len(body)
+        await spool.update(
+            qid,
+            [RecipientUpdate(f"r{n}@example.org", RcptStatus.DELIVERED, 1, 0.0, "250 ok")],
+        )
+        return qid
+
+    cpu0 = time.process_time()
+    elapsed, lat = await drive(life, concurrency, total)
+    cpu = time.process_time() - cpu0
+    report(f"lifecycle, {name}", elapsed, lat, spool.stats.commits)
+    print(f"{'':34s} CPU {cpu / total * 1000:.3f} ms/msg (all threads)")
+    await spool.close()
+
+
 async def bench_files(base: Path, concurrency: int, total: int, size: int) -> None:
     spool = FileSpool(base / f"files-{concurrency}")
     body = b"x" * size
@@ -218,9 +255,21 @@ async def main() -> None:
     parser.add_argument("--size", type=int, default=5000)
     parser.add_argument("--scale", type=int, default=0, help="fill N messages, time recovery")
     parser.add_argument("--dir", help="work directory (default: a temporary one)")
+    parser.add_argument("--lifecycle", action="store_true", help="BLOBs vs body segments")
+    parser.add_argument("--rounds", type=int, default=2, help="--lifecycle: alternations")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         base = Path(tmp)
+        if args.lifecycle:
+            print(f"{args.total} messages of {args.size} bytes, {args.concurrency} at a time")
+            for r in range(args.rounds):
+                await bench_lifecycle(
+                    base, args.concurrency, args.total, args.size, 1 << 62, f"blob-{r}"
+                )
+                await bench_lifecycle(
+                    base, args.concurrency, args.total, args.size, 0, f"segments-{r}"
+                )
+            return
         print(f"{args.total} puts of {args.size} bytes")
         await bench_sqlite(base, args.concurrency, args.total, args.size)
         await bench_files(base, args.concurrency, args.total, args.size)

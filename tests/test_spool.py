@@ -25,6 +25,7 @@ from relay.spool import (
 )
 from relay.spool.queue_id import decode, encode
 from relay.spool.schema import connect
+from relay.spool.segments import Segments
 
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -83,13 +84,14 @@ async def test_put_is_committed_when_it_returns(spool: Spool) -> None:
     other = sqlite3.connect(spool.db_path)
     try:
         row = other.execute(
-            "SELECT m.sender, m.pending, length(b.data) FROM messages m JOIN bodies b"
-            " ON b.id = m.id WHERE m.queue_id = ?",
+            "SELECT sender, pending, body_seg, body_off, size FROM messages WHERE queue_id = ?",
             (qid,),
         ).fetchone()
     finally:
         other.close()
-    assert row == ("a@example.com", 2, len(BODY))
+    assert row[:2] == ("a@example.com", 2)
+    # ... and its body is in its segment file already (written before the row committed).
+    assert Segments(spool.directory).read(*row[2:]) == BODY
     msg = await spool.get(qid)
     assert msg is not None
     assert (msg.queue_id, msg.received_at, msg.size, msg.held, msg.is_dsn) == (
@@ -130,12 +132,11 @@ async def test_null_sender_dsn_and_binary_body_round_trip(spool: Spool) -> None:
     other = sqlite3.connect(spool.db_path)  # the disk copy, not the in-memory one
     try:
         row = other.execute(
-            "SELECT b.data FROM messages m JOIN bodies b ON b.id = m.id WHERE m.queue_id = ?",
-            (qid,),
+            "SELECT body_seg, body_off, size FROM messages WHERE queue_id = ?", (qid,)
         ).fetchone()
     finally:
         other.close()
-    assert row[0] == data
+    assert Segments(spool.directory).read(*row) == data
 
 
 async def test_bodies_are_served_from_memory_until_the_first_update(tmp_path: Path) -> None:
@@ -427,7 +428,10 @@ async def test_named_schema_steps_run_once_each_across_reopens(
         calls.append("counted")
         conn.execute("CREATE TABLE step_probe (x INTEGER)")
 
-    monkeypatch.setattr(schema, "STEPS", [("probe-table", count), ("probe-sql", "CREATE TABLE p2 (y)")])
+    # The real steps stay (the spool needs their tables and columns), two probes follow.
+    probes: list[schema.Step] = [("probe-table", count), ("probe-sql", "CREATE TABLE p2 (y)")]
+    real = list(schema.STEPS)
+    monkeypatch.setattr(schema, "STEPS", [*real, *probes])
     for _ in range(2):
         spool = await Spool.open(tmp_path / "spool")
         await spool.close()
@@ -436,7 +440,7 @@ async def test_named_schema_steps_run_once_each_across_reopens(
     names = [r[0] for r in conn.execute("SELECT name FROM schema_steps ORDER BY name")]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
-    assert names == ["probe-sql", "probe-table"]
+    assert sorted(names) == sorted(name for name, _ in [*real, *probes])
     assert {"step_probe", "p2"} <= tables
 
 

@@ -120,6 +120,9 @@ class Envelope:
     smtputf8: bool = False
     body_8bit: bool = False
     dsn: DsnParams | None = None  # RFC 3461 RET/ENVID/NOTIFY/ORCPT, when the client gave any
+    # `data` is wire-ready: CRLF lines only, none starting with ".", ending in CRLF (the
+    # listener checked the lines and found no dot-stuffed one), so delivery needs no scan.
+    wire: bool = False
 
 
 class Disposition(StrEnum):

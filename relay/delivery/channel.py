@@ -86,6 +86,17 @@ class Channel(asyncio.Protocol):
         ssl_object = self._transport.get_extra_info("ssl_object")
         return None if ssl_object is None else ssl_object.version()
 
+    def send_body(self, data: bytes, *, wire: bool) -> None:
+        """The DATA payload and its final ".": a wire-ready body (CRLF lines, none starting
+        with ".", ending in CRLF) goes out as it is, without a scan or a copy; any other
+        through `wire_body`."""
+        if not self.alive:
+            raise ChannelClosed("connection lost")
+        if wire:
+            self._transport.writelines((data, b".\r\n"))
+        else:
+            self._transport.write(wire_body(data))
+
     def send(self, data: bytes) -> None:
         """Write commands (each ending in CRLF) or a body; replies are read with `reply`."""
         if not self.alive:

@@ -15,7 +15,7 @@ from dataclasses import replace
 from relay.core.dsn import DsnParams
 from relay.core.model import EgressSource, Outcome, RecipientResult, Reply, Upstream
 from relay.delivery import outcome
-from relay.delivery.channel import BadReply, Channel, wire_body
+from relay.delivery.channel import BadReply, Channel
 from relay.delivery.connection import (
     Session,
     SessionError,
@@ -103,9 +103,12 @@ class Deliverer:
         data: bytes,
         *,
         dsn: DsnParams | None = None,
+        wire: bool = False,
     ) -> list[RecipientResult]:
         """`dsn`: the message's RFC 3461 parameters, passed on when the upstream offers DSN
-        (otherwise the relay itself answers for NOTIFY=FAILURE, relay/bounce)."""
+        (otherwise the relay itself answers for NOTIFY=FAILURE, relay/bounce). `wire`: `data`
+        is wire-ready (CRLF lines, none starting with ".", ending in CRLF: the spool says so
+        of what our listener received), sent as is."""
         recipients = list(recipients)
         if not recipients:
             return []
@@ -118,7 +121,7 @@ class Deliverer:
         if sender and upstream.from_address:
             sender = upstream.from_address
         try:
-            return await self._deliver(upstream, source, sender, recipients, data, dsn)
+            return await self._deliver(upstream, source, sender, recipients, data, dsn, wire)
         except Exception:
             # A bug here must not lose or bounce mail: fail closed, like errors.to_reply.
             self._log.exception("upstream %s: unexpected error during delivery", upstream.id)
@@ -133,6 +136,7 @@ class Deliverer:
         recipients: list[str],
         data: bytes,
         dsn: DsnParams | None = None,
+        wire: bool = False,
     ) -> list[RecipientResult]:
         key = (*upstream.pool_key, source.address)
 
@@ -156,7 +160,8 @@ class Deliverer:
                 fresh = False
             try:
                 results = await self._transaction(
-                    session, upstream, sender, recipients, data, reused=not fresh, dsn=dsn
+                    session, upstream, sender, recipients, data, reused=not fresh, dsn=dsn,
+                    wire=wire,
                 )
                 version = session.channel.tls_version
                 if version is not None:
@@ -195,6 +200,7 @@ class Deliverer:
         *,
         reused: bool,
         dsn: DsnParams | None = None,
+        wire: bool = False,
     ) -> list[RecipientResult]:
         channel = session.channel
         stage = "RSET"
@@ -317,7 +323,7 @@ class Deliverer:
             if code != 354:
                 # The transaction failed at DATA: every accepted recipient gets that reply.
                 return self._finish(recipients, results, accepted, outcome.parse_reply(code, text))
-            channel.send(wire_body(data))
+            channel.send_body(data, wire=wire)
             code, text = await channel.reply(min(upstream.data_timeout, self._data_timeout))
             # DATA's final reply ends the transaction either way (RFC 5321 § 4.1.1.4).
             session.clean = True

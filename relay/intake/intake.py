@@ -166,7 +166,7 @@ class Intake:
             qid = await self.spool.put(sender=envelope.sender, recipients=recipients,
                                        data=data, client=client, org=att.org, account=att.account,
                                        upstream=upstream_id, queue_id=qid, events=rows,
-                                       dsn=dsn)
+                                       dsn=dsn, wire=envelope.wire)
         except RelayError as exc:  # disk full, read-only, …: 451 4.3.0, and a mail-log line
             self.events.emit(Disposition.REJECTED, client=client, sender=envelope.sender,
                              reason=type(exc).__name__, reply=exc.reply(), detail=exc.reason)

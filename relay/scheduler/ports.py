@@ -21,6 +21,7 @@ class Deliverer(Protocol):
         data: bytes,
         *,
         dsn: DsnParams | None = None,
+        wire: bool = False,
     ) -> list[RecipientResult]: ...
 
 

@@ -283,16 +283,20 @@ class Scheduler:
             results = [RecipientResult(r, Outcome.DEFERRED, reply) for r in rcpts]
         else:
             try:
-                data = await self.spool.read_body(e.queue_id)
+                body = await self.spool.body(e.queue_id)
             except KeyError:
                 self.window.drop(e.queue_id)  # deleted by an operator meanwhile
                 return
+            data = body.data
             if e.dsn:  # RFC 3461 parameters, passed on to an upstream that offers DSN
                 results = await self.deliverer.deliver(
-                    upstream, source, e.sender, rcpts, data, dsn=DsnParams.decode(e.dsn)
+                    upstream, source, e.sender, rcpts, data, dsn=DsnParams.decode(e.dsn),
+                    wire=body.wire,
                 )
             else:
-                results = await self.deliverer.deliver(upstream, source, e.sender, rcpts, data)
+                results = await self.deliverer.deliver(
+                    upstream, source, e.sender, rcpts, data, wire=body.wire
+                )
         self._note_health(upstream, results)
         # The upstream has answered: free the delivery slot now and commit the outcome in the
         # background (a slot waiting for the spool's fsync cost ~20% of a 100 ms upstream's

@@ -6,23 +6,29 @@ from __future__ import annotations
 
 from relay.smtp.replies import R_BARE_NEWLINE, R_LINE_TOO_LONG, R_NUL, R_TOO_BIG
 
-# Line-length checks split the body in windows of about this size (bounded extra memory).
+# The line scan splits the body in windows of about this size (bounded extra memory).
 _SPLIT_WINDOW = 1 << 18
 
 
-def longest_line(content: bytes | bytearray) -> int:
-    """The longest CRLF-separated line of `content`, CRLF excluded. C-speed splits, in
-    windows so that a huge message does not double in memory as a list of lines."""
+def _breaks_and_longest(content: bytes | bytearray) -> tuple[int, int]:
+    """(line breaks, longest line) of `content`: every CR, LF or CRLF ends a line (as
+    `bytes.splitlines` has it), line ends excluded. C-speed splits in windows that end just
+    after an LF, so that a CRLF is never cut in two and a huge message does not double in
+    memory as a list of lines."""
     n = len(content)
+    breaks = 0
     longest = 0
     start = 0
     while start < n:
-        end = content.find(b"\r\n", start + _SPLIT_WINDOW) if n - start > _SPLIT_WINDOW else -1
-        if end < 0:
+        end = content.find(b"\n", start + _SPLIT_WINDOW) + 1 if n - start > _SPLIT_WINDOW else 0
+        if end <= 0:
             end = n
-        longest = max(longest, max(map(len, content[start:end].split(b"\r\n"))))
-        start = end + 2
-    return longest
+        lines = content[start:end].splitlines()
+        if lines:
+            breaks += len(lines) if content[end - 1] in b"\r\n" else len(lines) - 1
+            longest = max(longest, max(map(len, lines)))
+        start = end
+    return breaks, longest
 
 
 def first_problem(lines: bytes, max_line: int, limit: int) -> str | None:
@@ -48,14 +54,14 @@ def first_problem(lines: bytes, max_line: int, limit: int) -> str | None:
 
 def body_problem(lines: bytes | bytearray, max_line: int, limit: int) -> str | None:
     """The refusal for dot-stuffed DATA `lines` (the DATA line's CRLF, then whole CRLF-ended
-    lines), or None. A few whole-buffer scans in C screen the body; only a body that
-    fails them goes through the line-by-line `first_problem` for the exact reply."""
-    crs = lines.count(b"\r")
-    if (
-        len(lines) - 2 <= limit
-        and crs == lines.count(b"\n") == lines.count(b"\r\n")  # no bare CR, no bare LF
-        and b"\x00" not in lines  # a lenient next hop may end a line or the data at a NUL
-        and longest_line(lines) <= max_line - 2  # stuffed: never shorter than unstuffed
-    ):
-        return None
+    lines), or None. A few whole-buffer scans in C screen the body: as many CRs as LFs as
+    line breaks means every line ends in CRLF (no bare CR or LF: a bare one is a break that
+    adds to one count only); only a body that fails them goes through the line-by-line
+    `first_problem` for the exact reply."""
+    if len(lines) - 2 <= limit and b"\x00" not in lines:  # a lenient next hop may end a
+        crs = lines.count(b"\r")  # line or the data at a NUL
+        if crs == lines.count(b"\n"):
+            breaks, longest = _breaks_and_longest(lines)
+            if breaks == crs and longest <= max_line - 2:  # stuffed: never shorter
+                return None
     return first_problem(bytes(lines[2:]), max_line, limit)

@@ -939,15 +939,20 @@ class SmtpSession(asyncio.Protocol):
             self._set_rset_state()
             self._reply(problem)
             return
-        content = bytes(stuffed.replace(b"\r\n.", b"\r\n"))  # RFC 5321 § 4.5.2
+        # RFC 5321 § 4.5.2: a line starting with "." was sent with another one. Most bodies
+        # have none: then the bytes as sent are the message and the wire form at once (one
+        # copy, below, from the receive buffer to the message with our Received: field).
+        dotted = stuffed.find(b"\r\n.") >= 0
+        content = stuffed.replace(b"\r\n.", b"\r\n") if dotted else stuffed
         intake = self._txn_intake
         assert intake is not None
         info = self._info()
-        view = memoryview(content)[2:]
+        with memoryview(content) as view:
+            data = b"".join((self._received_header(), view[2:]))
         envelope = Envelope(
             sender=self._mail_from,
             recipients=tuple(self._rcpts),
-            data=b"".join((self._received_header(), view)),
+            data=data,
             client_ip=self._peer_ip,
             client_user=info.user,
             helo=info.helo,
@@ -956,6 +961,7 @@ class SmtpSession(asyncio.Protocol):
             # 8BITMIME instead of passing undeclared 8-bit data on.
             body_8bit=self._body_8bit or not content.isascii(),
             dsn=self._dsn(),
+            wire=not dotted,
         )
         self._start(self._submit(intake, info, envelope), ours=True)
 

@@ -27,7 +27,14 @@ recipient to be delivered again (a duplicate), never a message to be lost.
 from relay.spool.eventlog import EventLog, StoredEvent
 from relay.spool.queue_id import is_queue_id, new_queue_id
 from relay.spool.store import Spool
-from relay.spool.types import EventRow, RcptStatus, RecipientUpdate, SpoolMessage, SpoolRecipient
+from relay.spool.types import (
+    EventRow,
+    RcptStatus,
+    RecipientUpdate,
+    SpoolMessage,
+    SpoolRecipient,
+    StoredBody,
+)
 from relay.spool.writer import WriterStats
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "Spool",
     "SpoolMessage",
     "SpoolRecipient",
+    "StoredBody",
     "StoredEvent",
     "WriterStats",
     "is_queue_id",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay.spool.schema import MESSAGE_COLUMNS, DamagedRow, connect, decode_message, number
+from relay.spool.segments import MissingBody, Segments, fsync_dir
 from relay.spool.types import RcptStatus, SpoolMessage
 
 log = logging.getLogger("relay.spool")
@@ -19,7 +20,7 @@ log = logging.getLogger("relay.spool")
 PAGE_ROWS = 1000  # rows per read transaction: bounded memory, no long-held WAL snapshot
 
 
-def scan_pending(db_path: Path) -> Iterator[SpoolMessage]:
+def scan_pending(db_path: Path, segments: Segments | None = None) -> Iterator[SpoolMessage]:
     """Every stored message with a PENDING recipient, oldest row first, one page at a time.
 
     A row that does not decode is not yielded: it is moved to the `quarantine` table (with
@@ -59,7 +60,9 @@ def scan_pending(db_path: Path) -> Iterator[SpoolMessage]:
                     yield message
     finally:
         if damaged:
-            quarantine(conn, damaged)
+            # Not the writer's connection: the segment is only read (the body goes into the
+            # quarantined row); its space is reclaimed by the next open's sweep.
+            quarantine(conn, damaged, segments, release=False)
         conn.close()
 
 
@@ -101,12 +104,18 @@ def read_due(conn: sqlite3.Connection, after: tuple[float, str] | None, limit: i
     return DueBatch(out, last, len(rows) < limit, damaged)
 
 
-def quarantine(conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
+def quarantine(
+    conn: sqlite3.Connection,
+    rows: list[tuple[int, str]],
+    segments: Segments | None = None,
+    *,
+    release: bool = True,
+) -> None:
     """Move damaged message rows (and their bodies) into the quarantine table, in one
     transaction; logged one warning per row."""
     try:
         conn.execute("BEGIN IMMEDIATE")
-        move_to_quarantine(conn, rows, report=False)
+        move_to_quarantine(conn, rows, report=False, segments=segments, release=release)
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         if conn.in_transaction:
@@ -118,11 +127,21 @@ def quarantine(conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
 
 
 def move_to_quarantine(
-    conn: sqlite3.Connection, rows: list[tuple[int, str]], *, report: bool = True
+    conn: sqlite3.Connection,
+    rows: list[tuple[int, str]],
+    *,
+    report: bool = True,
+    segments: Segments | None = None,
+    release: bool = True,
 ) -> None:
-    """The moves of `quarantine` inside the caller's transaction (the spool's writer)."""
+    """The moves of `quarantine` inside the caller's transaction (the spool's writer). A
+    body in a segment is copied into the quarantined row (when it is still there), and the
+    segment released."""
     now = time.time()
     for rowid, reason in rows:
+        seg = conn.execute(
+            "SELECT body_seg, body_off, size FROM messages WHERE id = ?", (rowid,)
+        ).fetchone()
         conn.execute(
             "INSERT INTO quarantine (moved_at, reason, id, queue_id, received_at, sender,"
             " client, org, account, upstream, size, held, is_dsn, pending, recipients, body)"
@@ -131,7 +150,13 @@ def move_to_quarantine(
             " b.data FROM messages AS m LEFT JOIN bodies AS b ON b.id = m.id WHERE m.id = ?",
             (now, reason, rowid),
         )
+        if seg is not None and seg[0] is not None:
+            qid = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            body = _segment_body(segments, seg)
+            conn.execute("UPDATE quarantine SET body = ? WHERE qid = ?", (body, qid))
         conn.execute("DELETE FROM messages WHERE id = ?", (rowid,))
+        if release and segments is not None and seg is not None and seg[0] is not None:
+            segments.released(int(seg[0]), int(seg[2]))
         conn.execute("DELETE FROM bodies WHERE id = ?", (rowid,))
         if report:
             log.warning("spool: damaged row %d moved to quarantine: %s", rowid, reason)
@@ -155,10 +180,12 @@ def move_aside(db_path: Path) -> Path:
     return target
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames and file creations in a directory durable (POSIX: fsync the directory)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _segment_body(segments: Segments | None, where: tuple[object, ...]) -> bytes | None:
+    seg, off, size = where
+    if segments is None or not all(isinstance(v, int) for v in where):
+        return None
+    assert isinstance(seg, int) and isinstance(off, int) and isinstance(size, int)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return segments.read(seg, off, size)
+    except (MissingBody, OSError):
+        return None

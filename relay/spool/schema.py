@@ -264,3 +264,21 @@ def decode_message(row: Sequence[Any]) -> SpoolMessage:
         recipients=decode_recipients(rcpts),
         dsn=dsn,
     )
+
+
+# Bodies in segment files (relay/spool/segments.py): a row says where its body is
+# (`body_seg`, `body_off`; its length is `size`); NULL `body_seg`: the body is a BLOB in
+# `bodies`, as every body was before this step (such rows are still read and delivered).
+# `wire` = 1: the body is exactly what goes on the wire before the final "." (CRLF lines,
+# none starting with "."), so delivery sends it without another scan. The index finds the
+# rows of a segment (is it empty? which rows lost their body?) without touching the table.
+STEPS.append((
+    "body-segments",
+    """
+ALTER TABLE messages ADD COLUMN body_seg INTEGER;
+ALTER TABLE messages ADD COLUMN body_off INTEGER;
+ALTER TABLE messages ADD COLUMN wire INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS messages_body ON messages (body_seg, body_off, size)
+    WHERE body_seg IS NOT NULL
+""",
+))

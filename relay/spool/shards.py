@@ -6,9 +6,11 @@ shard is an ordinary spool with its own lock, written by one process only.
 
 When N shrinks, shards `w<N>`, `w<N+1>`, … have no worker. Before any worker starts,
 `fold_surplus` moves their messages (metadata, per-recipient state, bodies, quarantined rows)
-into shard 0 in one SQLite transaction, then removes the emptied shard. The copy skips
-queue ids shard 0 already has, so a crash between the commit and the removal only means the
-next start finds nothing new to copy: nothing is lost or duplicated.
+into shard 0 in one SQLite transaction, then removes the emptied shard. Body segments are
+hard-linked into shard 0 under new numbers *before* that commit (a crash before it leaves
+only orphan segments, swept at the next open). The copy skips queue ids shard 0 already
+has, so a crash between the commit and the removal only means the next start finds nothing
+new to copy: nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sqlite3
 from pathlib import Path
 
 from relay.spool.schema import DB_NAME, connect, init_schema
+from relay.spool.segments import SEGMENT_DIR, Segments, fsync_dir, segment_name
 from relay.spool.store import LOCK_NAME, lock_directory
 
 log = logging.getLogger("relay.spool")
@@ -63,6 +66,14 @@ def merge_shard(src: Path, dst: Path) -> int:
         os.close(src_lock)
     for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME):
         (src / name).unlink(missing_ok=True)
+    seg_dir = src / SEGMENT_DIR
+    if seg_dir.is_dir():
+        for path in Segments(src).files().values():
+            path.unlink()
+        try:
+            seg_dir.rmdir()
+        except OSError as exc:
+            log.warning("spool shard %s: %s not removed: %s", src, seg_dir, exc)
     try:
         src.rmdir()
     except OSError as exc:  # something else lives there: leave it, the messages are moved
@@ -80,7 +91,10 @@ def _copy(src_db: Path, dst_db: Path) -> int:
     conn = connect(dst_db)
     try:
         conn.execute("ATTACH DATABASE ? AS src", (str(src_db),))
-        cols = [c for c in _columns(conn, "main", "messages") if c != "id"]
+        segmap = _link_segments(conn, src_db.parent, dst_db.parent)
+        conn.execute("CREATE TEMP TABLE segmap (old INTEGER PRIMARY KEY, new INTEGER)")
+        conn.executemany("INSERT INTO temp.segmap VALUES (?, ?)", segmap.items())
+        cols = [c for c in _columns(conn, "main", "messages") if c not in ("id", "body_seg")]
         qcols = [c for c in _columns(conn, "main", "quarantine") if c != "qid"]
         names, qnames = ", ".join(cols), ", ".join(qcols)
         conn.execute("BEGIN IMMEDIATE")
@@ -92,7 +106,8 @@ def _copy(src_db: Path, dst_db: Path) -> int:
                 " WHERE queue_id NOT IN (SELECT queue_id FROM main.messages)"
             )
             conn.execute(
-                f"INSERT INTO main.messages (id, {names}) SELECT id + ?, {names}"
+                f"INSERT INTO main.messages (id, body_seg, {names}) SELECT id + ?,"
+                f" (SELECT new FROM temp.segmap WHERE old = body_seg), {names}"
                 " FROM src.messages WHERE id IN (SELECT id FROM temp.moving)",
                 (offset,),
             )
@@ -113,6 +128,7 @@ def _copy(src_db: Path, dst_db: Path) -> int:
             )
             copied = int(conn.execute("SELECT count(*) FROM temp.moving").fetchone()[0])
             conn.execute("DROP TABLE temp.moving")
+            conn.execute("DROP TABLE temp.segmap")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -121,6 +137,32 @@ def _copy(src_db: Path, dst_db: Path) -> int:
     finally:
         conn.close()
     return copied
+
+
+def _link_segments(conn: sqlite3.Connection, src: Path, dst: Path) -> dict[int, int]:
+    """Hard-link every body segment the source's messages use into the destination under
+    a number the destination does not use; old number -> new number. Durable (directory
+    fsync) before the caller commits rows that point at them."""
+    used = [
+        int(r[0])
+        for r in conn.execute("SELECT DISTINCT body_seg FROM src.messages WHERE body_seg IS NOT NULL")
+    ]
+    if not used:
+        return {}
+    target = Segments(dst)
+    target.directory.mkdir(parents=True, exist_ok=True)
+    (top,) = conn.execute("SELECT coalesce(max(body_seg), 0) FROM main.messages").fetchone()
+    number = max([*target.files(), int(top)]) + 1
+    source = Segments(src).files()
+    mapping: dict[int, int] = {}
+    for old in sorted(used):
+        path = source.get(old)
+        if path is not None:  # else a number with no file: shard 0 quarantines the rows
+            os.link(path, target.directory / segment_name(number))
+        mapping[old] = number
+        number += 1
+    fsync_dir(target.directory)
+    return mapping
 
 
 def fold_surplus(root: Path, count: int) -> int:

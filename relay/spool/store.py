@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import errno
 import fcntl
 import logging
 import os
@@ -30,7 +31,15 @@ from relay.spool.schema import (
     encode_recipients,
     init_schema,
 )
-from relay.spool.types import EventRow, RcptStatus, RecipientUpdate, SpoolMessage, SpoolRecipient
+from relay.spool.segments import MissingBody, Segments, fsync_dir
+from relay.spool.types import (
+    EventRow,
+    RcptStatus,
+    RecipientUpdate,
+    SpoolMessage,
+    SpoolRecipient,
+    StoredBody,
+)
 from relay.spool.writer import Writer, WriterStats
 
 log = logging.getLogger("relay.spool")
@@ -41,6 +50,12 @@ LOCK_NAME = "spool.lock"
 # dropped first past this size): the scheduler then gets the very bytes object the listener
 # received, without a thread hop, an SQLite read and a copy per message.
 BODY_CACHE_BYTES = 32 * 1024 * 1024
+# Bodies are appended to body segments (relay/spool/segments.py): written once, where SQLite
+# writes a BLOB twice (WAL, then checkpoint) and frees its overflow pages again on delete.
+# Bodies up to INLINE_MAX bytes would stay BLOBs: none, since segments won at every size
+# measured, 5 KB included (relay/spool/__init__.py); tests and benchmarks set it to make
+# BLOB rows, the form of spools written before segments.
+INLINE_MAX = 0
 
 
 def _open_database(db_path: Path, max_bytes: int | None) -> sqlite3.Connection:
@@ -71,7 +86,7 @@ def _open_database(db_path: Path, max_bytes: int | None) -> sqlite3.Connection:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         conn.execute(f"PRAGMA max_page_count={max(1, max_bytes // page_size)}")
     # The database and WAL files now exist: make their directory entries durable too.
-    recovery.fsync_dir(db_path.parent)
+    fsync_dir(db_path.parent)
     return conn
 
 
@@ -111,6 +126,30 @@ def lock_directory(directory: Path) -> int:
     return lock_file(directory / LOCK_NAME, f"spool {directory} is in use by another process")
 
 
+def _delete_row(
+    conn: sqlite3.Connection, segments: Segments, rowid: int, seg: int | None, size: int
+) -> None:
+    """Delete a message row and its body (a BLOB row, or its place in a segment); the last
+    step of an operation."""
+    conn.execute("DELETE FROM messages WHERE id = ?", (rowid,))
+    if seg is None:
+        conn.execute("DELETE FROM bodies WHERE id = ?", (rowid,))
+    else:
+        segments.released(seg, size)
+
+
+def _check_cap(conn: sqlite3.Connection, segments: Segments, size: int, max_bytes: int) -> None:
+    """The size cap covers the database and the bodies in segments (dead bytes of a segment
+    still in use are not counted: they go with it): a body that would pass it fails its put
+    as a full disk would (451, the spool-full warning)."""
+    pages, page_size = (
+        conn.execute("PRAGMA page_count").fetchone()[0],
+        conn.execute("PRAGMA page_size").fetchone()[0],
+    )
+    if pages * page_size + segments.live_bytes + size > max_bytes:
+        raise OSError(errno.ENOSPC, f"spool size cap of {max_bytes} bytes reached")
+
+
 class Spool:
     """Durable queue on SQLite (WAL, synchronous=FULL) with one group-committing writer.
 
@@ -128,8 +167,11 @@ class Spool:
         writer: Writer,
         reader: sqlite3.Connection,
         lock_fd: int,
+        segments: Segments,
         *,
         body_cache_bytes: int = BODY_CACHE_BYTES,
+        inline_max: int = INLINE_MAX,
+        max_bytes: int | None = None,
     ) -> None:
         self.directory = directory
         self.db_path = directory / DB_NAME
@@ -137,8 +179,12 @@ class Spool:
         self._reader = reader
         self._reader_lock = threading.Lock()
         self._lock_fd = lock_fd
+        self._segments = segments
+        self._inline_max = inline_max
+        self._max_bytes = max_bytes
         self._closed = False
-        self._bodies: dict[str, bytes] = {}  # insertion order = eviction order
+        # Committed bodies (and whether each is wire-ready); insertion order = eviction order.
+        self._bodies: dict[str, StoredBody] = {}
         self._body_bytes = 0
         self._body_cache_bytes = body_cache_bytes
         self.events = EventLog(self._write, self._read)
@@ -150,12 +196,14 @@ class Spool:
         *,
         max_bytes: int | None = None,
         body_cache_bytes: int = BODY_CACHE_BYTES,
+        inline_max: int = INLINE_MAX,
     ) -> Spool:
         """Open (creating if needed) the spool in directory `path`.
 
-        max_bytes caps the database size: past it `put` fails with SpoolError (451), so a
-        full queue answers "try later" instead of filling the disk. body_cache_bytes bounds
-        the in-memory copy of recently committed bodies (0 disables it).
+        max_bytes caps the spool's size (database and body segments): past it `put` fails
+        with SpoolError (451), so a full queue answers "try later" instead of filling the
+        disk. body_cache_bytes bounds the in-memory copy of recently committed bodies (0
+        disables it). Bodies larger than inline_max bytes go to body segments.
         """
         directory = Path(path)
 
@@ -165,15 +213,28 @@ class Spool:
                 lock_fd = lock_directory(directory)
             except OSError as exc:
                 raise SpoolError(reason=f"cannot open spool {directory}: {exc}") from exc
+            segments = Segments(directory)
             try:
                 conn = _open_database(directory / DB_NAME, max_bytes)
+                missing = segments.open(conn)
+                if missing:  # rows whose body is gone: set aside, never delivered empty
+                    recovery.quarantine(conn, missing, segments)
                 reader = connect(directory / DB_NAME, readonly=True)
             except (sqlite3.Error, OSError) as exc:
                 os.close(lock_fd)
                 raise SpoolError(reason=f"cannot open spool {directory}: {exc}") from exc
-            writer = Writer(conn)
+            writer = Writer(conn, hooks=segments)
             writer.start()
-            return cls(directory, writer, reader, lock_fd, body_cache_bytes=body_cache_bytes)
+            return cls(
+                directory,
+                writer,
+                reader,
+                lock_fd,
+                segments,
+                body_cache_bytes=body_cache_bytes,
+                inline_max=inline_max,
+                max_bytes=max_bytes,
+            )
 
         return await asyncio.to_thread(blocking)
 
@@ -203,9 +264,12 @@ class Spool:
         queue_id: str | None = None,
         events: Sequence[EventRow] = (),
         dsn: str | None = None,
+        wire: bool = False,
     ) -> str:
         """Store a message; returns its new queue id once it is committed and fsynced.
         Raises SpoolError when it could not be made durable (then nothing of it is kept).
+        `wire`: the caller vouches that `data` is wire-ready (CRLF lines only, none starting
+        with ".", ending with CRLF), so delivery sends it as is.
 
         If the caller is cancelled while waiting, the message may still be committed (the
         client then sees no 250 and retries: a duplicate, never a loss). `events` are
@@ -230,17 +294,33 @@ class Spool:
             len(rcpts),
             encode_recipients(rcpts),
             dsn,
+            int(wire),
         )
+        segments = self._segments if len(data) > self._inline_max else None
+        max_bytes = self._max_bytes
 
         def op(conn: sqlite3.Connection) -> None:
-            cur = conn.execute(
-                "INSERT INTO messages (queue_id, received_at, sender, client, org, account,"
-                " upstream, size, held, is_dsn, pending, recipients, dsn)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                row,
-            )
-            conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (cur.lastrowid, data))
+            if segments is None:
+                cur = conn.execute(
+                    "INSERT INTO messages (queue_id, received_at, sender, client, org, account,"
+                    " upstream, size, held, is_dsn, pending, recipients, dsn, wire)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    row,
+                )
+                conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (cur.lastrowid, data))
+            else:
+                if max_bytes is not None:
+                    _check_cap(conn, segments, len(data), max_bytes)
+                seg, off = segments.append(data)
+                conn.execute(
+                    "INSERT INTO messages (queue_id, received_at, sender, client, org, account,"
+                    " upstream, size, held, is_dsn, pending, recipients, dsn, wire, body_seg,"
+                    " body_off) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (*row, seg, off),
+                )
             insert(conn, events)
+            if segments is not None:
+                segments.stored(len(data))
 
         try:
             await self._writer.submit(op, size=len(data))
@@ -249,17 +329,17 @@ class Spool:
         except Exception as exc:  # the listener must only ever see SpoolError (451)
             raise SpoolError(reason=f"spool put failed: {exc!r}") from exc
         # Only after COMMIT: a body is never readable from memory unless it is on disk.
-        self._cache_body(queue_id, data)
+        self._cache_body(queue_id, StoredBody(data, wire))
         return queue_id
 
-    def _cache_body(self, queue_id: str, data: bytes) -> None:
-        if len(data) > self._body_cache_bytes:
+    def _cache_body(self, queue_id: str, body: StoredBody) -> None:
+        if len(body.data) > self._body_cache_bytes:
             return
-        self._bodies[queue_id] = data
-        self._body_bytes += len(data)
+        self._bodies[queue_id] = body
+        self._body_bytes += len(body.data)
         while self._body_bytes > self._body_cache_bytes:
             oldest = next(iter(self._bodies))
-            self._body_bytes -= len(self._bodies.pop(oldest))
+            self._body_bytes -= len(self._bodies.pop(oldest).data)
 
     def drop_cached_body(self, queue_id: str) -> None:
         """Forget the in-memory copy of a body (the scheduler set the message aside: its
@@ -267,9 +347,9 @@ class Spool:
         self._forget_body(queue_id)
 
     def _forget_body(self, queue_id: str) -> None:
-        data = self._bodies.pop(queue_id, None)
-        if data is not None:
-            self._body_bytes -= len(data)
+        body = self._bodies.pop(queue_id, None)
+        if body is not None:
+            self._body_bytes -= len(body.data)
 
     async def update(
         self,
@@ -285,15 +365,17 @@ class Spool:
         by_rcpt = {u.rcpt: u for u in updates}
         # After an attempt the body has served its purpose; a retry reads it from disk.
         self._forget_body(queue_id)
+        segments = self._segments
 
         def op(conn: sqlite3.Connection) -> None:
             row = conn.execute(
-                "SELECT id, recipients FROM messages WHERE queue_id = ?", (queue_id,)
+                "SELECT id, recipients, body_seg, size FROM messages WHERE queue_id = ?",
+                (queue_id,),
             ).fetchone()
             if row is None:
                 return
             insert(conn, events)
-            rowid, raw = row
+            rowid, raw, seg, size = row
             try:
                 rcpts = decode_recipients(raw)
             except DamagedRow as exc:
@@ -307,8 +389,7 @@ class Spool:
                     r.last_reply = u.last_reply
             pending = sum(1 for r in rcpts if r.status is RcptStatus.PENDING)
             if pending == 0:
-                conn.execute("DELETE FROM messages WHERE id = ?", (rowid,))
-                conn.execute("DELETE FROM bodies WHERE id = ?", (rowid,))
+                _delete_row(conn, segments, rowid, seg, size)
                 return
             conn.execute(
                 "UPDATE messages SET recipients = ?, pending = ?, due = ?,"
@@ -376,14 +457,16 @@ class Spool:
     async def delete(self, queue_id: str, *, events: Sequence[EventRow] = ()) -> bool:
         """Remove a message and its body; False if the id is unknown."""
         self._forget_body(queue_id)
+        segments = self._segments
 
         def op(conn: sqlite3.Connection) -> bool:
-            row = conn.execute("SELECT id FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+            row = conn.execute(
+                "SELECT id, body_seg, size FROM messages WHERE queue_id = ?", (queue_id,)
+            ).fetchone()
             if row is None:
                 return False
-            conn.execute("DELETE FROM messages WHERE id = ?", (row[0],))
-            conn.execute("DELETE FROM bodies WHERE id = ?", (row[0],))
             insert(conn, events)
+            _delete_row(conn, segments, *row)
             return True
 
         return bool(await self._write(op))
@@ -408,24 +491,40 @@ class Spool:
 
     async def read_body(self, queue_id: str) -> bytes:
         """The message bytes as received; KeyError if the id is unknown."""
+        return (await self.body(queue_id)).data
+
+    async def body(self, queue_id: str) -> StoredBody:
+        """The message bytes as received, and whether they are wire-ready; KeyError if the
+        id is unknown, SpoolError if its body is missing from its segment."""
         if self._closed:
             raise SpoolError(reason="spool is closed")
         cached = self._bodies.get(queue_id)
         if cached is not None:
             return cached
+        segments = self._segments
 
-        def fn(conn: sqlite3.Connection) -> bytes | None:
+        def fn(conn: sqlite3.Connection) -> StoredBody | None:
             row = conn.execute(
-                "SELECT b.data FROM messages AS m JOIN bodies AS b ON b.id = m.id"
-                " WHERE m.queue_id = ?",
+                "SELECT m.body_seg, m.body_off, m.size, m.wire, b.data FROM messages AS m"
+                " LEFT JOIN bodies AS b ON b.id = m.id WHERE m.queue_id = ?",
                 (queue_id,),
             ).fetchone()
-            return None if row is None else bytes(row[0])
+            if row is None:
+                return None
+            seg, off, size, wire, blob = row
+            if seg is None:
+                if blob is None:
+                    raise MissingBody(f"message {queue_id} has no body")
+                return StoredBody(bytes(blob), bool(wire))
+            return StoredBody(segments.read(seg, off, size), bool(wire))
 
-        data = await self._read(fn)
-        if data is None:
+        try:
+            body = await self._read(fn)
+        except MissingBody as exc:
+            raise SpoolError(reason=f"spool: {exc}") from exc
+        if body is None:
             raise KeyError(queue_id)
-        return data
+        return body
 
     async def get(self, queue_id: str) -> SpoolMessage | None:
         """The message's metadata, or None if unknown. SpoolError if its row is damaged."""
@@ -535,8 +634,13 @@ class Spool:
         Damaged rows are moved to quarantine (reported), not returned."""
         batch = await self._read(lambda conn: recovery.read_due(conn, after, max(1, limit)))
         if batch.damaged:
+            segments = self._segments
             try:
-                await self._write(lambda conn: recovery.move_to_quarantine(conn, batch.damaged))
+                await self._write(
+                    lambda conn: recovery.move_to_quarantine(
+                        conn, batch.damaged, segments=segments
+                    )
+                )
             except SpoolError as exc:
                 log.error(
                     "spool: could not quarantine %d damaged row(s): %s", len(batch.damaged), exc
@@ -593,7 +697,7 @@ class Spool:
         (synchronous: it runs before the relay serves). Damaged rows are quarantined."""
         if self._closed:
             raise SpoolError(reason="spool is closed")
-        return recovery.scan_pending(self.db_path)
+        return recovery.scan_pending(self.db_path, self._segments)
 
     async def close(self) -> None:
         """Commit everything already queued, stop the writer thread, release the spool."""
@@ -601,6 +705,7 @@ class Spool:
             return
         self._closed = True
         await self._writer.stop()
+        self._segments.close()
         with self._reader_lock:
             self._reader.close()
         os.close(self._lock_fd)

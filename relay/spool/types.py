@@ -70,3 +70,13 @@ class EventRow:
     org: str
     recipient: str
     data: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBody:
+    """A queued message's bytes, and whether they are wire-ready: CRLF lines only, none
+    starting with ".", ending with CRLF (what our listener stores when the client sent no
+    dot-stuffed line), so delivery sends them without another scan."""
+
+    data: bytes
+    wire: bool = False

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from relay.core.errors import SpoolError
 from relay.spool.health import SpoolHealth, is_full
@@ -48,6 +48,27 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     size: int
+
+
+class CommitHooks(Protocol):
+    """What else a batch's transaction covers (the body segments): made durable before the
+    COMMIT (an exception there fails the whole batch), finished after it, or forgotten when
+    the transaction is rolled back."""
+
+    def before_commit(self, conn: sqlite3.Connection) -> None: ...
+    def after_commit(self) -> None: ...
+    def after_failure(self) -> None: ...
+
+
+class _NoHooks:
+    def before_commit(self, conn: sqlite3.Connection) -> None:
+        pass
+
+    def after_commit(self) -> None:
+        pass
+
+    def after_failure(self) -> None:
+        pass
 
 
 _STOP = object()
@@ -86,8 +107,15 @@ def _settle(items: list[_Settlement]) -> None:
 class Writer:
     """Owns the write connection and the thread that batches operations onto it."""
 
-    def __init__(self, conn: sqlite3.Connection, *, name: str = "spool-writer") -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        name: str = "spool-writer",
+        hooks: CommitHooks | None = None,
+    ) -> None:
         self._conn = conn
+        self._hooks: CommitHooks = hooks if hooks is not None else _NoHooks()
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopping = False
@@ -190,11 +218,13 @@ class Writer:
             else:
                 settled.append((job, value, None))
         try:
+            self._hooks.before_commit(conn)
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._rollback()
             self._fail(batch, to_spool_error(exc))
             return
+        self._hooks.after_commit()
         self.health.committed()
         self.stats.commits += 1
         self.stats.operations += len(batch)
@@ -209,6 +239,7 @@ class Writer:
                 log.warning("spool writer: rollback failed: %s", exc)
 
     def _fail(self, jobs: list[_Job], exc: SpoolError) -> None:
+        self._hooks.after_failure()
         if not jobs:
             return
         self.stats.failed_batches += 1
