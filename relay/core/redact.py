@@ -45,6 +45,11 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     (re.compile(r"\bSG\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), REDACTED),
 )
+# Every pattern above needs one of these words: a text without any of them (most upstream
+# replies, "250 2.0.0 Ok: queued as …") skips the five substitutions (one search, ~1 µs,
+# instead of ~7 µs per event).
+_SCREEN = re.compile(r"AUTH|Bearer|Basic|password|passwd|pwd|secret|token|api[_-]?key|SG\.",
+                     re.IGNORECASE)
 
 
 class Redactor:
@@ -81,6 +86,8 @@ class Redactor:
         for value in self._values:
             if value in text:
                 text = text.replace(value, REDACTED)
+        if _SCREEN.search(text) is None:
+            return text
         for pattern, repl in _PATTERNS:
             text = pattern.sub(repl, text)
         return text
