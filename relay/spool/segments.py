@@ -55,9 +55,9 @@ class Segments:
     """The body files of one spool directory. `append`, `released`, `before_commit`,
     `after_commit` and `after_failure` run on the writer thread only; `read` on any thread."""
 
-    def __init__(self, directory: Path, *, segment_bytes: int = SEGMENT_BYTES) -> None:
+    def __init__(self, directory: Path, *, segment_bytes: int | None = None) -> None:
         self.directory = directory / SEGMENT_DIR
-        self.segment_bytes = segment_bytes
+        self.segment_bytes = SEGMENT_BYTES if segment_bytes is None else segment_bytes
         self.stats = SegmentStats()
         self._lock = threading.Lock()  # `bytes_on_disk` is read off the writer thread
         self._fd = -1
