@@ -830,6 +830,33 @@ async def test_dot_lines_inside_the_body_do_not_end_it(make_listener: MakeListen
     assert reply[-1].startswith("250 2.0.0")
     [(_, envelope)] = intake.submitted
     assert message_body(envelope)[1] == b"Subject: dots\r\n\r\n..\r\n \r\nx\r\n.\r\n"
+    assert not envelope.wire  # unstuffed: delivery must stuff it again
+
+
+async def test_a_body_is_wire_ready_unless_a_line_was_dot_stuffed(
+    make_listener: MakeListener,
+) -> None:
+    """`wire` (the bytes as received are the wire form) only without a stuffed line, also
+    when the segments split "\r\n." or the end marker at any byte."""
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await c.ehlo()
+    plain = b"Subject: a\r\n\r\nno dot. here.\r\nx.\r\n"
+    stuffed = b"Subject: b\r\n\r\n..x\r\n"
+    expected = []
+    for body in (plain, stuffed):
+        data = body + b".\r\n"
+        for split in range(1, len(data)):
+            await c.cmd("MAIL FROM:<app@example.com>", "250 2.1.0")
+            await c.cmd("RCPT TO:<user@example.org>", "250 2.1.5")
+            await c.cmd("DATA", "354 ")
+            await c.send(data[:split])
+            await asyncio.sleep(0.002)
+            await c.send(data[split:])
+            await c.expect("250 2.0.0")
+            expected.append((body is plain, body.replace(b"\r\n..", b"\r\n.")))
+    got = [(e.wire, message_body(e)[1]) for _, e in intake.submitted]
+    assert got == expected
 
 
 async def test_commands_pipelined_after_starttls_are_discarded(
