@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
+from relay.config import oauth as oauth_conf
 from relay.config.errors import ConfigError
 from relay.config.model import Config, Member, Org
+from relay.config.providers import PROFILES, throttle_defaults
 from relay.config.schema import OrgConf, RelayConf, UpstreamConf
 from relay.config.secrets import SecretUnavailable, is_reference, resolve_secret
 from relay.config.yamlsrc import Located
 from relay.config.yamlsrc import Path as YPath
-from relay.core.model import EgressPool, EgressSource, Secret, Throttle, TlsMode, Upstream
+from relay.core.model import (
+    EgressPool,
+    EgressSource,
+    OAuthSettings,
+    Secret,
+    Throttle,
+    TlsMode,
+    Upstream,
+)
 
 # Built-in presets (docs/architecture.md): always defined, so a config only has to add credentials.
 PRESETS: dict[str, dict[str, object]] = {
@@ -68,6 +79,9 @@ class Builder:
         # A global upstream named like a preset inherits it unless it names another preset.
         preset = conf.preset or (uid if uid in PRESETS else None)
         merged: dict[str, object] = dict(PRESETS[preset]) if preset else {}
+        profile = PROFILES[conf.provider] if conf.provider else None
+        if profile is not None:
+            merged.update(host=profile.host, port=profile.port, tls=profile.tls)
         for key in ("host", "port", "tls", "username", "password"):
             value = getattr(conf, key)
             if value is not None:
@@ -112,6 +126,16 @@ class Builder:
         unavailable: str | None = None
         username = merged.get("username")
         password: Secret | None = None
+        auth = conf.auth or ("xoauth2" if conf.oauth else "password")
+        oauth: OAuthSettings | None = None
+        if auth == "xoauth2":
+            if conf.password:
+                self.err(src, (*path, "password"), f"upstream '{uid}': auth: xoauth2 logs in"
+                         " with a token, not a password (remove password)")
+            for where, message in oauth_conf.check(
+                conf.oauth, profile.idp if profile else None, conf.username
+            ):
+                self.err(src, (*path, *where), f"upstream '{uid}': {message}")
         try:
             if isinstance(username, str) and is_reference(username):
                 self.username_refs[uid] = username
@@ -121,6 +145,10 @@ class Builder:
             ref = merged.get("password")
             if isinstance(ref, str):
                 password = resolve_secret(ref, base_dir=base_dir, environ=self.environ)
+            if auth == "xoauth2" and conf.oauth is not None:
+                oauth = oauth_conf.settings(
+                    conf.oauth, profile.idp if profile else None, base_dir, self.environ
+                )
         except SecretUnavailable as exc:
             unavailable = f"credential unavailable: {exc}"
             self.warn(src, path, f"upstream '{uid}': {exc}; its mail will wait in the queue")
@@ -132,7 +160,9 @@ class Builder:
             self.warn(
                 src, (*path, "verify_tls"), f"upstream '{uid}': TLS certificate verification is OFF"
             )
-        t = conf.throttle
+        t = conf.throttle.model_copy(
+            update=throttle_defaults(conf.provider, set(conf.throttle.model_fields_set))
+        )
         return Upstream(
             id=uid,
             host=host,
@@ -156,7 +186,40 @@ class Builder:
             command_timeout=conf.command_timeout,
             data_timeout=conf.data_timeout,
             unavailable=unavailable,
+            auth=auth,
+            oauth=oauth,
+            provider=conf.provider or preset,
+            verify=conf.verify,
+            previous=conf.previous,
+            fingerprint=oauth_conf.fingerprint(
+                host, port, tls.value, str(username or ""), auth, conf.password,
+                conf.oauth, self.username_refs.get(uid),
+            ),
         )
+
+    def previous(
+        self,
+        u: Upstream,
+        oc: OrgConf | None,
+        global_confs: Mapping[str, UpstreamConf],
+        src: Located,
+        path: YPath,
+    ) -> Upstream:
+        """`previous:` resolved like any upstream name (the organisation's own first)."""
+        if u.previous is None:
+            return u
+        name = u.previous
+        if oc is not None and name in oc.upstreams:
+            resolved = f"{oc.org}/{name}"
+        elif name in global_confs:
+            resolved = name
+        else:
+            self.err(src, (*path, "previous"), f"upstream '{u.id}': previous upstream '{name}'"
+                     " is not defined")
+            return u
+        if resolved == u.id:
+            self.err(src, (*path, "previous"), f"upstream '{u.id}' cannot be its own previous")
+        return replace(u, previous=resolved)
 
     # -- the whole configuration -------------------------------------------------------
     def build(
@@ -220,7 +283,7 @@ class Builder:
             path: YPath = ("upstreams", name) if name in relay.upstreams else ()
             u = self.upstream(name, conf, rsrc, path, pools, relay.default_pool, base_dir)
             if u:
-                upstreams[name] = u
+                upstreams[name] = self.previous(u, None, global_confs, rsrc, path)
         default_upstream = relay.default_upstream or "sendgrid"
         if default_upstream not in upstreams and default_upstream not in global_confs:
             self.err(
@@ -265,7 +328,9 @@ class Builder:
                     base_dir,
                 )
                 if u:
-                    upstreams[u.id] = u
+                    upstreams[u.id] = self.previous(
+                        u, oc, global_confs, src, ("upstreams", name)
+                    )
             if oc.pool and oc.pool not in pools:
                 self.err(src, ("pool",), f"egress pool '{oc.pool}' is not defined")
             for i, d in enumerate(oc.domains):

@@ -123,8 +123,32 @@ class ThrottleConf(Strict):
     quotas: list[Quota] = Field(default_factory=list)
 
 
+class OAuthConf(Strict):
+    """`oauth:` of an upstream with `auth: xoauth2` (relay/config/oauth.py checks the flow)."""
+
+    idp: Literal["microsoft", "google"] | None = None  # default: from the provider profile
+    flow: Literal["client_credentials", "service_account", "refresh_token"] | None = None
+    tenant: str | None = None
+    client_id: str | None = None
+    client_secret: SecretRef | None = None
+    certificate_key: SecretRef | None = None
+    certificate_thumbprint: Annotated[str, Field(pattern=r"^[0-9A-Fa-f:]{40,59}$")] | None = None
+    service_account_key: SecretRef | None = None
+    refresh_token: SecretRef | None = None
+    token_endpoint: Annotated[str, Field(pattern=r"^https://\S+$")] | None = None
+    scope: str | None = None
+    ca_file: str | None = None
+    timeout: Duration = 30.0
+
+
 class UpstreamConf(Strict):
     preset: Literal["sendgrid", "mailjet"] | None = None
+    # A provider profile fills host, port, TLS and throttles (relay/config/providers.py).
+    provider: Literal["microsoft365", "google-workspace", "gmail", "google-smtp-relay"] | None = None
+    auth: Literal["password", "xoauth2", "none"] | None = None  # default: password if given
+    oauth: OAuthConf | None = None
+    verify: bool = False  # carries no mail until `relay verify-upstream` confirmed it
+    previous: Name | None = None  # where its mail goes until then (default: the next rule)
     host: HostName | None = None
     port: Port | None = None
     tls: Literal["implicit", "starttls", "none"] | None = None

@@ -23,6 +23,7 @@ from relay.delivery.connection import (
 )
 from relay.delivery.pool import Pool
 from relay.delivery.resolver import Resolver
+from relay.oauth import TokenBroker
 
 # RFC 5321 § 4.5.3.2.6: wait at least 10 minutes for the reply to the final "." of DATA
 # (the server may be scanning or relaying the message before it answers).
@@ -71,7 +72,9 @@ class Deliverer:
         data_timeout: float = DATA_TIMEOUT,  # a cap; each upstream's data_timeout applies too
         quit_timeout: float = 5.0,
         unpooled: Callable[[Upstream], bool] | None = None,
+        tokens: TokenBroker | None = None,
     ) -> None:
+        self.tokens = tokens  # access tokens for auth: xoauth2 upstreams (relay.oauth)
         # `unpooled(upstream)`: its connections must not outlive a delivery (closed, QUIT
         # awaited, before deliver returns). The shared concurrency leases of relay.limits
         # are held around each delivery; an idle pooled connection would be open without
@@ -137,7 +140,7 @@ class Deliverer:
             if session is None:
                 try:
                     session = await open_session(
-                        upstream, source, self._resolver, self._tls, self._log
+                        upstream, source, self._resolver, self._tls, self._log, self.tokens
                     )
                 except SessionError as exc:
                     return [
