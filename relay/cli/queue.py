@@ -44,6 +44,14 @@ def _print_summary(s: dict[str, Any]) -> None:
                 f"{name:<28} {g['messages']:>8} {g['recipients_pending']:>7} {g['held']:>5}"
                 f" {age(g.get('oldest_age')):>8}"
             )
+    _print_paused(s.get("paused_upstreams") or {})
+
+
+def _print_paused(paused: dict[str, Any]) -> None:
+    for name, p in sorted(paused.items()):
+        when = "until fixed" if p.get("until_fixed") else "for now"
+        print(f"\nPAUSED {name} ({p['kind']}, {when}; looked at again in {age(p.get('retry_in'))}):"
+              f"\n  reply:     {p['reason']}\n  next step: {p['next_step']}")
 
 
 def _print_list(messages: list[dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from relay.core.model import EgressSource, Outcome, RecipientResult, Reply, Upstream
-from relay.delivery import outcome
+from relay.delivery import outcome, providers
 from relay.delivery.channel import BadReply, Channel, wire_body
 from relay.delivery.connection import (
     Session,
@@ -143,8 +143,9 @@ class Deliverer:
                         upstream, source, self._resolver, self._tls, self._log, self.tokens
                     )
                 except SessionError as exc:
+                    pause = providers.classify(upstream, exc.reply).as_pause(exc.reply)
                     return [
-                        RecipientResult(r, Outcome.DEFERRED, exc.reply, exc.throttled)
+                        RecipientResult(r, Outcome.DEFERRED, exc.reply, exc.throttled, pause)
                         for r in recipients
                     ]
                 fresh = True
@@ -154,6 +155,7 @@ class Deliverer:
                 results = await self._transaction(
                     session, upstream, sender, recipients, data, reused=not fresh
                 )
+                results = [self._judge(upstream, r) for r in results]
             except _StaleConnection:
                 self._log.debug(
                     "upstream %s: pooled connection was dead, reconnecting", upstream.id
@@ -315,6 +317,17 @@ class Deliverer:
             self._log.info("upstream %s: %s", upstream.id, reply)
             pending = [r for r in recipients if r not in results]
             return self._finish(recipients, results, pending, reply, deferred=True)
+
+    @staticmethod
+    def _judge(upstream: Upstream, res: RecipientResult) -> RecipientResult:
+        """A reply that means the upstream needs a person (credentials, configuration, a
+        daily quota; relay.delivery.providers) defers instead of bouncing, and says so."""
+        if res.outcome is Outcome.DELIVERED:
+            return res
+        pause = providers.classify(upstream, res.reply).as_pause(res.reply)
+        if pause is None:
+            return res
+        return RecipientResult(res.recipient, Outcome.DEFERRED, res.reply, res.throttled, pause)
 
     async def _skip_replies(self, channel: Channel, count: int, within: float) -> None:
         """Read the replies to the rest of a pipelined group we are abandoning (MAIL was

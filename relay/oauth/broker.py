@@ -35,6 +35,7 @@ log = logging.getLogger("relay.oauth")
 
 MAX_MARGIN = 300.0  # refresh at most 5 minutes before expiry...
 MARGIN_SHARE = 0.1  # ...or in the last tenth of a short-lived token's life
+NEGATIVE_TTL = 10.0  # a refused or failed token request is not repeated sooner
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ class TokenBroker:
         self._locks: dict[str, asyncio.Lock] = {}
         self.requests = 0  # token requests this process made (tests, metrics)
         self.last_error: dict[str, TokenError] = {}
+        self._failed: dict[str, tuple[float, TokenError, int]] = {}
         self._rotated: dict[str, dict[str, str]] = {}  # without a share: kept in memory
 
     async def close(self) -> None:
@@ -104,11 +106,26 @@ class TokenBroker:
         if t is not None and t.value != reject and t.usable(now):
             return t
         lock = self._locks.setdefault(key, asyncio.Lock())
+        asked = self.clock()
         async with lock:
             t = self._tokens.get(key)
             if t is not None and t.value != reject and t.usable(self.clock()):
                 return t
-            t = await self._refresh(upstream, key, reject)
+            # The request we waited for failed, or one failed moments ago with these same
+            # credentials: the same answer for all (an identity provider is not asked again
+            # by every delivery under way; new credentials after a reload are asked at once).
+            creds = hash(tuple(x.reveal() for x in upstream.oauth.secrets()))
+            failed = self._failed.get(key)
+            if failed is not None and failed[2] == creds and (
+                failed[0] >= asked or self.clock() - failed[0] < NEGATIVE_TTL
+            ):
+                raise failed[1]
+            try:
+                t = await self._refresh(upstream, key, reject)
+            except TokenError as exc:
+                self._failed[key] = (self.clock(), exc, creds)
+                raise
+            self._failed.pop(key, None)
             self._tokens[key] = replace(t, fetched=False)  # later callers got it from memory
             return t
 

@@ -138,6 +138,9 @@ class AdminApi:
         for upstream, (n, oldest) in depth.items():
             m.queue_depth.labels(upstream or "unrouted").set(n)
             m.queue_oldest.labels(upstream or "unrouted").set(max(0.0, now - oldest))
+        m.upstream_paused.clear()
+        for uid, p in self.relay.scheduler.health.snapshot().items():
+            m.upstream_paused.labels(uid, p["kind"]).set(1)
         body = generate_latest(m.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -57,6 +57,8 @@ class QueueOps:
         for group in ("by_upstream", "by_org"):
             for g in s[group].values():
                 g["oldest_age"] = age(g.get("oldest_received_at"))
+        # Upstreams paused for a person: why mail waits, and what to do (scheduler/health.py)
+        s["paused_upstreams"] = self.scheduler.health.snapshot()
         return s
 
     async def messages(self, f: Filters) -> list[dict[str, Any]]:

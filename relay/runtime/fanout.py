@@ -133,13 +133,16 @@ def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for group in ("by_upstream", "by_org"):
             for name, g in p.get(group, {}).items():
                 _add_group(out[group].setdefault(name, {}), g)
+    # an upstream paused in any worker is paused (each worker finds out for itself)
+    out["paused_upstreams"] = {k: v for p in parts for k, v in p.get("paused_upstreams", {}).items()}
     for key in ("messages", "recipients_pending", "held", "oldest_received_at", "oldest_age"):
         out.setdefault(key, 0 if key in ("messages", "recipients_pending", "held") else None)
     return out
 
 
 # Gauges where the relay's value is the largest of its workers', not their sum.
-MAX_FAMILIES = frozenset({"relay_queue_oldest_age_seconds", "relay_limits_backend_degraded"})
+MAX_FAMILIES = frozenset({"relay_queue_oldest_age_seconds", "relay_limits_backend_degraded",
+                          "relay_upstream_paused"})
 
 
 def merge_metrics(texts: list[str]) -> str:

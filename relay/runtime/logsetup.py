@@ -68,4 +68,6 @@ def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = N
 def remember_config_secrets(config: Any, extra: Iterable[str] = ()) -> None:
     """Redact every resolved upstream password (and `extra`, e.g. the admin token)."""
     values = [u.password.reveal() for u in config.upstreams.values() if u.password is not None]
+    # OAuth client secrets, private keys, service account keys, refresh tokens
+    values += [s.reveal() for u in config.upstreams.values() if u.oauth for s in u.oauth.secrets()]
     REDACTOR.remember([*values, *extra])

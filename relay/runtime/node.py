@@ -23,7 +23,13 @@ from relay.limits import Limits
 from relay.limits.partition import Partition
 from relay.ops.admin import AdminServer
 from relay.runtime.logsetup import remember_config_secrets
-from relay.runtime.settings import admin_token, listener_settings, load_users, mail_log_path
+from relay.runtime.settings import (
+    admin_token,
+    listener_settings,
+    load_users,
+    mail_log_path,
+    token_broker,
+)
 from relay.runtime.slot import WorkerSlot
 from relay.runtime.systemd import sd_notify
 from relay.scheduler import Scheduler
@@ -57,9 +63,11 @@ class Relay:
         spool_path = shard_path(cfg.spool_path, slot.index) if slot else cfg.spool_path
         self.spool = await Spool.open(spool_path)
         self.limits = Limits.from_config(cfg, self.metrics, self._partition())
+        self.tokens = token_broker(cfg)
         self.deliverer = Deliverer(
             DnsResolver(cfg.relay.dns.hosts, lifetime=cfg.relay.dns.timeout),
             unpooled=lambda up: self.limits.store.fresh_connections(up.throttle.max_connections),
+            tokens=self.tokens,
         )
         self.scheduler = Scheduler(
             cfg, self.spool, self.deliverer, self.events,
@@ -167,6 +175,7 @@ class Relay:
             await self.admin.stop()
         await self.limits.close()
         await self.deliverer.close()
+        await self.tokens.close()
         await self.spool.close()
         self.events.close()
 

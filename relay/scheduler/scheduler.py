@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from relay.config.model import Config
 from relay.core.model import (
+    Disposition,
     EgressPool,
     EgressSource,
     Outcome,
@@ -32,6 +33,7 @@ from relay.core.model import (
 from relay.events import MailLog
 from relay.policy import Attribution, route
 from relay.scheduler.entry import ACTIVE, READY, WAITING, Entry
+from relay.scheduler.health import UpstreamHealth
 from relay.scheduler.outcomes import Recorder
 from relay.scheduler.ports import BounceNotifier, Deliverer, Gate, NoGate
 from relay.scheduler.queues import UpstreamQueue
@@ -85,6 +87,8 @@ class Scheduler:
         self._rr: dict[str, int] = {}
         self.retry = self._retry_policy(config)
         self.recorder = Recorder(spool, events, self.retry, clock=clock, rand=self.rand)
+        # Upstreams paused for a person (credentials, configuration, a daily quota).
+        self.health = UpstreamHealth(clock=clock)
 
     @staticmethod
     def _retry_policy(config: Config) -> RetryPolicy:
@@ -128,6 +132,12 @@ class Scheduler:
         self.config = config
         self.retry = self.recorder.retry = self._retry_policy(config)
         self.window.max_entries = self._fixed_cap or config.relay.spool.active_messages
+        # A reload is how credentials and configuration get fixed: look again now.
+        for uid in self.health.clear_kinds(("auth", "policy")):
+            uq = self.queues.get(uid)
+            if uq is not None:
+                uq.waking = False
+                self._spawn(uq)
 
     # -- intake ------------------------------------------------------------------------
     def enqueue(self, e: Entry) -> None:
@@ -199,6 +209,8 @@ class Scheduler:
 
     def _cap(self, upstream_id: str) -> int:
         up = self.config.upstreams.get(upstream_id)
+        if self.health.probing(upstream_id):
+            return 1  # a paused upstream is looked at again with one delivery
         if up is not None and up.throttle.max_connections:
             # Never more tasks than this process may hold leases: a task without one would
             # pause the whole upstream queue until a lease frees (LEASE_POLL).
@@ -208,8 +220,9 @@ class Scheduler:
     def _spawn(self, uq: UpstreamQueue) -> None:
         if not self._running or uq.waking:
             return
-        if uq.paused_until > self.clock():
-            self._wake_later(uq, uq.paused_until - self.clock())
+        until = max(uq.paused_until, self.health.until(uq.upstream_id))
+        if until > self.clock():
+            self._wake_later(uq, until - self.clock())
             return
         while uq.active < self._cap(uq.upstream_id) and uq.active < uq.size:
             uq.active += 1
@@ -230,8 +243,9 @@ class Scheduler:
     async def _worker(self, uq: UpstreamQueue) -> None:
         try:
             while self._running:
-                if uq.paused_until > self.clock():
-                    self._wake_later(uq, uq.paused_until - self.clock())
+                until = max(uq.paused_until, self.health.until(uq.upstream_id))
+                if until > self.clock():
+                    self._wake_later(uq, until - self.clock())
                     return
                 e = uq.pop()
                 if e is None:
@@ -283,6 +297,11 @@ class Scheduler:
                 self.window.drop(e.queue_id)  # deleted by an operator meanwhile
                 return
             results = await self.deliverer.deliver(upstream, source, e.sender, rcpts, data)
+        paused = [r for r in results if r.pause is not None]
+        if paused:
+            self._pause(e, upstream, source, paused)
+            if len(paused) == len(results):
+                return  # not an attempt: it waits at the head of its queue, nothing counted
         self._note_health(upstream, results)
         # The upstream has answered: free the delivery slot now and commit the outcome in the
         # background (a slot waiting for the spool's fsync cost ~20% of a 100 ms upstream's
@@ -291,6 +310,31 @@ class Scheduler:
         t = asyncio.create_task(self._record_safely(e, upstream, source, results, data))
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+
+    def _pause(
+        self, e: Entry, upstream: Upstream, source: EgressSource, paused: list[RecipientResult]
+    ) -> None:
+        """The upstream needs a person: pause it (relay/scheduler/health.py), say so in the
+        mail log, and put the message back at the head of its queue."""
+        why = paused[0].pause
+        assert why is not None
+        p = self.health.pause(upstream.id, why)
+        retry_in = round(max(0.0, p.until - self.clock()), 1)
+        for r in paused:
+            self.events.emit(
+                Disposition.DEFERRED, queue_id=e.queue_id, org=e.org, account=e.account,
+                upstream=upstream.id, egress=source.address, recipient=r.recipient,
+                attempt=e.pending.get(r.recipient, 0), reply=str(r.reply), paused=why.kind,
+                next_step=why.next_step, retry_in=retry_in,
+            )
+        log.warning("upstream %s paused (%s), its mail waits: %s; next step: %s",
+                    upstream.id, why.kind, why.reason, why.next_step)
+        if len(paused) == len(e.pending) and self.entries.get(e.queue_id) is e:
+            e.state = READY
+            uq = self.queues.get(upstream.id)
+            if uq is None:
+                uq = self.queues[upstream.id] = UpstreamQueue(upstream.id)
+            uq.unpop(e)
 
     def _note_health(self, upstream: Upstream, results: Sequence[RecipientResult]) -> None:
         """A "slow down" reply, or no answer from the host, pauses the upstream's whole
@@ -312,6 +356,8 @@ class Scheduler:
             log.warning("upstream %s %s; pausing its queue %.0fs", upstream.id, why, pause)
         elif any(r.outcome is Outcome.DELIVERED for r in results):
             self.gate.recovered(upstream)
+            if self.health.clear(upstream.id):
+                log.info("upstream %s delivers again; its pause is over", upstream.id)
 
     async def _record_safely(
         self,
