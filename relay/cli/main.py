@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from relay.cli import diagnose, queue, shell
+from relay.cli import diagnose, queue, shell, verify
 from relay.cli.common import load_or_report
 from relay.config.model import Config
 from relay.limits.usage import as_text as usage_text
@@ -23,6 +23,7 @@ from relay.policy.egress import render
 from relay.runtime.serve import serve
 from relay.runtime.slot import WorkerSlot
 from relay.smtp.users import hash_password
+from relay.spool.verification import VerificationStore
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -50,7 +51,9 @@ def cmd_route(args: argparse.Namespace) -> int:
             f"note: organisation '{args.org}' is not defined; attribution falls through",
             file=sys.stderr,
         )
-    d = explain(config, args.sender, org=args.org, account=args.account, client=args.client)
+    verified = VerificationStore(config.spool_path / "upstreams").verified_ids(config)
+    d = explain(config, args.sender, org=args.org, account=args.account, client=args.client,
+                verified=verified)
     d["current_use"] = _current_use(config, args)
     text = "\n".join([as_text(d), *usage_text(d["current_use"])])
     print(json.dumps(d, indent=2) if args.json else text)
@@ -157,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue.add_subcommands(sub)  # queue, reload
     diagnose.add_subcommands(sub)  # test-upstream, check-domain
+    verify.add_subcommands(sub)  # verify-upstream
 
     sp = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")
     sp.add_argument("shell", choices=shell.SHELLS)

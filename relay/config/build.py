@@ -285,6 +285,10 @@ class Builder:
             if u:
                 upstreams[name] = self.previous(u, None, global_confs, rsrc, path)
         default_upstream = relay.default_upstream or "sendgrid"
+        if default_upstream in upstreams and upstreams[default_upstream].verify:
+            self.err(rsrc, ("default_upstream",), f"default_upstream '{default_upstream}' has"
+                     " verify: true; the default is where mail goes while others wait for"
+                     " verification, so it cannot wait itself")
         if default_upstream not in upstreams and default_upstream not in global_confs:
             self.err(
                 rsrc, ("default_upstream",), f"default_upstream '{default_upstream}' is not defined"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 from relay.config.model import Config
@@ -9,10 +10,17 @@ from relay.policy import applicable_limits, attribute, route
 
 
 def explain(
-    config: Config, sender: str, *, org: str | None, account: str | None, client: str
+    config: Config,
+    sender: str,
+    *,
+    org: str | None,
+    account: str | None,
+    client: str,
+    verified: Container[str] | None = None,
 ) -> dict[str, Any]:
+    """`verified`: the verified `verify: true` upstreams (relay/spool/verification.py)."""
     att = attribute(config, sender, tag_org=org, tag_account=account)
-    r = route(config, att)
+    r = route(config, att, verified)
     up = r.upstream
     o = config.orgs.get(att.org)
     return {
@@ -34,6 +42,9 @@ def explain(
             "from_address": up.from_address,
             "verify_tls": up.verify_tls,
             "unavailable": up.unavailable,
+            "auth": up.auth,
+            "provider": up.provider,
+            "oauth": up.oauth.describe() if up.oauth else None,
             "throttle": {
                 k: getattr(up.throttle, k)
                 for k in (
@@ -80,6 +91,8 @@ def as_text(d: dict[str, Any]) -> str:
     t = {k: v for k, v in up["throttle"].items() if v}
     if t:
         lines.append("throttle:      " + ", ".join(f"{k}={v}" for k, v in t.items()))
+    if up.get("oauth"):
+        lines.append(f"oauth:         {up['oauth']}")
     if up["unavailable"]:
         lines.append(f"WARNING:       upstream unavailable: {up['unavailable']}")
     for lim in d["limits"]:

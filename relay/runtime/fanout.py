@@ -84,6 +84,16 @@ class Fanout:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise WorkerDown(f"worker {worker}: {type(exc).__name__}: {exc}") from None
 
+    async def post_all(self, path: str, request: web.Request) -> None:
+        """POST `path` to every worker (with the caller's credentials); best effort."""
+        headers = {h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers}
+        for i, session in enumerate(self._sessions):
+            try:
+                async with session.post(f"http://worker{i}{path}", headers=headers) as resp:
+                    await resp.read()
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                log.warning("worker %d did not take %s", i, path)
+
     async def all(self, request: web.Request, body: bytes) -> tuple[list[Answer], list[int]]:
         """Every worker's answer, and the workers that gave none."""
         results = await asyncio.gather(
@@ -213,7 +223,10 @@ class FanoutApi:
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
         r.add_get("/egress-ips", self.first)
-        r.add_post("/test-upstream", self.first)
+        r.add_post("/test-upstream", self.test_upstream)
+        r.add_get("/upstreams", self.upstreams)
+        r.add_post("/upstreams/{name:.+}/verify", self.first)  # the state is one shared file
+        r.add_post("/upstreams/{name:.+}/resume", self.resume)
         r.add_get("/queue", self.queue_summary)
         r.add_get("/queue/messages", self.queue_list)
         r.add_get("/queue/shape", self.queue_shape)
@@ -263,6 +276,41 @@ class FanoutApi:
             except WorkerDown:
                 continue
         return _down(list(range(len(self.fanout.sockets))))
+
+    async def test_upstream(self, request: web.Request) -> web.Response:
+        """One worker tests; if that ended a pause, every worker resumes the upstream."""
+        body = await request.read()
+        for i in range(len(self.fanout.sockets)):
+            try:
+                answer = await self.fanout.call(i, request, body)
+            except WorkerDown:
+                continue
+            if answer.status == 200 and answer.json().get("resumed"):
+                name = json.loads(body).get("upstream", "")
+                await self.fanout.post_all(f"/upstreams/{name}/resume", request)
+            return _reply(answer)
+        return _down(list(range(len(self.fanout.sockets))))
+
+    async def resume(self, request: web.Request) -> web.Response:
+        answers, down = await self.fanout.all(request, b"")
+        if down:
+            return _down(down)
+        out = answers[0].json()
+        out["was_paused"] = any(a.json().get("was_paused") for a in answers if a.status == 200)
+        return _json(out, answers[0].status)
+
+    async def upstreams(self, request: web.Request) -> web.Response:
+        """Each worker's pauses (any worker paused: paused); verification from the first."""
+        answers, down, bad = await self._views(request)
+        if bad is not None:
+            return bad
+        merged: dict[str, Any] = {}
+        for a in answers:
+            for uid, entry in a.json().get("upstreams", {}).items():
+                have = merged.setdefault(uid, entry)
+                if have.get("paused") is None and entry.get("paused") is not None:
+                    have["paused"] = entry["paused"]
+        return _json({"upstreams": merged, "unavailable_workers": down})
 
     async def _views(self, request: web.Request) -> tuple[list[Answer], list[int], web.Response | None]:
         answers, down = await self.fanout.all(request, b"")

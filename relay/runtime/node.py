@@ -37,6 +37,7 @@ from relay.smtp.penalty import PenaltyBox
 from relay.smtp.server import Listener
 from relay.spool import Spool
 from relay.spool.shards import shard_path
+from relay.spool.verification import VerificationStore
 
 log = logging.getLogger("relay")
 
@@ -73,6 +74,7 @@ class Relay:
             cfg, self.spool, self.deliverer, self.events,
             bounces=Bouncer(self.spool, self.events, clock=time.time), gate=self.limits.gate,
         )
+        self.scheduler.verification = VerificationStore(cfg.spool_path / "upstreams")
         loaded = await self.scheduler.recover()
         queued, held = await self.spool.count()
         log.info("recovered %d unfinished messages from %s (%d held; %d loaded, the rest are read "

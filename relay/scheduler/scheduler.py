@@ -40,6 +40,7 @@ from relay.scheduler.queues import UpstreamQueue
 from relay.scheduler.retry import RetryPolicy
 from relay.scheduler.window import ActiveWindow
 from relay.spool import Spool, SpoolMessage
+from relay.spool.verification import VerificationStore
 
 log = logging.getLogger("relay.scheduler")
 
@@ -89,6 +90,8 @@ class Scheduler:
         self.recorder = Recorder(spool, events, self.retry, clock=clock, rand=self.rand)
         # Upstreams paused for a person (credentials, configuration, a daily quota).
         self.health = UpstreamHealth(clock=clock)
+        # Which verify: true upstreams are verified (set by the runtime; None: none are).
+        self.verification: VerificationStore | None = None
 
     @staticmethod
     def _retry_policy(config: Config) -> RetryPolicy:
@@ -134,10 +137,17 @@ class Scheduler:
         self.window.max_entries = self._fixed_cap or config.relay.spool.active_messages
         # A reload is how credentials and configuration get fixed: look again now.
         for uid in self.health.clear_kinds(("auth", "policy")):
-            uq = self.queues.get(uid)
-            if uq is not None:
-                uq.waking = False
-                self._spawn(uq)
+            self.resume(uid)
+
+    def resume(self, upstream_id: str) -> bool:
+        """End a pause for a person (a test succeeded, a reload): its mail goes now."""
+        self.health.clear(upstream_id)
+        uq = self.queues.get(upstream_id)
+        if uq is None:
+            return False
+        uq.waking = False
+        self._spawn(uq)
+        return True
 
     # -- intake ------------------------------------------------------------------------
     def enqueue(self, e: Entry) -> None:
@@ -194,7 +204,8 @@ class Scheduler:
                 pass
 
     def route_entry(self, e: Entry) -> tuple[Upstream, EgressPool]:
-        r = route(self.config, Attribution(e.org, e.account, "queued"))
+        verified = self.verification.verified_ids(self.config) if self.verification else None
+        r = route(self.config, Attribution(e.org, e.account, "queued"), verified)
         return r.upstream, r.pool
 
     def _dispatch(self, e: Entry) -> None:
