@@ -4,7 +4,10 @@ right mailbox (Exchange Online's AUTH behaviour)."""
 
 from __future__ import annotations
 
+import os
 import smtplib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -162,4 +165,44 @@ def test_a_revoked_secret_pauses_the_upstream_bounces_nothing_and_a_reload_resum
                 time.sleep(0.05)  # outcomes are committed just after the delivered lines
             assert summary["paused_upstreams"] == {} and summary["messages"] == 0
             assert fresh not in relay.output() and SECRET not in relay.output()
+    assert relay.events("bounced") == []
+
+
+def test_missing_consent_pauses_every_worker_and_a_test_through_the_api_resumes_them(
+    tmp_path: Path, idp: IdentityProvider, ca: CertAuthority
+) -> None:
+    idp.apps["client-1"].consented = False  # the customer's admin has not granted consent yet
+    with exchange(idp) as sink:
+        cfg = relay_with_admin(tmp_path / "relay", workers=2,
+                               orgs=[contoso(sink.port, idp, ca)]).write()
+        env = {**ENV, "ENTRA_SECRET": SECRET}
+        with RelayProcess(cfg, env=env) as relay:
+            assert send_many(relay.port, 4, 3) == 12
+            relay.wait_events("deferred", 1)
+            url = admin_url(relay)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                status, body, _ = http("GET", url + "/upstreams")
+                paused = body["upstreams"]["contoso/m365"]["paused"]
+                if paused is not None:
+                    break
+                time.sleep(0.05)
+            assert paused["kind"] == "auth" and "AADSTS65001" in paused["reason"]
+            assert "admin consent" in paused["next_step"]
+            assert not sink.messages and relay.events("bounced") == []
+            idp.apps["client-1"].consented = True  # consent granted in Entra; nothing reloaded
+            out = subprocess.run(
+                [sys.executable, "-m", "relay.cli", "test-upstream", "contoso/m365", "--api",
+                 "-c", str(cfg), "--url", url],
+                capture_output=True, text=True, timeout=60, env={**os.environ, **ENV})
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert "token: https://127.0.0.1:" in out.stdout and "valid 3600s" in out.stdout
+            assert "AUTH XOAUTH2: 235" in out.stdout
+            try:
+                sink.wait_for(12, within=20)  # both workers resumed, not after their 5-minute look
+            except TimeoutError:
+                raise AssertionError(f"{len(sink.messages)} delivered; {out.stdout}\n{relay.output()}") from None
+            relay.wait_events("delivered", 12)
+            status, body, _ = http("GET", url + "/upstreams")
+            assert status == 200 and body["upstreams"]["contoso/m365"]["paused"] is None
     assert relay.events("bounced") == []

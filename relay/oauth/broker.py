@@ -92,7 +92,12 @@ class TokenBroker:
             await self.share.close()
 
     def forget(self, upstream: Upstream) -> None:
-        self._tokens.pop(login_key(upstream), None)
+        """Drop what this process remembers for this login (its token, a refusal)."""
+        key = login_key(upstream)
+        self._tokens.pop(key, None)
+        self._failed.pop(key, None)
+        if upstream.oauth is not None:
+            self.flows.forget(upstream.oauth)
 
     async def token(self, upstream: Upstream, *, reject: str | None = None) -> Token:
         """A usable token for `upstream` (raises TokenError with the IdP's words)."""

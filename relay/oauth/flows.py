@@ -122,6 +122,17 @@ class Flows:
             # A malformed key (not JSON, not PEM), or an authority MSAL cannot discover.
             raise TokenError(s.token_endpoint, "configuration", _short(exc)) from None
 
+    def forget(self, s: OAuthSettings) -> None:
+        """Drop the MSAL applications for this client: MSAL keeps an HTTP 400 answer for a
+        minute and would repeat it, after a fix made at the identity provider, to a test
+        that just succeeded with the same request."""
+        if s.idp is not IdentityProvider.MICROSOFT or not s.token_endpoint.endswith(MS_SUFFIX):
+            return
+        authority = s.token_endpoint[: -len(MS_SUFFIX)]
+        with self._lock:
+            for key in [k for k in self._apps if k[0] == authority and k[1] == (s.client_id or "")]:
+                del self._apps[key]
+
     # -- Microsoft ----------------------------------------------------------------------
     def _app(self, s: OAuthSettings) -> msal.ClientApplication:
         if not s.token_endpoint.endswith(MS_SUFFIX):

@@ -25,6 +25,7 @@ from relay.config.model import Config
 from relay.config.units import parse_duration
 from relay.delivery import DnsResolver
 from relay.events import Metrics
+from relay.oauth import TokenBroker
 from relay.ops.http import error_response as _error
 from relay.ops.http import json_response as _json
 from relay.ops.http import start_tcp_site
@@ -44,6 +45,7 @@ class RunningRelay(Protocol):
     scheduler: Scheduler
     spool: Spool
     metrics: Metrics
+    tokens: TokenBroker
     ready: bool
     reload_errors: list[str]
 
@@ -301,7 +303,8 @@ class AdminApi:
         )
         resumed = False
         if ok and opts["upstream"] and self.relay.scheduler.health.get(upstream.id) is not None:
-            resumed = self.relay.scheduler.resume(upstream.id) or True  # a test fixes a pause
+            self._resume(upstream.id)  # a test that succeeds ends a pause
+            resumed = True
         return _json({"ok": ok, "reports": reports, "resumed": resumed})
 
     # -- upstreams: pauses and the verified switch-over (relay/ops/verify.py) -------------
@@ -346,8 +349,14 @@ class AdminApi:
         if name not in self.relay.config.upstreams:
             return _error(404, f"unknown upstream '{name}'")
         was = self.relay.scheduler.health.get(name) is not None
-        self.relay.scheduler.resume(name)
+        self._resume(name)
         return _json({"upstream": name, "was_paused": was})
+
+    def _resume(self, name: str) -> None:
+        up = self.relay.config.upstreams.get(name)
+        if up is not None and up.oauth is not None:
+            self.relay.tokens.forget(up)  # no cached refusal or token from before the fix
+        self.relay.scheduler.resume(name)
 
     @staticmethod
     async def _body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -278,16 +279,18 @@ class FanoutApi:
         return _down(list(range(len(self.fanout.sockets))))
 
     async def test_upstream(self, request: web.Request) -> web.Response:
-        """One worker tests; if that ended a pause, every worker resumes the upstream."""
+        """One worker tests; when it succeeds for a configured upstream, every worker ends
+        its pause of that upstream (each found the problem on its own)."""
         body = await request.read()
         for i in range(len(self.fanout.sockets)):
             try:
                 answer = await self.fanout.call(i, request, body)
             except WorkerDown:
                 continue
-            if answer.status == 200 and answer.json().get("resumed"):
-                name = json.loads(body).get("upstream", "")
-                await self.fanout.post_all(f"/upstreams/{name}/resume", request)
+            name = json.loads(body or b"{}").get("upstream") if answer.status == 200 else None
+            if name and answer.json().get("ok"):
+                await self.fanout.post_all(f"/upstreams/{quote(str(name), safe='/')}/resume",
+                                           request)
             return _reply(answer)
         return _down(list(range(len(self.fanout.sockets))))
 

@@ -141,7 +141,8 @@ class Scheduler:
 
     def resume(self, upstream_id: str) -> bool:
         """End a pause for a person (a test succeeded, a reload): its mail goes now."""
-        self.health.clear(upstream_id)
+        if self.health.clear(upstream_id):
+            log.info("upstream %s resumed; its mail goes now", upstream_id)
         uq = self.queues.get(upstream_id)
         if uq is None:
             return False
