@@ -266,8 +266,10 @@ class _Probe:
             self.fail("TLS", detail, hint=hint)
         if isinstance(exc, aiosmtplib.SMTPResponseException):
             reply = parse_reply(exc.code, exc.message)
+            # a provider's own advice first (relay.delivery.providers), else the generic hint
             verdict = classify(self.u, reply)
-            hint = verdict.next_step if verdict.pause else None
+            specific = self.u.provider is not None or self.u.auth == "xoauth2"
+            hint = verdict.next_step if verdict.pause and specific else None
             self.fail(name, str(reply), reply, hint or reply_hint(name, reply, self.u, self.src))
         if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
             hint = None
