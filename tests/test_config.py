@@ -101,9 +101,9 @@ def test_examples_are_valid_with_warnings_for_the_unset_secrets() -> None:
         f"config/relay.yaml:{line_of('config/relay.yaml', '  token:')}: admin token:"
         " environment variable RELAY_ADMIN_TOKEN is not set",
         f"policies/fabrikam.yaml:{line_of('policies/fabrikam.yaml', '  m365:')}: upstream"
-        " 'fabrikam/m365': credential:fabrikam-entra:",
+        " 'fabrikam/m365': environment variable FABRIKAM_ENTRA_SECRET",
         f"policies/fabrikam.yaml:{line_of('policies/fabrikam.yaml', '  workspace:')}: upstream"
-        " 'fabrikam/workspace': credential:fabrikam-google-sa:",
+        " 'fabrikam/workspace': environment variable FABRIKAM_GOOGLE_SA_KEY",
     ):
         assert any(w.startswith("warning: " + expected) for w in warnings), expected
     assert len(warnings) == 9
