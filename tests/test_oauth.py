@@ -269,3 +269,18 @@ async def test_an_unreachable_token_endpoint_is_a_network_error(ca: CertAuthorit
         await broker.token(up)
     assert info.value.network and "127.0.0.1:1" in info.value.text
 
+
+
+async def test_the_token_endpoints_certificate_is_verified(
+    idp: Idp, ca: CertAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    up = loopback_upstream(1, auth="xoauth2", username=MAILBOX, oauth=ms_settings(idp, ca, ca_file=None))
+    with pytest.raises(TokenError) as info:
+        await TokenBroker().token(up)  # the system's CAs do not know the test CA
+    assert info.value.network and "CERTIFICATE_VERIFY_FAILED" in info.value.description
+    assert idp.token_requests == 0
+    # $REQUESTS_CA_BUNDLE (set system-wide on many machines) does not replace oauth.ca_file
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    token = await TokenBroker().token(
+        loopback_upstream(1, auth="xoauth2", username=MAILBOX, oauth=ms_settings(idp, ca)))
+    assert token.fetched and idp.token_requests == 1
