@@ -250,6 +250,7 @@ class Sink:
         oauth: Callable[[str, str], str | None] | None = None,
         oauth_style: Literal["microsoft", "google"] = "microsoft",
         plain_reply: str | None = None,
+        oauth_mechanisms: tuple[str, ...] = ("XOAUTH2", "OAUTHBEARER"),
     ) -> None:
         """`oauth(user, token)` → None to accept AUTH XOAUTH2/OAUTHBEARER, else the reply
         (Exchange Online answers at once, e.g. "535 5.7.3 Authentication unsuccessful";
@@ -276,6 +277,7 @@ class Sink:
         self._oauth = oauth
         self._oauth_style = oauth_style
         self._plain_reply = plain_reply
+        self._oauth_mechanisms = oauth_mechanisms
         self.oauth_users: list[str] = []  # every successful token login, in order
         self._server: asyncio.Server | None = None
         self._protocols: set[_SinkSMTP] = set()
@@ -330,8 +332,10 @@ class Sink:
         }
         if self.tls == "starttls":
             kwargs["tls_context"] = self._tls_context
-        if self._oauth is None:
-            kwargs["auth_exclude_mechanism"] = ["XOAUTH2", "OAUTHBEARER"]
+        kwargs["auth_exclude_mechanism"] = [
+            m for m in ("XOAUTH2", "OAUTHBEARER")
+            if self._oauth is None or m not in self._oauth_mechanisms
+        ]
         if self._auth is not None or self._oauth is not None:
             kwargs["authenticator"] = self._authenticate
             kwargs["auth_required"] = True

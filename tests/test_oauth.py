@@ -284,3 +284,60 @@ async def test_the_token_endpoints_certificate_is_verified(
     token = await TokenBroker().token(
         loopback_upstream(1, auth="xoauth2", username=MAILBOX, oauth=ms_settings(idp, ca)))
     assert token.fetched and idp.token_requests == 1
+
+
+async def test_oauthbearer_where_only_it_is_offered_and_a_google_refresh_token(
+    idp: Idp, ca: CertAuthority, make_sink: MakeSink
+) -> None:
+    idp.add_app("web-client", secret="google-client-secret", mailboxes=set())
+    rt = idp.add_refresh_token("web-client", "owner@gmail.test")
+    refused: list[str] = []
+
+    def check(user: str, token: str) -> str | None:
+        if idp.valid(token, user):
+            return None
+        refused.append(user)
+        return "535 5.7.8 Username and Password not accepted"
+
+    sink = await make_sink(oauth=check, oauth_style="google", oauth_mechanisms=("OAUTHBEARER",),
+                           auth_require_tls=False)
+    settings = OAuthSettings(IdentityProvider.GOOGLE, Flow.REFRESH_TOKEN, idp.google_endpoint,
+                             "https://mail.google.com/", client_id="web-client",
+                             client_secret=Secret("google-client-secret", "env:GCS"),
+                             refresh_token=Secret(rt, "file:rt"), ca_file=ca.ca_file, timeout=5.0)
+    up = loopback_upstream(sink.port, auth="xoauth2", username="owner@gmail.test",
+                           oauth=settings, provider="gmail")
+    wrong = loopback_upstream(sink.port, id="w", auth="xoauth2", username="other@gmail.test",
+                              oauth=settings, provider="gmail")
+    d = Deliverer(DnsResolver(HOSTS), tokens=TokenBroker())
+    try:
+        assert await deliver(d, up) == [Outcome.DELIVERED]
+        [res] = await d.deliver(wrong, SRC, "a@saas.test", ["r@example.test"], MSG)
+    finally:
+        await d.close()
+    assert sink.oauth_users == ["owner@gmail.test"]
+    # the token is for another mailbox: the error challenge, then 535, no endless retry
+    assert res.outcome is Outcome.DEFERRED and res.reply.code == 535
+    assert res.pause is not None and res.pause.kind == "auth"
+    # one token per mailbox; the fresh one refused is not asked for again
+    assert refused == ["other@gmail.test"] and idp.grants == ["refresh_token"] * 2
+
+
+async def test_a_token_is_refreshed_before_it_expires(idp: Idp, ca: CertAuthority) -> None:
+    now = [1000.0]
+    broker = TokenBroker(clock=lambda: now[0])
+    up = loopback_upstream(1, auth="xoauth2", username=MAILBOX, oauth=ms_settings(idp, ca))
+    first = await broker.token(up)
+    assert first.expires_at == 1000.0 + 3600 and first.fetched
+    now[0] += 3600 - 301  # more than 5 minutes left: the cached one
+    assert (await broker.token(up)).value == first.value
+    now[0] += 2  # less than 5 minutes left: a new one, before the old one expires
+    second = await broker.token(up)
+    assert second.value != first.value and idp.token_requests == 2
+    idp.lifetime = 60.0  # a short-lived token is renewed in the last tenth of its life
+    now[0] += 3600
+    third = await broker.token(up)
+    now[0] += 53
+    assert (await broker.token(up)).value == third.value
+    now[0] += 2
+    assert (await broker.token(up)).value != third.value and idp.token_requests == 4

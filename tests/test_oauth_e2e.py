@@ -19,6 +19,7 @@ import pytest
 from tests.adminapi import ENV, admin_url, http, relay_with_admin
 from tests.certs import CertAuthority
 from tests.idp import IdentityProvider
+from tests.redisproc import RedisServer
 from tests.relayproc import RelayProcess
 from tests.sinks import ThreadedSink
 
@@ -206,3 +207,27 @@ def test_missing_consent_pauses_every_worker_and_a_test_through_the_api_resumes_
             status, body, _ = http("GET", url + "/upstreams")
             assert status == 200 and body["upstreams"]["contoso/m365"]["paused"] is None
     assert relay.events("bounced") == []
+
+
+def test_two_nodes_sharing_redis_make_one_token_request(
+    tmp_path: Path, idp: IdentityProvider, ca: CertAuthority, redis_server: RedisServer
+) -> None:
+    limits = {"backend": "redis", "redis_url": redis_server.url, "slow_down_initial": "0.5s",
+              "slow_down_max": "2s"}
+    with exchange(idp) as sink:
+        env = {**ENV, "ENTRA_SECRET": SECRET}
+        nodes = [relay_with_admin(tmp_path / f"node{i}", orgs=[contoso(sink.port, idp, ca)],
+                                  limits={**limits, "node_id": f"node{i}"}).write()
+                 for i in range(2)]
+        with RelayProcess(nodes[0], env=env) as a, RelayProcess(nodes[1], env=env) as b:
+            threads = [threading.Thread(target=send_many, args=(r.port, 5, 4)) for r in (a, b)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            sink.wait_for(40, within=30)
+            a.wait_events("delivered", 20)
+            b.wait_events("delivered", 20)
+            assert a.events("bounced") == b.events("bounced") == []
+    assert idp.token_requests == 1, idp.grants  # two nodes, separate spools, one request
+    assert {m.auth_identity for m in sink.messages} == {MAILBOX}

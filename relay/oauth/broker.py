@@ -179,8 +179,8 @@ class TokenBroker:
             REDACTOR.add(grant.refresh_token)
             await self._keep_refresh_token(s, key, grant.refresh_token)
         log.info("upstream %s: new access token from %s (valid %.0fs)", upstream.id,
-                 s.token_endpoint, grant.expires_at - started)
-        return Token(grant.access_token, grant.expires_at, started, fetched=True)
+                 s.token_endpoint, grant.expires_in)
+        return Token(grant.access_token, started + grant.expires_in, started, fetched=True)
 
     async def _refresh_token(self, s: OAuthSettings, key: str) -> str | None:
         configured = s.refresh_token.reveal() if s.refresh_token else None

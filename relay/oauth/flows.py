@@ -62,7 +62,7 @@ class TokenError(Exception):
 @dataclass(frozen=True, slots=True)
 class Grant:
     access_token: str
-    expires_at: float  # epoch seconds
+    expires_in: float  # seconds from when it was asked for
     refresh_token: str | None = None  # a rotated refresh token, when the IdP sent one
 
 
@@ -185,7 +185,7 @@ class Flows:
             )
         return Grant(
             str(result["access_token"]),
-            time.time() + float(result.get("expires_in") or 3600),
+            float(result.get("expires_in") or 3600),
             result.get("refresh_token"),
         )
 
@@ -220,11 +220,9 @@ class Flows:
             session.close()
         expiry = creds.expiry
         # google-auth keeps expiry as a naive UTC datetime
-        expires_at = (
-            expiry.replace(tzinfo=dt.UTC).timestamp() if expiry else time.time() + 3600
-        )
+        expires_in = expiry.replace(tzinfo=dt.UTC).timestamp() - time.time() if expiry else 3600.0
         rotated = getattr(creds, "refresh_token", None)
-        return Grant(str(creds.token), expires_at,
+        return Grant(str(creds.token), expires_in,
                      rotated if rotated and rotated != refresh_token else None)
 
 
