@@ -20,11 +20,13 @@ from relay.core.model import (
     Secret,
     TlsMode,
     Upstream,
+    UpstreamPause,
 )
 from relay.delivery import DnsResolver
 from relay.delivery.outcome import parse_reply
 from relay.delivery.providers import KINDS, classify
 from relay.ops.probe import probe
+from relay.scheduler.health import UpstreamHealth
 from tests.certs import CertAuthority
 from tests.conftest import MakeSink
 from tests.idp import IdentityProvider as Idp
@@ -215,3 +217,24 @@ async def test_test_connection_shows_the_token_step_and_never_the_token(
     assert "AADSTS7000215" in report.steps[-1].detail
     assert report.steps[-1].hint is not None and "credential:contoso-entra" in report.steps[-1].hint
     assert not any(s.name.startswith("AUTH") for s in report.steps)
+
+
+def test_a_pause_until_fixed_is_looked_at_again_with_one_delivery_doubling_to_an_hour() -> None:
+    now = [0.0]
+    h = UpstreamHealth(clock=lambda: now[0])
+    auth = UpstreamPause("auth", "535 5.7.3 Authentication unsuccessful", "fix it")
+    waits = []
+    for _ in range(6):
+        p = h.pause("c/m", auth)
+        assert h.until("c/m") > now[0] and not h.probing("c/m")
+        waits.append(p.until - now[0])
+        now[0] = p.until
+        assert h.probing("c/m")  # its time has come: one delivery looks again
+    assert waits == [300.0, 600.0, 1200.0, 2400.0, 3600.0, 3600.0]
+    snap = h.snapshot()["c/m"]
+    assert snap["kind"] == "auth" and snap["until_fixed"] and snap["since"] == 0.0
+    quota = UpstreamPause("quota", "550 5.4.5 Daily user sending limit exceeded", "wait", 3600.0)
+    assert h.pause("g/w", quota).until == now[0] + 3600.0
+    assert h.clear_kinds(("auth", "policy")) == ["c/m"]  # a reload: quota pauses stay
+    assert h.until("c/m") == 0.0 and h.until("g/w") > now[0]
+    assert h.clear("g/w") and not h.clear("g/w")

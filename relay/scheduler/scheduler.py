@@ -146,8 +146,10 @@ class Scheduler:
         uq = self.queues.get(upstream_id)
         if uq is None:
             return False
+        uq.paused_until = 0.0
         uq.waking = False
         self._spawn(uq)
+        self.window.maybe_refill(self.clock())  # what was set aside for the pause
         return True
 
     # -- intake ------------------------------------------------------------------------
@@ -341,11 +343,13 @@ class Scheduler:
             )
         log.warning("upstream %s paused (%s), its mail waits: %s; next step: %s",
                     upstream.id, why.kind, why.reason, why.next_step)
+        uq = self.queues.get(upstream.id)
+        if uq is None:
+            uq = self.queues[upstream.id] = UpstreamQueue(upstream.id)
+        # The queue's own pause too: the bounded window then sets its tail aside for others.
+        uq.paused_until = max(uq.paused_until, p.until)
         if len(paused) == len(e.pending) and self.entries.get(e.queue_id) is e:
             e.state = READY
-            uq = self.queues.get(upstream.id)
-            if uq is None:
-                uq = self.queues[upstream.id] = UpstreamQueue(upstream.id)
             uq.unpop(e)
 
     def _note_health(self, upstream: Upstream, results: Sequence[RecipientResult]) -> None:
