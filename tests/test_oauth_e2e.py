@@ -146,6 +146,12 @@ def test_a_revoked_secret_pauses_the_upstream_bounces_nothing_and_a_reload_resum
             paused = summary["paused_upstreams"]["contoso/m365"]
             assert paused["kind"] == "auth" and "AADSTS7000215" in paused["reason"]
             assert "Certificates & secrets" in paused["next_step"]
+            shown = subprocess.run(
+                [sys.executable, "-m", "relay.cli", "queue", "-c", str(cfg), "--url", url],
+                capture_output=True, text=True, timeout=60, env={**os.environ, **ENV})
+            assert shown.returncode == 0, shown.stderr
+            assert "PAUSED contoso/m365 (auth, until fixed" in shown.stdout
+            assert "AADSTS7000215" in shown.stdout and "next step: the client secret" in shown.stdout
             status, metrics, _ = http("GET", url + "/metrics", token=None)
             assert 'relay_upstream_paused{kind="auth",upstream="contoso/m365"} 1.0' in metrics
             assert idp.token_requests == 1, "\n".join(relay.stderr)  # one try, not one per message or per retry

@@ -113,6 +113,13 @@ def test_switch_over_with_a_code_read_from_the_received_message(
                 routed = cli("route", "-c", str(cfg), "--sender", "app@contoso.test")
                 assert "upstream:      contoso/smtp" in routed.stdout, routed.stdout
                 assert "contoso/m365 not verified yet" in routed.stdout
+                # before the tenant's admin consented: not sent, the IdP's own words
+                idp.apps["client-1"].consented = False
+                failed = cli("verify-upstream", "contoso/m365", "-c", str(cfg), "--url", url,
+                             "--send-to", "it@contoso.test")
+                assert failed.returncode == 1 and "AADSTS65001" in failed.stdout
+                assert "not sent" in failed.stdout and not new.messages
+                idp.apps["client-1"].consented = True
                 # send the code through the new upstream, as `relay verify-upstream` does
                 out = cli("verify-upstream", "contoso/m365", "-c", str(cfg), "--url", url,
                           "--send-to", "it@contoso.test")
