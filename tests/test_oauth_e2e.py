@@ -175,12 +175,15 @@ def test_a_revoked_secret_pauses_the_upstream_bounces_nothing_and_a_reload_resum
     assert relay.events("bounced") == []
 
 
-def test_missing_consent_pauses_every_worker_and_a_test_through_the_api_resumes_them(
-    tmp_path: Path, idp: IdentityProvider, ca: CertAuthority
+@pytest.mark.parametrize(("workers", "where"), [(2, "--api"), (1, "here")])
+def test_missing_consent_pauses_every_worker_and_a_successful_test_resumes_them(
+    tmp_path: Path, idp: IdentityProvider, ca: CertAuthority, workers: int, where: str
 ) -> None:
+    """`relay test-upstream NAME --api` tests inside the relay; without --api the test runs
+    here and then tells the running relay (its admin API) that the upstream works."""
     idp.apps["client-1"].consented = False  # the customer's admin has not granted consent yet
     with exchange(idp) as sink:
-        cfg = relay_with_admin(tmp_path / "relay", workers=2,
+        cfg = relay_with_admin(tmp_path / "relay", workers=workers,
                                orgs=[contoso(sink.port, idp, ca)]).write()
         env = {**ENV, "ENTRA_SECRET": SECRET}
         with RelayProcess(cfg, env=env) as relay:
@@ -199,10 +202,12 @@ def test_missing_consent_pauses_every_worker_and_a_test_through_the_api_resumes_
             assert not sink.messages and relay.events("bounced") == []
             idp.apps["client-1"].consented = True  # consent granted in Entra; nothing reloaded
             out = subprocess.run(
-                [sys.executable, "-m", "relay.cli", "test-upstream", "contoso/m365", "--api",
-                 "-c", str(cfg), "--url", url],
-                capture_output=True, text=True, timeout=60, env={**os.environ, **ENV})
+                [sys.executable, "-m", "relay.cli", "test-upstream", "contoso/m365",
+                 *(["--api"] if where == "--api" else []), "-c", str(cfg), "--url", url],
+                capture_output=True, text=True, timeout=60, env={**os.environ, **env})
             assert out.returncode == 0, out.stdout + out.stderr
+            if where == "here":
+                assert "was holding contoso/m365's mail (paused); it goes now" in out.stderr
             assert "token: https://127.0.0.1:" in out.stdout and "valid 3600s" in out.stdout
             assert "AUTH XOAUTH2: 235" in out.stdout
             try:
