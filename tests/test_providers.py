@@ -149,6 +149,9 @@ MAILJET = Upstream("mailjet", "in-v3.mailjet.com", 587, TlsMode.STARTTLS, "p", u
     (GMAIL, 550, "5.1.1 The email account that you tried to reach does not exist.", "hard",
      False, ""),
     (M365, 452, "4.2.2 mailbox full", "soft", False, ""),
+    (M365, 552, "5.2.2 mailbox full", "hard", False, ""),  # one recipient's, not ours: bounces
+    (M365, 550, "5.1.90 Your message can't be sent because you've reached your daily limit for"
+     " message recipients", "quota", True, "10,000"),
 ])
 def test_classify(upstream: Upstream, code: int, text: str, kind: str, pause: bool,
                   step: str) -> None:

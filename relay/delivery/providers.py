@@ -125,7 +125,8 @@ def classify(u: Upstream, reply: Reply) -> Verdict:
         if "5.7.60" in text or "sendasdenied" in low:
             return Verdict("policy", True, f"{u.username} may not send as this sender: set"
                            " from_address to the mailbox, or grant it Send As")
-        if "submissionquotaexceeded" in low or "5.2.2" in text:
+        # (not 5.2.2: that is one recipient's full mailbox, not our sending limit)
+        if "submissionquotaexceeded" in low or "5.1.90" in text:
             return Verdict("quota", True, "the mailbox reached its sending limit"
                            " (10,000 recipients a day); mail waits", QUOTA_PAUSE)
         if "5.7.708" in text or "5.7.750" in text:
