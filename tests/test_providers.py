@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.config import ConfigErrors, load_config
 from relay.core.model import (
@@ -241,3 +243,12 @@ def test_a_pause_until_fixed_is_looked_at_again_with_one_delivery_doubling_to_an
     assert h.clear_kinds(("auth", "policy")) == ["c/m"]  # a reload: quota pauses stay
     assert h.until("c/m") == 0.0 and h.until("g/w") > now[0]
     assert h.clear("g/w") and not h.clear("g/w")
+
+
+@settings(max_examples=300, deadline=None)
+@given(code=st.integers(min_value=-1, max_value=999), text=st.text(max_size=200),
+       upstream=st.sampled_from([M365, OAUTH_M365, GMAIL, SENDGRID, MAILJET]))
+def test_any_reply_classifies_without_raising(upstream: Upstream, code: int, text: str) -> None:
+    v = classify(upstream, parse_reply(code, text))
+    assert v.kind in (*KINDS, "delivered")
+    assert not (v.pause and 200 <= code < 300)  # a success never pauses anything
