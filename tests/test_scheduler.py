@@ -248,6 +248,8 @@ async def test_unavailable_upstream_defers_without_connecting(
     [d] = await rig.wait_event("deferred")
     assert "RELAY_TEST_UNSET_SECRET" in d["reply"] and d["reply"].startswith("451 4.3.5")
     assert sink.sessions == []
+    # a configuration problem pauses the upstream until a reload: no retry is counted
+    assert d["paused"] == "policy" and rig.scheduler.health.get("up") is not None
 
 
 async def test_recover_resumes_what_the_spool_holds(

@@ -29,6 +29,7 @@ from relay.core.model import (
     RecipientResult,
     Reply,
     Upstream,
+    UpstreamPause,
 )
 from relay.events import MailLog
 from relay.policy import Attribution, route
@@ -303,7 +304,10 @@ class Scheduler:
             reply = Reply(
                 451, f"4.3.5 upstream {upstream.id} is unavailable: {upstream.unavailable}", "4.3.5"
             )
-            results = [RecipientResult(r, Outcome.DEFERRED, reply) for r in rcpts]
+            # A configuration problem: the upstream waits for a reload, no retry is counted.
+            why = UpstreamPause("policy", str(reply), "make the secret reference readable by the"
+                                " relay (env:, file: or credential:), then `relay reload`")
+            results = [RecipientResult(r, Outcome.DEFERRED, reply, pause=why) for r in rcpts]
         else:
             try:
                 data = await self.spool.read_body(e.queue_id)
