@@ -7,16 +7,19 @@ import asyncio
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 SENDER = "bench@source.example"
 RECIPIENT = "invitee@dest.example"
 
 
 def smtp_source_cmd(port: int, messages: int, sessions: int, size: int, *,
-                    reuse: bool = False) -> list[str]:
-    """-c counter, -l payload bytes, -m messages, -s parallel sessions, one recipient each;
-    -d sends the next message over the same connection (else one connection per message)."""
-    cmd = ["smtp-source", "-c", "-l", str(size), "-m", str(messages), "-s", str(sessions),
+                    reuse: bool = False, body_file: Path | None = None) -> list[str]:
+    """-c counter, -l payload bytes (or -F a pre-formatted message), -m messages, -s parallel
+    sessions, one recipient each; -d sends the next message over the same connection (else
+    one connection per message)."""
+    payload = ["-F", str(body_file)] if body_file is not None else ["-l", str(size)]
+    cmd = ["smtp-source", "-c", *payload, "-m", str(messages), "-s", str(sessions),
            "-f", SENDER, "-t", RECIPIENT, "-M", "source.example"]
     if reuse:
         cmd.append("-d")
@@ -24,11 +27,12 @@ def smtp_source_cmd(port: int, messages: int, sessions: int, size: int, *,
 
 
 def run_smtp_source(port: int, messages: int, sessions: int, size: int, *, reuse: bool = False,
-                    timeout: float) -> tuple[float, str]:
+                    timeout: float, body_file: Path | None = None) -> tuple[float, str]:
     """Run smtp-source to completion; returns (seconds, stderr). Raises on failure: it aborts
     on any unexpected reply, so a non-zero exit means a message was refused."""
     t0 = time.monotonic()
-    r = subprocess.run(smtp_source_cmd(port, messages, sessions, size, reuse=reuse),
+    r = subprocess.run(smtp_source_cmd(port, messages, sessions, size, reuse=reuse,
+                                       body_file=body_file),
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True, timeout=timeout)
     took = time.monotonic() - t0

@@ -19,14 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import procs
+from benchmarks import mime, procs
 from benchmarks.scenarios import Settings, Throughput, latency, scale, throughput
 
 INSTALL = """\
@@ -71,12 +71,12 @@ def ms(x: float) -> str:
 
 def print_throughput(runs: list[Throughput]) -> None:
     print("\n== throughput: smtp-source -> MTA -> smtp-sink (end-to-end, durable) ==")
-    print(f"{'mta':8} {'messages':>8} {'seconds':>8} {'msg/s':>8} {'ingest s':>9} "
+    print(f"{'mta':13} {'messages':>8} {'seconds':>8} {'msg/s':>8} {'ingest s':>9} "
           f"{'CPU ms/msg':>10} {'peak RSS MB':>11} {'load1':>5}")
     for r in runs:
         # A process tree's summed RSS counts shared pages many times: shown for the relay only.
-        rss = f"{r.rss_peak / 2**20:11.1f}" if r.mta == "relay" else f"{'-':>11}"
-        print(f"{r.mta:8} {r.messages:8d} {r.seconds:8.2f} {r.rate:8.0f} {r.ingest_seconds:9.2f} "
+        rss = f"{r.rss_peak / 2**20:11.1f}" if r.mta.startswith("relay") else f"{'-':>11}"
+        print(f"{r.mta:13} {r.messages:8d} {r.seconds:8.2f} {r.rate:8.0f} {r.ingest_seconds:9.2f} "
               f"{r.cpu_ms:10.3f} {rss} {r.load:5.1f}")
     relays = [r for r in runs if r.mta == "relay"]
     pfs = [r for r in runs if r.mta == "postfix"]
@@ -90,8 +90,8 @@ def print_throughput(runs: list[Throughput]) -> None:
                   f"{p.sent} sent, {p.failed} failed, {p.behind} late starts: "
                   f"p50 {ms(p.quantile(0.5))} ms, p99 {ms(p.quantile(0.99))} ms, "
                   f"max {ms(max(p.latencies, default=float('nan')))} ms")
-        if r.mta == "relay":
-            print(f"  relay: event-loop threads {1000 * r.main_thread_cpu / r.messages:.3f} ms/msg "
+        if r.mta.startswith("relay"):
+            print(f"  {r.mta}: event-loop threads {1000 * r.main_thread_cpu / r.messages:.3f} ms/msg "
                   f"({100 * r.main_thread_cpu / r.seconds / r.loop_processes:.0f}% of one core in "
                   f"each of {r.loop_processes} busy processes); other threads "
                   f"(spool writer, readers) {1000 * (r.cpu_seconds - r.main_thread_cpu) / r.messages:.3f} ms/msg")
@@ -101,7 +101,8 @@ def print_throughput(runs: list[Throughput]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", choices=["throughput", "latency", "scale", "all"], default="throughput")
+    ap.add_argument("--scenario", choices=["throughput", "large", "latency", "scale", "all"],
+                    default="throughput")
     ap.add_argument("--messages", type=int, default=20_000)
     ap.add_argument("--sessions", type=int, default=50)
     ap.add_argument("--size", type=int, default=5_000, help="payload bytes per message")
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="concurrent connections to the sink (relay max_connections, Postfix "
                          "default_destination_concurrency_limit)")
     ap.add_argument("--reuse", action="store_true", help="smtp-source -d: reuse client connections")
+    ap.add_argument("--mime", action="store_true",
+                    help="send a realistic MIME message of --size bytes (76-character lines, "
+                         "a base64 attachment) instead of smtp-source's -l payload")
+    ap.add_argument("--large-sizes", default="100000:4000,1000000:400",
+                    help="the large scenario: SIZE:MESSAGES pairs, MIME bodies")
     ap.add_argument("--repeat", type=int, default=1, help="throughput runs per MTA, alternating")
     ap.add_argument("--probe-seconds", type=float, default=10.0, help="0 skips the p99 probe")
     ap.add_argument("--latency-messages", type=int, default=4_000)
@@ -116,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-postfix", action="store_true")
     ap.add_argument("--workers", default="auto",
                     help="the relay's worker processes for throughput and latency (scale uses 1)")
+    ap.add_argument("--webhook", choices=["off", "on", "ab"], default="off",
+                    help="throughput: the relay posts every event to a local HTTPS webhook "
+                         "(on), or each repeat runs the relay without then with it (ab)")
     ap.add_argument("--profile", type=Path, help="py-spy raw profile of the relay's throughput run")
     ap.add_argument("--relay-command", type=shlex.split,
                     help="run the relay with this instead of `python -m relay.cli` (A/B a patch)")
@@ -134,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                  probe_seconds=a.probe_seconds, latency_messages=a.latency_messages,
                  scale_messages=a.scale_messages, workdir=a.workdir, profile=a.profile,
                  relay_command=a.relay_command,
-                 workers=int(a.workers) if a.workers.isdigit() else a.workers)
-    kinds = ["relay"] + ([] if a.skip_postfix else ["postfix"])
+                 workers=int(a.workers) if a.workers.isdigit() else a.workers,
+                 webhook=a.webhook)
+    relays = {"off": ["relay"], "on": ["relay+webhook"], "ab": ["relay", "relay+webhook"]}
+    kinds = relays[a.webhook] + ([] if a.skip_postfix else ["postfix"])
     info = machine()
     print(f"machine: {info['cpus']} CPUs, {info['cpu']}, Python {info['python']}, "
           f"kernel {info['kernel']}, commit {info['commit']}, scratch on {fs}, "
@@ -143,20 +154,37 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"machine": info, "settings": {k: str(v) for k, v in asdict(s).items()}}
     base = Path(tempfile.mkdtemp(prefix="relay-bench-", dir=a.workdir))
     base.chmod(0o755)  # Postfix's unprivileged daemons traverse it
+    if a.mime:
+        s.body_file = mime.write(base, a.size)
     started = time.monotonic()
     try:
         if a.scenario in ("throughput", "all"):
             runs: list[Throughput] = []
             for i in range(a.repeat):
-                for k in kinds:
-                    runs.append(throughput(k, base / f"tp-{i}", s))
+                for j, k in enumerate(kinds):
+                    runs.append(throughput(k, base / f"tp-{i}-{j}", s))
             print_throughput(runs)
             out["throughput"] = [asdict(r) | {"rate": r.rate, "cpu_ms": r.cpu_ms} for r in runs]
+        if a.scenario == "large":
+            # Each size beside Postfix, interleaved; no p99 probe (its messages are small).
+            large: list[Throughput] = []
+            for pair in a.large_sizes.split(","):
+                size, _, count = pair.partition(":")
+                ls = replace(s, size=int(size), messages=int(count), probe_seconds=0,
+                             body_file=mime.write(base, int(size)))
+                runs = []
+                for i in range(a.repeat):
+                    for k in kinds:
+                        runs.append(throughput(k, base / f"large-{size}-{i}", ls))
+                print(f"\n-- {int(size):,}-byte MIME messages --", end="")
+                print_throughput(runs)
+                large += runs
+            out["large"] = [asdict(r) | {"rate": r.rate, "cpu_ms": r.cpu_ms} for r in large]
         if a.scenario in ("latency", "all"):
             print(f"\n== latency-bound upstream: {s.delay * 1000:.0f} ms per transaction, "
                   f"{s.upstream_connections} connections ==")
             lat = []
-            for k in kinds:
+            for k in [k for k in kinds if k != "relay+webhook"]:
                 r = latency(k, base / "lat", s)
                 lat.append(r)
                 print(f"{k:8} {r.messages} messages in {r.seconds:.2f} s: {r.rate:.1f} msg/s "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from benchmarks import procs
 from benchmarks.clients import ProbeResult, probe, run_smtp_source
 from benchmarks.mtas import Postfix, Relay
 from benchmarks.sinks import Sink
+from benchmarks.webhooksink import WebhookSink
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Settings:
     profile: Path | None = None  # write a py-spy profile of the relay here (throughput)
     relay_command: list[str] | None = None  # instead of `python -m relay.cli`
     workers: int | str = "auto"  # the relay's `workers:` for throughput and latency
+    webhook: str = "off"  # throughput: off | on | ab (each repeat: relay without, then with)
+    body_file: Path | None = None  # a MIME message (benchmarks/mime.py) instead of -l bytes
 
     def deadline(self, messages: int, min_rate: float = 50.0) -> float:
         """Every wait is bounded: generous for a slow machine, never unbounded."""
@@ -51,6 +55,8 @@ class Throughput:
     load: float = float("nan")  # 1-minute load average at the end: other work on the machine
     probe: ProbeResult | None = None
     probe_rate: float = 0.0
+    webhook_events: int = 0  # events the webhook endpoint received (relay+webhook)
+    webhook_lag: float = float("nan")  # seconds after the sink's last message until all had
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -62,10 +68,14 @@ class Throughput:
         return 1000 * self.cpu_seconds / self.messages
 
 
-def _start(kind: str, base: Path, sink_port: int, s: Settings) -> Relay | Postfix:
-    if kind == "relay":
+def _start(kind: str, base: Path, sink_port: int, s: Settings,
+           hook: WebhookSink | None = None) -> Relay | Postfix:
+    if kind.startswith("relay"):
+        extra: dict[str, object] = {"workers": s.workers}
+        if hook is not None:
+            extra["webhooks"] = hook.relay_config()
         return Relay(base / "relay", sink_port, max_connections=s.upstream_connections,
-                     extra={"workers": s.workers}).start(command=s.relay_command)
+                     extra=extra).start(command=s.relay_command)
     return Postfix(base / "postfix", sink_port, max_connections=s.upstream_connections).start()
 
 
@@ -82,22 +92,24 @@ def _py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
 def throughput(kind: str, base: Path, s: Settings, *, with_probe: bool = True) -> Throughput:
     """smtp-source -> MTA -> smtp-sink; end-to-end until the sink counted every message."""
     res = Throughput(kind, s.messages)
-    with Sink(procs.free_port()) as sink:
-        mta = _start(kind, base, sink.port, s)
+    hook = WebhookSink(base / "webhook") if kind == "relay+webhook" else None
+    with Sink(procs.free_port()) as sink, hook or contextlib.nullcontext():
+        mta = _start(kind, base, sink.port, s, hook)
         spy = None
         try:
-            if s.profile is not None and kind == "relay":
+            if s.profile is not None and kind.startswith("relay"):
                 s.profile.parent.mkdir(parents=True, exist_ok=True)
                 spy = _py_spy(mta.pid, s.profile, s.deadline(s.messages, 200))
             cpu0 = mta.cpu_seconds()
             main0 = procs.loop_threads_cpu(mta.pid)
             t0 = time.monotonic()
             took, _ = run_smtp_source(mta.port, s.messages, s.sessions, s.size, reuse=s.reuse,
-                                      timeout=s.deadline(s.messages))
+                                      timeout=s.deadline(s.messages, 20),
+                                      body_file=s.body_file)
             res.ingest_seconds = took
-            end = sink.wait_for(s.messages, t0 + s.deadline(s.messages))
+            end = sink.wait_for(s.messages, t0 + s.deadline(s.messages, 20))
             cpu1 = mta.cpu_seconds()
-            if kind == "relay":
+            if kind.startswith("relay"):
                 main1 = procs.loop_threads_cpu(mta.pid)
                 res.main_thread_cpu = sum(v - main0.get(p, 0.0) for p, v in main1.items())
                 res.loop_processes = sum(1 for p, v in main1.items() if v - main0.get(p, 0.0) > 0.05)
@@ -106,6 +118,13 @@ def throughput(kind: str, base: Path, s: Settings, *, with_probe: bool = True) -
                 end = time.monotonic()
             res.seconds = end - t0
             res.cpu_seconds = cpu1 - cpu0
+            if hook is not None:  # received + delivered per message: wait for all of them
+                done = hook.wait_for(2 * s.messages, time.monotonic() + s.deadline(s.messages))
+                res.webhook_events = hook.events
+                res.webhook_lag = (done - end) if done is not None else float("nan")
+                res.notes.append(f"webhook: {hook.events} events in {hook.calls} calls, "
+                                 f"{hook.bad} bad signatures, {hook.gaps()} missing seqs; "
+                                 f"all in {max(0.0, res.webhook_lag):.2f} s after the sink's last")
             res.rss_peak = mta.rss()[1]
             res.load = os.getloadavg()[0]
             res.notes.append(f"upstream sessions ended so far: {sink.sessions}")
@@ -113,7 +132,7 @@ def throughput(kind: str, base: Path, s: Settings, *, with_probe: bool = True) -
                 spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
                 spy.wait(60)
                 spy = None
-            if with_probe and s.probe_seconds > 0:
+            if with_probe and s.probe_seconds > 0 and hook is None:
                 rate = res.rate / 2
                 res.probe_rate = rate
                 before = sink.count

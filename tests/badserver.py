@@ -46,6 +46,7 @@ class BadServer:
         tls_context: ssl.SSLContext | None = None,
         auth: bool = False,
         hold: float = 30.0,
+        extensions: tuple[str, ...] = (),
     ) -> None:
         for step in (stall, hangup, *(reply or {})):
             if step is not None and step not in (*STEPS, "data-body"):
@@ -59,6 +60,7 @@ class BadServer:
         self.tls_context = tls_context
         self.auth = auth
         self.hold = hold
+        self.extensions = extensions  # more EHLO keywords to offer, e.g. ("DSN",)
         self.port = 0
         self.commands: list[str] = []
         self.messages: list[bytes] = []
@@ -155,6 +157,7 @@ class BadServer:
                     lines.append("STARTTLS")
                 if self.auth:
                     lines.append("AUTH PLAIN LOGIN")
+                lines += self.extensions
                 text = "".join(
                     f"250{'-' if i < len(lines) - 1 else ' '}{x}\r\n" for i, x in enumerate(lines)
                 )

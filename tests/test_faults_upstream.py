@@ -272,4 +272,8 @@ def test_every_upstream_fault_ends_as_it_should_with_the_reply_logged(
     assert isinstance(stripped.server, BadServer)
     assert not any(cmd.upper().startswith(("MAIL", "AUTH")) for cmd in stripped.server.commands)
     assert "bad-server-pw" not in output and all("bad-server-pw" not in str(e) for e in log)
-    assert [m.rcpt_tos for m in good.messages] == [["fine@dest.test"]]
+    assert [m.rcpt_tos for m in good.messages if m.mail_from] == [["fine@dest.test"]]
+    # The DSN for gone@ goes to the sender through the DSN upstream (default_upstream: good),
+    # never back through the partial server (issue 13).
+    assert all(m.rcpt_tos == ["app@partial.test"] for m in good.messages if not m.mail_from)
+    assert not [m for m in partial.messages if not m.mail_from]

@@ -204,7 +204,7 @@ HOSTILE_ENVELOPES: list[tuple[bytes, str]] = [
     (b"MAIL FROM:<a@x.test>\rRCPT TO:<victim@y.test>\r\n", "501 5.5.4"),  # bare CR
     (b"MAIL FROM:<a@x.test\nRCPT TO:<victim@y.test>>\r\n", "501 5.5.4"),  # bare LF
     (b"MAIL FROM:<a@x.test> SIZE=999999999999\r\n", "552 5.3.4"),  # over SIZE, declared
-    (b"MAIL FROM:<" + b"a" * 600 + b"@x.test>\r\n", "500 5.5.2"),  # over-long command
+    (b"MAIL FROM:<" + b"a" * 700 + b"@x.test>\r\n", "500 5.5.2"),  # over-long command
     (b"AUTH PLAIN AGEAYg==\r\n", "538 5.7.11"),  # AUTH in clear
 ]
 HOSTILE_RECIPIENTS: list[tuple[bytes, str]] = [

@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     "oauth": 1,
     "policy": 2,
     "events": 2,
+    "notify": 3,
     "spool": 2,
     "delivery": 2,
     "smtp": 2,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import secrets
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -42,6 +42,15 @@ def _status(kind: str, reply: Reply) -> str:
     if reply.enhanced and reply.enhanced.startswith("5."):
         return reply.enhanced
     return "5.0.0"
+
+
+def _original_recipient(rcpt: str, orcpts: Mapping[str, str] | None) -> list[str]:
+    """RFC 3464 § 2.3.1: the ORCPT the client gave, "addr-type; address"."""
+    orcpt = (orcpts or {}).get(rcpt)
+    if not orcpt:
+        return []
+    kind, _, address = orcpt.partition(";")
+    return _field("Original-Recipient", f"{kind}; {address}")
 
 
 def _address_type(address: str) -> str:
@@ -123,11 +132,15 @@ def build_dsn(
     failures: Sequence[tuple[str, str, Reply]],
     original_headers: bytes,
     now: float,
+    envid: str | None = None,
+    original_recipients: Mapping[str, str] | None = None,
 ) -> bytes:
     """A complete DSN message (headers and body) for the recipients in `failures`.
 
     `failures` holds (recipient, kind, last reply) with kind "bounced" (the upstream
     refused it permanently) or "expired" (it stayed deferred past the maximum age).
+    `envid` (the client's ENVID) and `original_recipients` (recipient -> its ORCPT, as
+    "addr-type;address") are decoded text (RFC 3461 § 4: the xtext encoding removed).
     """
     if not original_sender:
         raise ValueError("a DSN is never sent to the null sender")
@@ -180,6 +193,7 @@ def build_dsn(
         human.append("")
 
     status: list[str] = [
+        *(_field("Original-Envelope-Id", envid) if envid else []),  # RFC 3464 § 2.2.1
         *_field("Reporting-MTA", f"dns; {reporting_mta}"),
         *_field("X-Relay-Queue-ID", queue_id),
         *_field("Arrival-Date", _date(arrival)),
@@ -188,6 +202,7 @@ def build_dsn(
         status.extend(
             [
                 "",  # per-recipient groups are separated by a blank line (RFC 3464 § 2.1)
+                *_original_recipient(rcpt, original_recipients),
                 *_field("Final-Recipient", f"{_address_type(rcpt)}; {rcpt}"),
                 "Action: failed",
                 f"Status: {_status(kind, reply)}",

@@ -1,5 +1,6 @@
 """The bounce stage: for recipients that bounced or expired, one RFC 3464 DSN to the sender,
-made durable in the spool like any message and handed back to the scheduler to deliver."""
+made durable in the spool like any message (with its `dsn_queued` event) and handed back to
+the scheduler to deliver through the DSN upstream (relay/policy/dsnroute.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import logging
 from collections.abc import Callable
 
 from relay.bounce.dsn import build_dsn, should_send_dsn
+from relay.core.dsn import DsnParams, xtext_decode
 from relay.core.message import header_end
 from relay.core.model import Disposition, Reply
 from relay.events import MailLog
+from relay.notify import model as ev
 from relay.scheduler.entry import Entry
-from relay.spool import Spool
+from relay.spool import Spool, new_queue_id
 
 log = logging.getLogger("relay.bounce")
 
@@ -19,10 +22,19 @@ log = logging.getLogger("relay.bounce")
 class Bouncer:
     """relay.scheduler.ports.BounceNotifier over the spool and the mail log."""
 
-    def __init__(self, spool: Spool, events: MailLog, *, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        events: MailLog,
+        *,
+        clock: Callable[[], float],
+        dsn_upstream: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.spool = spool
         self.events = events
         self.clock = clock
+        # organisation -> the upstream its DSNs go through, None: it turned DSNs off
+        self.dsn_upstream = dsn_upstream or (lambda org: "")
 
     async def bounced(
         self,
@@ -36,6 +48,15 @@ class Bouncer:
         returns its entry, or None when no DSN is due (null sender, a DSN itself) or it could
         not be queued (logged: the failure is in the mail log already)."""
         if not should_send_dsn(e.sender, e.is_dsn):
+            return None
+        upstream = self.dsn_upstream(e.org)
+        if upstream is None:
+            log.info("no DSN for %s: organisation %s takes webhooks instead", e.queue_id, e.org)
+            return None
+        # RFC 3461 § 4.1: NOTIFY=NEVER, or a NOTIFY without FAILURE, asks for no DSN.
+        params = DsnParams.decode(e.dsn)
+        failed = [f for f in failed if params.notify(f[0], "FAILURE")]
+        if not failed:
             return None
         if data is None:
             try:
@@ -51,17 +72,29 @@ class Bouncer:
             failures=failed,
             original_headers=headers,
             now=self.clock(),
+            envid=xtext_decode(params.envid) if params.envid else None,
+            original_recipients={
+                r: xtext_decode(p.orcpt) for r, p in params.rcpts if p.orcpt is not None
+            },
+        )
+        qid = new_queue_id()
+        event = ev.make_event(
+            ev.DSN_QUEUED, queue_id=e.queue_id, org=e.org, account=e.account, sender=e.sender,
+            recipient=e.sender, dsn_queue_id=qid, upstream=upstream or e.upstream,
+            failed=[r for r, _, _ in failed], message_id=ev.message_id_of(headers),
         )
         try:
-            qid = await self.spool.put(
+            await self.spool.put(
                 sender="",
                 recipients=[e.sender],
                 data=dsn,
                 client="relay",
                 org=e.org,
                 account=e.account,
-                upstream=e.upstream,
+                upstream=upstream or e.upstream,
                 is_dsn=True,
+                queue_id=qid,
+                events=[event],
             )
         except Exception:
             log.exception("could not queue the DSN for %s", e.queue_id)
@@ -83,4 +116,5 @@ class Bouncer:
             received_at=self.clock(),
             pending={e.sender: 0},
             is_dsn=True,
+            upstream=upstream or e.upstream,
         )

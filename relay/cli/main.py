@@ -12,8 +12,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from relay.cli import diagnose, queue, shell, verify
+from relay.cli import diagnose, notify, queue, shell, top, verify
 from relay.cli.common import load_or_report
+from relay.config import ConfigErrors
 from relay.config.model import Config
 from relay.limits.usage import as_text as usage_text
 from relay.limits.usage import current_use
@@ -22,13 +23,17 @@ from relay.policy import applicable_limits, attribute, route
 from relay.policy.egress import render
 from relay.runtime.serve import serve
 from relay.runtime.slot import WorkerSlot
+from relay.runtime.startup import load_checked
 from relay.smtp.users import hash_password
 from relay.spool.verification import VerificationStore
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = load_or_report(args.config)
-    if config is None:
+    try:
+        config, _users = load_checked(args.config)  # the files it names, the users file
+    except ConfigErrors as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
         return 1
     for w in config.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -160,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue.add_subcommands(sub)  # queue, reload
     diagnose.add_subcommands(sub)  # test-upstream, check-domain
+    top.add_subcommands(sub)
+    notify.add_subcommands(sub)  # events, trace, suppression
     verify.add_subcommands(sub)  # verify-upstream
 
     sp = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")

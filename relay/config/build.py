@@ -14,9 +14,11 @@ from pathlib import Path
 from relay.config import oauth as oauth_conf
 from relay.config.errors import ConfigError
 from relay.config.model import Config, Member, Org
+from relay.config.notify_build import check_org_notify, check_relay_notify
 from relay.config.providers import PROFILES, throttle_defaults
 from relay.config.schema import OrgConf, RelayConf, UpstreamConf
 from relay.config.secrets import SecretUnavailable, is_reference, resolve_secret
+from relay.config.usage import first_uses, unresolved_warnings
 from relay.config.yamlsrc import Located
 from relay.config.yamlsrc import Path as YPath
 from relay.core.model import (
@@ -58,6 +60,9 @@ class Builder:
         # Upstream id -> the reference its username came from (a Mailjet API key is half a
         # credential): `relay route` shows the reference, never the resolved value.
         self.username_refs: dict[str, str] = {}
+        # Upstream id -> why its credential is unavailable; warned only where mail is routed
+        # to it (relay/config/usage.py).
+        self.unresolved: dict[str, str] = {}
 
     def err(self, src: Located, path: YPath, message: str) -> None:
         self.errors.append(ConfigError(src.file, src.line_of(path), message))
@@ -151,7 +156,7 @@ class Builder:
                 )
         except SecretUnavailable as exc:
             unavailable = f"credential unavailable: {exc}"
-            self.warn(src, path, f"upstream '{uid}': {exc}; its mail will wait in the queue")
+            self.unresolved[uid] = str(exc)
         if conf.ca_file and not (base_dir / conf.ca_file).exists():
             self.err(
                 src, (*path, "ca_file"), f"upstream '{uid}': ca_file {conf.ca_file} does not exist"
@@ -264,7 +269,7 @@ class Builder:
                 )
         if relay.limits.backend == "redis" and not relay.limits.redis_url:
             self.err(rsrc, ("limits", "backend"), "limits backend redis needs redis_url")
-        if relay.admin.enabled and relay.admin.token is None:
+        if relay.admin.enabled and relay.admin.token is None and ("admin",) in rsrc.lines:
             self.warn(
                 rsrc,
                 ("admin",),
@@ -376,7 +381,18 @@ class Builder:
                 members=members,
                 limits=oc.limits,
                 dkim_selectors=tuple(oc.dkim_selectors),
+                webhooks=dict(oc.webhooks),
+                dsn=oc.dsn,
+                dsn_upstream=(
+                    scoped(oc.dsn.upstream, ("dsn", "upstream")) if oc.dsn.upstream else None
+                ),
+                suppression=oc.suppression,
             )
+            check_org_notify(self, oc, src, relay, base_dir)
+        dsn_upstream = check_relay_notify(self, relay, rsrc, global_confs, base_dir)
+        self.warnings += unresolved_warnings(
+            self.unresolved, first_uses(relay, rsrc, orgs, default_upstream)
+        )
         if self.errors:
             return None
         return Config(
@@ -391,5 +407,6 @@ class Builder:
             domain_index=domain_index,
             account_index=account_index,
             username_refs=self.username_refs,
+            dsn_upstream=dsn_upstream or default_upstream,
             warnings=[str(w) for w in sorted(set(self.warnings), key=lambda e: (e.file, e.line))],
         )

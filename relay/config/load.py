@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from relay.config.build import Builder
 from relay.config.errors import ConfigError, ConfigErrors
+from relay.config.files import check_files
 from relay.config.model import Config
 from relay.config.schema import OrgConf, RelayConf
 from relay.config.yamlsrc import Located, load_yaml
@@ -90,6 +91,8 @@ def load_config(location: str | Path | None, *, environ: Mapping[str, str] | Non
     builder = Builder(environ)
     config = builder.build(relay, rsrc, orgs, base_dir)
     errors += builder.errors
+    if location is not None:
+        errors += check_files(relay, rsrc, base_dir)  # every file the relay will open
     if errors or config is None:
         raise ConfigErrors(errors)
     return config

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.config.notify import OrgDsnConf, SuppressionConf, WebhookConf
 from relay.config.schema import RateConf, RelayConf
 from relay.core.model import EgressPool, EgressSource, Upstream
 
@@ -29,6 +30,10 @@ class Org:
     members: dict[str, Member]
     limits: RateConf
     dkim_selectors: tuple[str, ...] = ()  # configured ones; () = the upstream's usual ones
+    webhooks: dict[str, WebhookConf] = field(default_factory=dict)
+    dsn: OrgDsnConf = field(default_factory=OrgDsnConf)
+    dsn_upstream: str | None = None  # resolved upstream id of dsn.upstream
+    suppression: SuppressionConf = field(default_factory=SuppressionConf)
 
 
 def resolve_workers(value: int | str) -> int:
@@ -58,6 +63,7 @@ class Config:
     )  # file:line: problems that do not stop serving
     # upstream id -> reference its username was resolved from; shown instead of the value
     username_refs: dict[str, str] = field(default_factory=dict)
+    dsn_upstream: str = ""  # resolved: dsn.upstream, else default_upstream
 
     @property
     def hostname(self) -> str:

@@ -11,8 +11,23 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
+from relay.config.notify import (
+    DsnConf,
+    EventsConf,
+    OrgDsnConf,
+    SuppressionConf,
+    WebhookConf,
+)
 from relay.config.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -100,6 +115,19 @@ class ListenerConf(Strict):
     idle_timeout: Duration = 300.0
     session_timeout: Duration = 1800.0
     max_errors: PositiveInt = 10
+    # PROXY protocol v1/v2 (HAProxy, cloud TCP balancers): the client address is the one the
+    # balancer names; only connections from proxy_from, which must all send the header.
+    proxy_protocol: bool = False
+    proxy_from: list[Network] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _proxy_needs_balancers(self) -> ListenerConf:
+        if self.proxy_protocol and not self.proxy_from:
+            raise ValueError("proxy_protocol: true needs proxy_from (the balancers' addresses)")
+        if self.proxy_protocol and self.tls == "implicit":
+            raise ValueError("proxy_protocol cannot be used with tls: implicit (the header"
+                             " comes before TLS); use tls: starttls or terminate TLS earlier")
+        return self
 
 
 class ClientsConf(Strict):
@@ -246,6 +274,8 @@ class LogConf(Strict):
 
 class RelayConf(Strict):
     hostname: HostName = "localhost"
+    # Where RCPT TO:<Postmaster> (no domain, RFC 5321 § 4.5.1) goes; default postmaster@hostname.
+    postmaster: Mailbox | None = None
     # Worker processes sharing the listening sockets, each with its own spool shard,
     # scheduler and deliverer ("auto" = one per CPU). See relay/runtime/supervisor.py.
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
@@ -266,6 +296,9 @@ class RelayConf(Strict):
     admin: AdminConf = Field(default_factory=AdminConf)
     dns: DnsConf = Field(default_factory=DnsConf)
     log: LogConf = Field(default_factory=LogConf)
+    events: EventsConf = Field(default_factory=EventsConf)
+    webhooks: dict[Name, WebhookConf] = Field(default_factory=dict)
+    dsn: DsnConf = Field(default_factory=DsnConf)
 
 
 class MemberConf(Strict):
@@ -288,3 +321,6 @@ class OrgConf(Strict):
     dkim_selectors: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]] = (
         Field(default_factory=list)
     )
+    webhooks: dict[Name, WebhookConf] = Field(default_factory=dict)
+    dsn: OrgDsnConf = Field(default_factory=OrgDsnConf)
+    suppression: SuppressionConf = Field(default_factory=SuppressionConf)

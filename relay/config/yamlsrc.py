@@ -140,6 +140,10 @@ def load_yaml(text: str, file: str) -> tuple[Located, list[ConfigError]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
+        if mark is not None and not text[mark.index :].strip():
+            # The parser ran into the end of the stream, which lies after the last line's
+            # newline (and any blank lines): the mistake is on the last line with text.
+            line = min(line, text[: mark.index].rstrip().count("\n") + 1)
         # The context says what the parser was doing ("expected a single document in the
         # stream"); the problem alone ("but found another document") can read as nonsense.
         said = ", ".join(p for p in (exc.context, exc.problem) if p) or str(exc)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from relay.core.dsn import DsnParams
+
 
 class Secret:
     """A credential resolved from env/file/systemd credential. Never prints its value."""
@@ -128,6 +130,7 @@ class Envelope:
     helo: str = ""
     smtputf8: bool = False
     body_8bit: bool = False
+    dsn: DsnParams | None = None  # RFC 3461 RET/ENVID/NOTIFY/ORCPT, when the client gave any
 
 
 class Disposition(StrEnum):
@@ -171,6 +174,7 @@ class RecipientResult:
     # Set when the reply means the whole upstream must wait for a person (credentials,
     # configuration, a daily quota): the scheduler pauses it instead of retrying each message.
     pause: UpstreamPause | None = None
+    tls: str | None = None  # the TLS version the transaction ran under ("TLSv1.3"), if any
 
 
 @dataclass(frozen=True, slots=True)

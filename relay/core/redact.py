@@ -9,6 +9,7 @@ at run time, wherever it appears.
 
 from __future__ import annotations
 
+import base64
 import re
 import threading
 from collections.abc import Iterable
@@ -95,3 +96,16 @@ def _worth_redacting(values: Iterable[str]) -> list[str]:
 
 def redact(text: str) -> str:
     return REDACTOR(text)
+
+
+def auth_forms(password: str, user: str | None = None) -> list[str]:
+    """A secret as an upstream may quote it back: as is, base64 as in AUTH LOGIN, and the
+    AUTH PLAIN responses that carry it (RFC 4616: [authzid] NUL authcid NUL passwd)."""
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+    forms = [password, b64(password)]
+    if user:
+        forms += [b64(f"\0{user}\0{password}"), b64(f"{user}\0{user}\0{password}")]
+    return forms

@@ -16,6 +16,8 @@ import asyncio
 import re
 from collections import deque
 
+from relay.core.redact import redact
+
 # Reply limits, as aiosmtplib's: RFC 5321 § 4.5.3.1.5 allows 512 octets per reply line;
 # we are generous, but bounded, against a server that streams without line ends.
 MAX_LINE = 8192
@@ -25,6 +27,12 @@ MAX_REPLY = 4 * MAX_LINE
 _PERIOD = re.compile(rb"(?m)^\.")
 # RFC 5321 § 2.3.8: lines end with CRLF; a lone CR or LF becomes one.
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+
+
+def _quote(line: bytes) -> str:
+    """A bad reply line for the log, bounded; redacted before it is cut, so that a cut
+    never leaves the start of a secret behind."""
+    return redact(line.decode("utf-8", "replace").strip())[:200]
 
 
 class ChannelClosed(ConnectionError):
@@ -71,6 +79,12 @@ class Channel(asyncio.Protocol):
     @property
     def alive(self) -> bool:
         return self._error is None and not self._transport.is_closing()
+
+    @property
+    def tls_version(self) -> str | None:
+        """The negotiated TLS version ("TLSv1.3"), or None on a plaintext connection."""
+        ssl_object = self._transport.get_extra_info("ssl_object")
+        return None if ssl_object is None else ssl_object.version()
 
     def send(self, data: bytes) -> None:
         """Write commands (each ending in CRLF) or a body; replies are read with `reply`."""
@@ -163,11 +177,11 @@ class Channel(asyncio.Protocol):
                 head = line[:3]
                 sep = line[3:4]
                 if not (head.isdigit() and sep in (b"-", b" ", b"\r", b"\n")):
-                    raise BadReply(line.decode("utf-8", "replace").strip()[:200])
+                    raise BadReply(_quote(line))
                 if code == -1:
                     code = int(head)
                 elif int(head) != code:
-                    raise BadReply(line.decode("utf-8", "replace").strip()[:200])
+                    raise BadReply(_quote(line))
                 lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
                 if sep != b"-":
                     complete = True

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
+from relay.core.dsn import DsnParams
 from relay.core.model import EgressSource, Outcome, RecipientResult, Reply, Upstream
 from relay.delivery import outcome, providers
 from relay.delivery.channel import BadReply, Channel, wire_body
@@ -102,7 +104,11 @@ class Deliverer:
         sender: str,
         recipients: Sequence[str],
         data: bytes,
+        *,
+        dsn: DsnParams | None = None,
     ) -> list[RecipientResult]:
+        """`dsn`: the message's RFC 3461 parameters, passed on when the upstream offers DSN
+        (otherwise the relay itself answers for NOTIFY=FAILURE, relay/bounce)."""
         recipients = list(recipients)
         if not recipients:
             return []
@@ -115,7 +121,7 @@ class Deliverer:
         if sender and upstream.from_address:
             sender = upstream.from_address
         try:
-            return await self._deliver(upstream, source, sender, recipients, data)
+            return await self._deliver(upstream, source, sender, recipients, data, dsn)
         except Exception:
             # A bug here must not lose or bounce mail: fail closed, like errors.to_reply.
             self._log.exception("upstream %s: unexpected error during delivery", upstream.id)
@@ -129,6 +135,7 @@ class Deliverer:
         sender: str,
         recipients: list[str],
         data: bytes,
+        dsn: DsnParams | None = None,
     ) -> list[RecipientResult]:
         key = (*upstream.pool_key, source.address)
 
@@ -145,7 +152,7 @@ class Deliverer:
                 except SessionError as exc:
                     pause = providers.classify(upstream, exc.reply).as_pause(exc.reply)
                     return [
-                        RecipientResult(r, Outcome.DEFERRED, exc.reply, exc.throttled, pause)
+                        RecipientResult(r, Outcome.DEFERRED, exc.reply, exc.throttled, pause=pause)
                         for r in recipients
                     ]
                 fresh = True
@@ -153,9 +160,12 @@ class Deliverer:
                 fresh = False
             try:
                 results = await self._transaction(
-                    session, upstream, sender, recipients, data, reused=not fresh
+                    session, upstream, sender, recipients, data, reused=not fresh, dsn=dsn
                 )
                 results = [self._judge(upstream, r) for r in results]
+                version = session.channel.tls_version
+                if version is not None:
+                    results = [replace(r, tls=version) for r in results]
             except _StaleConnection:
                 self._log.debug(
                     "upstream %s: pooled connection was dead, reconnecting", upstream.id
@@ -189,6 +199,7 @@ class Deliverer:
         data: bytes,
         *,
         reused: bool,
+        dsn: DsnParams | None = None,
     ) -> list[RecipientResult]:
         channel = session.channel
         stage = "RSET"
@@ -242,8 +253,15 @@ class Deliverer:
                 mail += b" BODY=8BITMIME"
             if smtputf8:
                 mail += b" SMTPUTF8"
+            if dsn and not session.supports("dsn"):
+                dsn = None  # RFC 3461 § 4: only to a server that offers DSN
+            if dsn:
+                mail += dsn.mail_params()
             mail += b"\r\n"
-            rcpt_commands = [b"RCPT TO:" + _path(r, encoding) + b"\r\n" for r in pending]
+            rcpt_commands = [
+                b"RCPT TO:" + _path(r, encoding) + (dsn.rcpt_params(r) if dsn else b"") + b"\r\n"
+                for r in pending
+            ]
             # RFC 2920 § 3.1: MAIL and RCPT may go anywhere in a group, DATA only last; the
             # replies come back in order and each is checked. Without PIPELINING, lock-step.
             pipelined = session.supports("pipelining")
@@ -327,7 +345,7 @@ class Deliverer:
         pause = providers.classify(upstream, res.reply).as_pause(res.reply)
         if pause is None:
             return res
-        return RecipientResult(res.recipient, Outcome.DEFERRED, res.reply, res.throttled, pause)
+        return replace(res, outcome=Outcome.DEFERRED, pause=pause)
 
     async def _skip_replies(self, channel: Channel, count: int, within: float) -> None:
         """Read the replies to the rest of a pipelined group we are abandoning (MAIL was

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 
 from relay.core.model import Outcome, Reply
+from relay.core.redact import redact
 
 # RFC 3463 § 2: class.subject.detail; the class must agree with the reply code's first
 # digit (RFC 2034 § 4), otherwise the token is just text.
@@ -28,13 +29,17 @@ _RATE_WORDING = re.compile(
 
 
 def parse_reply(code: int, message: str) -> Reply:
-    """Turn aiosmtplib's (code, message) into a Reply, keeping the peer's words verbatim.
+    """Turn aiosmtplib's (code, message) into a Reply, keeping the peer's words verbatim
+    except for known secret values (relay.core.redact).
 
     A multi-line reply arrives with its lines joined by newlines; we join them with a
     space so that a Reply is always one line (safe for the mail log and for a DSN's
     Diagnostic-Code), without changing any word of it.
     """
     text = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    # Redacted here, where upstream text becomes a Reply: a server that quotes our password
+    # back (or its AUTH base64) must not put it in the log, the spool, a DSN or the API.
+    text = redact(text)
     return Reply(code, text, enhanced_code(code, text))
 
 
@@ -103,7 +108,7 @@ def needs_8bitmime(data: bytes) -> bool:
 
 def synthesised(code: int, enhanced: str, detail: str) -> Reply:
     """A reply we made up; the text starts with the enhanced code like a server's would."""
-    detail = detail.replace("\r", " ").replace("\n", " ")
+    detail = redact(detail.replace("\r", " ").replace("\n", " "))  # may quote the server
     return Reply(code, f"{enhanced} {detail}", enhanced)
 
 

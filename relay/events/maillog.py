@@ -13,6 +13,7 @@ import time
 from typing import IO, Any
 
 from relay.core.model import Disposition
+from relay.events.activity import Activity
 from relay.events.metrics import Metrics
 
 
@@ -20,6 +21,7 @@ class MailLog:
     """One JSON object per line. Writes are serialised; a failing log never stops mail."""
 
     def __init__(self, target: str = "-", metrics: Metrics | None = None) -> None:
+        self.activity = Activity()  # the last hour, for the operator's views
         self._lock = threading.Lock()
         self._own = target != "-"
         self._out: IO[str] = open(target, "a", buffering=1, encoding="utf-8") if self._own else sys.stderr
@@ -39,6 +41,7 @@ class MailLog:
             m.outcomes.labels(event.value, fields.get("upstream", ""), fields.get("org", "")).inc()
             if event is Disposition.DELIVERED and "delay" in fields:
                 m.delivery_latency.labels(fields.get("upstream", "")).observe(float(fields["delay"]))
+        self.activity.record(event, fields)
         try:
             with self._lock:
                 self._out.write(line + "\n")

@@ -33,5 +33,12 @@ class Metrics:
                                      "1 while an upstream is paused for a person (credentials,"
                                      " configuration, a daily quota)", ["upstream", "kind"],
                                      registry=r)
+        self.spool_fs_avail = Gauge("relay_spool_filesystem_avail_bytes",
+                                    "Bytes free for the relay on the spool's file system",
+                                    registry=r)
+        self.spool_fs_size = Gauge("relay_spool_filesystem_size_bytes",
+                                   "Size of the spool's file system", registry=r)
         self.limits_degraded = Gauge("relay_limits_backend_degraded",
                                      "1 while the shared limits backend is unreachable", registry=r)
+        self.spool_full = Gauge("relay_spool_full",
+                                "1 while the spool cannot write for lack of space", registry=r)

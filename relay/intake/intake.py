@@ -15,15 +15,24 @@ import time
 from typing import Protocol
 
 from relay.config.model import Config
-from relay.core.errors import AccessDenied, PolicyError, RelayError, TemporaryError
+from relay.core.errors import (
+    AccessDenied,
+    PermanentError,
+    PolicyError,
+    RelayError,
+    TemporaryError,
+)
 from relay.core.message import header_values, remove_headers
 from relay.core.model import Disposition, Envelope
 from relay.events import MailLog
+from relay.intake.suppressed import SuppressionCheck
+from relay.notify import model as ev
+from relay.notify.suppression import SuppressionList
 from relay.policy import AppliedLimit, Attribution, applicable_limits, attribute, route
 from relay.scheduler import Entry, Scheduler
 from relay.smtp.penalty import PenaltyBox
 from relay.smtp.server import SessionInfo
-from relay.spool import Spool
+from relay.spool import Spool, new_queue_id
 
 log = logging.getLogger("relay.intake")
 
@@ -52,6 +61,7 @@ class Intake:
         limiter: IntakeLimiter | None = None,
         policy_timeout: float = 10.0,
         penalty: PenaltyBox | None = None,
+        suppression: SuppressionList | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -64,6 +74,7 @@ class Intake:
         # config reloads.
         self.penalty = penalty if penalty is not None else PenaltyBox()
         self._networks = [ipaddress.ip_network(n) for n in config.relay.clients.networks]
+        self.suppressed = SuppressionCheck(config, spool, events, suppression)
 
     def allowlisted(self, ip: str) -> bool:
         try:
@@ -118,7 +129,9 @@ class Intake:
             raise AccessDenied(f"Relay access denied for {session.peer_ip}")
 
     def check_recipient(self, session: SessionInfo, sender: str, rcpt: str) -> None:
-        return None
+        # Suppression lists (per organisation, opt-in): the organisation the sender belongs
+        # to; tag headers come with DATA and are checked again in submit.
+        self.suppressed.at_rcpt(session, sender, rcpt)
 
     async def submit(self, session: SessionInfo, envelope: Envelope) -> str:
         client = session.user or session.peer_ip
@@ -133,12 +146,27 @@ class Intake:
         except Exception as exc:  # fail closed: a policy bug or timeout is 451 4.3.5, never 250
             log.exception("policy failed for a message from %s", client)
             raise PolicyError(reason=f"policy failed: {exc!r}") from exc
-        att, upstream_id, data = prepared
+        att, upstream_id, rule, data = prepared
+        qid = new_queue_id()
+        message_id = ev.message_id_of(data)
+        recipients, dropped = self.suppressed.at_data(att.org, qid, envelope, message_id, client)
+        if not recipients:  # every recipient is suppressed for the tagged organisation
+            await self.spool.events.add([row for _, _, row in dropped])
+            raise PermanentError(dropped[0][1], code=550, enhanced="5.1.1")
+        rows = [ev.make_event(
+            ev.RECEIVED, queue_id=qid, org=att.org, account=att.account, sender=envelope.sender,
+            message_id=message_id, client=client, client_ip=session.peer_ip,
+            listener=session.listener or None, helo=session.helo or None,
+            tls=session.tls or None, recipients=list(recipients), size=len(data),
+            upstream=upstream_id, attributed_by=att.rule, routed_by=rule,
+        ), *(row for _, _, row in dropped)]
+        dsn = envelope.dsn.encode() if envelope.dsn else None
         started = time.monotonic()
         try:
-            qid = await self.spool.put(sender=envelope.sender, recipients=list(envelope.recipients),
+            qid = await self.spool.put(sender=envelope.sender, recipients=recipients,
                                        data=data, client=client, org=att.org, account=att.account,
-                                       upstream=upstream_id)
+                                       upstream=upstream_id, queue_id=qid, events=rows,
+                                       dsn=dsn)
         except RelayError as exc:  # disk full, read-only, …: 451 4.3.0, and a mail-log line
             self.events.emit(Disposition.REJECTED, client=client, sender=envelope.sender,
                              reason=type(exc).__name__, reply=exc.reply(), detail=exc.reason)
@@ -147,15 +175,18 @@ class Intake:
         self.events.metrics.spool_commit.observe(time.monotonic() - started)
         self.events.emit(Disposition.RECEIVED, queue_id=qid, client=client, org=att.org,
                          account=att.account, sender=envelope.sender,
-                         recipients=len(envelope.recipients), size=len(data), upstream=upstream_id,
+                         recipients=len(recipients), size=len(data), upstream=upstream_id,
                          attributed_by=att.rule)
         self.scheduler.enqueue(Entry(
             queue_id=qid, sender=envelope.sender, org=att.org, account=att.account,
-            received_at=now, pending=dict.fromkeys(envelope.recipients, 0), upstream=upstream_id,
+            received_at=now, pending=dict.fromkeys(recipients, 0), upstream=upstream_id,
+            dsn=dsn,
         ))
         return qid
 
-    async def _prepare(self, session: SessionInfo, env: Envelope) -> tuple[Attribution, str, bytes]:
+    async def _prepare(
+        self, session: SessionInfo, env: Envelope
+    ) -> tuple[Attribution, str, str, bytes]:
         cfg = self.config
         names = (cfg.relay.attribution.org_header, cfg.relay.attribution.account_header)
         tag_org = next(iter(header_values(env.data, names[0])), None)
@@ -166,7 +197,7 @@ class Intake:
             limits = applicable_limits(cfg, att, env.sender, session.user or session.peer_ip)
             await self.limiter.check_message(limits, len(env.recipients))
         # The listener already put its Received: header first; the tags are client headers.
-        return att, r.upstream.id, remove_headers(env.data, names)
+        return att, r.upstream.id, r.rule, remove_headers(env.data, names)
 
 
 def _auth_blocked() -> TemporaryError:

@@ -24,14 +24,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from relay.config.model import Config
 from relay.config.units import parse_duration
 from relay.delivery import DnsResolver
-from relay.events import Metrics
+from relay.events import MailLog, Metrics
+from relay.notify.suppression import SuppressionList
+from relay.notify.webhook import WebhookSender
 from relay.oauth import TokenBroker
 from relay.ops.http import error_response as _error
 from relay.ops.http import json_response as _json
 from relay.ops.http import start_tcp_site
+from relay.ops.notify_api import NotifyApi
 from relay.ops.probe import TargetError, adhoc_upstream, configured_upstream, probe, sources_for
 from relay.ops.queueops import ACTIONS, Filters, QueueOps
 from relay.ops.shape import BY, queue_shape
+from relay.ops.status import node_status
+from relay.ops.statuspage import COOKIE, cookie_valid, login_page, status_cookie
+from relay.ops.statuspage import render as render_status
 from relay.ops.verify import confirm, send_code
 from relay.policy.egress import as_dict, render
 from relay.scheduler import Scheduler
@@ -46,8 +52,11 @@ class RunningRelay(Protocol):
     spool: Spool
     metrics: Metrics
     tokens: TokenBroker
+    events: MailLog
     ready: bool
     reload_errors: list[str]
+    webhooks: WebhookSender
+    suppression: SuppressionList
 
     def listening(self) -> dict[str, int]:
         """Listener name -> bound port."""
@@ -57,7 +66,9 @@ class RunningRelay(Protocol):
 
 log = logging.getLogger("relay.admin")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/status/login"})
+# Read-only views a browser may open with the status cookie instead of the bearer token.
+STATUS_PATHS = frozenset({"/status", "/status.json"})
 NO_TOKEN = (
     "the admin API has no token configured (admin.token in relay.yaml): only /healthz, /readyz"
     " and /metrics are served"
@@ -96,10 +107,15 @@ class AdminApi:
         r.add_delete("/queue/messages/{queue_id}", self.queue_delete)
         r.add_post("/queue/messages/{queue_id}/{action}", self.queue_action)
         r.add_post("/reload", self.reload)
+        r.add_get("/status", self.status_page)
+        r.add_get("/status.json", self.status_json)
+        r.add_get("/status/login", self.status_login)
+        r.add_post("/status/login", self.status_login)
         r.add_post("/test-upstream", self.test_upstream)
         r.add_get("/upstreams", self.upstreams)
         r.add_post("/upstreams/{name:.+}/verify", self.verify_upstream)
         r.add_post("/upstreams/{name:.+}/resume", self.resume_upstream)
+        NotifyApi(self.relay).add_routes(r)  # /events, /trace, /suppression
         return app
 
     @web.middleware
@@ -108,11 +124,19 @@ class AdminApi:
             return await handler(request)
         if not self.token:
             return _error(403, NO_TOKEN)
+        if (
+            request.method == "GET"
+            and request.path in STATUS_PATHS
+            and cookie_valid(self.token, request.cookies.get(COOKIE))
+        ):
+            return await handler(request)
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             value.strip().encode(), self.token.encode()
         ):
+            if request.path == "/status":
+                return web.Response(text=login_page(), status=401, content_type="text/html")
             resp = _error(401, "missing or wrong token (Authorization: Bearer <admin token>)")
             resp.headers["WWW-Authenticate"] = 'Bearer realm="egress-relay"'
             return resp
@@ -124,12 +148,15 @@ class AdminApi:
 
     async def readyz(self, request: web.Request) -> web.Response:
         r = self.relay
-        ready = r.ready
+        full = r.spool.full  # listening, but every new message would get 451: not ready
+        ready = r.ready and full is None
         body = {
             "ready": ready,
             "listeners": r.listening() if ready else {},
             "queued": (await r.spool.count())[0] if ready else None,
         }
+        if full is not None:
+            body["spool_full"] = full
         return _json(body, 200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -139,6 +166,7 @@ class AdminApi:
         # stale when nothing happens (the worrying case).
         depth = await self.relay.spool.depth()
         now = time.time()
+        m.spool_full.set(0 if self.relay.spool.full is None else 1)
         m.queue_depth.clear()
         m.queue_oldest.clear()
         for upstream, (n, oldest) in depth.items():
@@ -147,10 +175,41 @@ class AdminApi:
         m.upstream_paused.clear()
         for uid, p in self.relay.scheduler.health.snapshot().items():
             m.upstream_paused.labels(uid, p["kind"]).set(1)
+        try:
+            fs = os.statvfs(self.relay.spool.directory)
+            m.spool_fs_avail.set(fs.f_bavail * fs.f_frsize)
+            m.spool_fs_size.set(fs.f_blocks * fs.f_frsize)
+        except OSError:
+            pass  # the gauges keep their last value; /readyz tells about the spool itself
         body = generate_latest(m.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def status_login(self, request: web.Request) -> web.Response:
+        """The status page's login: the admin token once, then a cookie derived from it."""
+        if not self.token:
+            return _error(403, NO_TOKEN)
+        if request.method == "GET":
+            return web.Response(text=login_page(), content_type="text/html")
+        form = await request.post()
+        given = str(form.get("token", "")).strip()
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            return web.Response(text=login_page("wrong token"), status=401,
+                                content_type="text/html")
+        resp = web.Response(status=303, headers={"Location": "/status"})
+        # Path "/": a cookie for "/status" would not reach "/status.json". It opens only the
+        # read-only STATUS_PATHS.
+        resp.set_cookie(COOKIE, status_cookie(self.token), httponly=True, samesite="Strict",
+                        path="/")
+        return resp
+
     # -- token --------------------------------------------------------------------------
+    async def status_json(self, request: web.Request) -> web.Response:
+        return _json(await node_status(self.relay))
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        return web.Response(text=render_status(await node_status(self.relay)),
+                            content_type="text/html")
+
     async def egress_ips(self, request: web.Request) -> web.Response:
         config = self.relay.config
         pool = request.query.get("pool")

@@ -33,6 +33,7 @@ from relay.config.schema import UpstreamConf
 from relay.config.yamlsrc import Located
 from relay.core.errors import RelayError
 from relay.core.model import EgressSource, Reply, TlsMode, Upstream
+from relay.core.redact import REDACTOR, auth_forms, redact
 from relay.delivery.connection import (
     MAX_ADDRESSES_TRIED,
     TlsContexts,
@@ -249,6 +250,11 @@ class _Probe:
         raise _Stop
 
     def _record(self, s: Step) -> None:
+        # Every text of the report may quote the server: redacted at the source, so that
+        # neither `relay test-upstream` nor the API answer can show a secret it echoed.
+        s.detail = redact(s.detail)
+        s.reply = None if s.reply is None else redact(s.reply)
+        s.hint = None if s.hint is None else redact(s.hint)
         now = self.clock()
         s.ms = round((now - self._t0) * 1000, 1)
         self._t0 = now
@@ -666,6 +672,9 @@ async def probe(
     send_to sends a real, short test message to that address.
     """
     t = timeout if timeout is not None else upstream.connect_timeout
+    if upstream.password is not None:  # e.g. an ad-hoc upstream's: not in the config's set
+        for value in auth_forms(upstream.password.reveal(), upstream.username):
+            REDACTOR.add(value)
     p = _Probe(upstream, source, t, clock, tokens, message)
     try:
         async with asyncio.timeout(t * 12 + 5):  # every loop bounded: the whole probe too

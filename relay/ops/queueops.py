@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.core.message import header_end
+from relay.notify import model as ev
 from relay.scheduler import ACTIVE, READY, WAITING, Scheduler
-from relay.spool import Spool, SpoolMessage
+from relay.spool import EventRow, Spool, SpoolMessage
 
 log = logging.getLogger("relay.queue")
 
@@ -129,6 +130,20 @@ class QueueOps:
         }
 
     # -- actions ----------------------------------------------------------------------
+    async def _event(self, kind: str, queue_id: str, reason: str | None = None) -> list[EventRow]:
+        """The operator action's event, from the message as the spool (or memory) has it;
+        written with the action's own change."""
+        m = await self.spool.get(queue_id)
+        if m is not None:
+            org, account, sender, rcpts = m.org, m.account, m.sender, [r.rcpt for r in m.pending]
+        else:
+            e = self.scheduler.entries.get(queue_id)
+            if e is None:
+                return []
+            org, account, sender, rcpts = e.org, e.account, e.sender, list(e.pending)
+        return [ev.make_event(kind, queue_id=queue_id, org=org, account=account, sender=sender,
+                              recipients=rcpts, operator=reason or "relay administrator")]
+
     async def act(
         self, action: str, queue_id: str, *, reason: str | None = None
     ) -> tuple[str, str]:
@@ -138,15 +153,17 @@ class QueueOps:
         e = self.scheduler.entries.get(queue_id)
         in_flight = e is not None and e.state == ACTIVE
         if action == "hold":
+            rows = await self._event(ev.HELD, queue_id, reason)
             known = self.scheduler.hold(queue_id)
-            known = await self.spool.set_held(queue_id, held=True) or known
+            known = await self.spool.set_held(queue_id, held=True, events=rows) or known
             if not known:
                 return "not_found", f"{queue_id}: not in the queue"
             log.info("queue: %s held by the operator", queue_id)
             return "ok", "held" + (" (the attempt in progress finishes first)" if in_flight else "")
         if action == "release":
             now = time.time()
-            known = await self.spool.set_held(queue_id, held=False, due=now)
+            rows = await self._event(ev.RELEASED, queue_id, reason)
+            known = await self.spool.set_held(queue_id, held=False, due=now, events=rows)
             if self.scheduler.release(queue_id):
                 known = True
             elif known:
@@ -161,11 +178,14 @@ class QueueOps:
             if e.held:
                 return "conflict", f"{queue_id} is held: release it to deliver it"
             self.scheduler.retry_now(queue_id)
+            # The change is the scheduler's (memory): its event stands alone.
+            await self.spool.events.add(await self._event(ev.RETRIED, queue_id, reason))
             log.info("queue: %s retried now by the operator", queue_id)
             return "ok", "delivering now" if in_flight else "dispatched now"
         if action == "delete":
+            rows = await self._event(ev.DELETED, queue_id, reason)
             known = self.scheduler.forget(queue_id)
-            known = await self.spool.delete(queue_id) or known
+            known = await self.spool.delete(queue_id, events=rows) or known
             if not known:
                 return "not_found", f"{queue_id}: not in the queue"
             log.warning("queue: %s deleted by the operator (no DSN)", queue_id)
@@ -207,7 +227,8 @@ class QueueOps:
         out: dict[str, tuple[str, str]] = {}
         for i in range(0, len(ids), 1000):
             now = time.time()
-            for qid, result in (await self.spool.set_due(ids[i : i + 1000], now)).items():
+            done = await self.spool.set_due(ids[i : i + 1000], now, events=_retried)
+            for qid, result in done.items():
                 if result == "ok":
                     self.scheduler.operator_due(qid, now)
                     out[qid] = ("ok", "dispatched now")
@@ -249,3 +270,8 @@ class QueueOps:
             results[qid] = {"result": result, "text": text}
             counts[result] = counts.get(result, 0) + 1
         return {"action": action, "matched": len(ids), "counts": counts, "results": results}
+
+
+def _retried(queue_id: str, org: str, account: str, sender: str) -> list[EventRow]:
+    return [ev.make_event(ev.RETRIED, queue_id=queue_id, org=org, account=account,
+                          sender=sender, operator="relay administrator")]

@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -33,11 +33,17 @@ from aiohttp import web
 
 from relay.ops.http import start_tcp_site
 from relay.ops.shape import merge_shapes
+from relay.ops.status import merge_status
+from relay.ops.statuspage import login_page
+from relay.ops.statuspage import render as render_status
+from relay.runtime.fanout_notify import add_notify_routes
 
 log = logging.getLogger("relay.admin")
 
 CALL_TIMEOUT = 120.0  # bulk actions on a large queue take a while; probes up to a minute
-_FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept")
+_FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept", "Cookie")
+# A worker's answer headers the supervisor passes back (the status page's login).
+_RETURNED_HEADERS = ("Set-Cookie", "Location", "WWW-Authenticate")
 
 
 @dataclass
@@ -46,9 +52,19 @@ class Answer:
     status: int
     body: bytes
     content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+def _spool_full(answer: Answer) -> str | None:
+    """A worker's /readyz reason for not being ready because its spool is full."""
+    try:
+        why = answer.json().get("spool_full")
+    except (ValueError, AttributeError):
+        return None
+    return why if isinstance(why, str) else None
 
 
 class WorkerDown(Exception):
@@ -65,7 +81,10 @@ class Fanout:
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT)
         self._sessions = [
-            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=p), timeout=timeout)
+            # A forwarding proxy: no cookies kept between callers, no redirects followed
+            # (the browser follows them, as for any answer of the worker's).
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=p), timeout=timeout,
+                                  cookie_jar=aiohttp.DummyCookieJar())
             for p in self.sockets
         ]
 
@@ -73,15 +92,20 @@ class Fanout:
         for s in self._sessions:
             await s.close()
 
-    async def call(self, worker: int, request: web.Request, body: bytes) -> Answer:
+    async def call(
+        self, worker: int, request: web.Request, body: bytes, path: str | None = None
+    ) -> Answer:
+        """`request` as it came, or (with `path`) a GET of another path with its headers."""
         headers = {h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers}
-        url = f"http://worker{worker}{request.rel_url}"
+        url = f"http://worker{worker}{path or request.rel_url}"
         try:
             async with self._sessions[worker].request(
-                request.method, url, data=body or None, headers=headers
+                "GET" if path else request.method, url, data=body or None, headers=headers,
+                allow_redirects=False,
             ) as resp:
                 data = await resp.read()
-                return Answer(worker, resp.status, data, resp.content_type)
+                kept = {h: resp.headers[h] for h in _RETURNED_HEADERS if h in resp.headers}
+                return Answer(worker, resp.status, data, resp.content_type, kept)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise WorkerDown(f"worker {worker}: {type(exc).__name__}: {exc}") from None
 
@@ -95,10 +119,12 @@ class Fanout:
             except (aiohttp.ClientError, OSError, TimeoutError):
                 log.warning("worker %d did not take %s", i, path)
 
-    async def all(self, request: web.Request, body: bytes) -> tuple[list[Answer], list[int]]:
+    async def all(
+        self, request: web.Request, body: bytes, path: str | None = None
+    ) -> tuple[list[Answer], list[int]]:
         """Every worker's answer, and the workers that gave none."""
         results = await asyncio.gather(
-            *(self.call(i, request, body) for i in range(len(self.sockets))),
+            *(self.call(i, request, body, path) for i in range(len(self.sockets))),
             return_exceptions=True,
         )
         answers, down = [], []
@@ -111,7 +137,8 @@ class Fanout:
 
 
 def _reply(a: Answer) -> web.Response:
-    return web.Response(status=a.status, body=a.body, content_type=a.content_type or None)
+    return web.Response(status=a.status, body=a.body, content_type=a.content_type or None,
+                        headers=a.headers or None)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -152,8 +179,14 @@ def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # Gauges where the relay's value is the largest of its workers', not their sum.
-MAX_FAMILIES = frozenset({"relay_queue_oldest_age_seconds", "relay_limits_backend_degraded",
-                          "relay_upstream_paused"})
+MAX_FAMILIES = frozenset({
+    "relay_queue_oldest_age_seconds",
+    "relay_limits_backend_degraded",
+    # every shard lives on the spool's one file system: the same figure from each worker
+    "relay_spool_filesystem_avail_bytes",
+    "relay_spool_filesystem_size_bytes",
+    "relay_upstream_paused",  # paused in any worker: paused
+})
 
 
 def merge_metrics(texts: list[str]) -> str:
@@ -236,6 +269,11 @@ class FanoutApi:
         r.add_delete("/queue/messages/{queue_id}", self.one_message)
         r.add_post("/queue/messages/{queue_id}/{action}", self.one_message)
         r.add_post("/reload", self.reload)
+        r.add_get("/status", self.status_page)
+        r.add_get("/status.json", self.status_json)
+        r.add_get("/status/login", self.first)
+        r.add_post("/status/login", self.first)
+        add_notify_routes(r, self.fanout.all, self.first)  # /events, /trace, /suppression
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -252,6 +290,9 @@ class FanoutApi:
             "workers": len(self.fanout.sockets),
             "unavailable_workers": down + [a.worker for a in answers if a.status != 200],
         }
+        full = {a.worker: _spool_full(a) for a in answers if a.status != 200}
+        if any(full.values()):
+            body["spool_full"] = {w: why for w, why in full.items() if why}
         return _json(body, 200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -327,6 +368,29 @@ class FanoutApi:
         out = merge_summaries([a.json() for a in answers])
         out["unavailable_workers"] = down
         return _json(out)
+
+    async def _status(self, request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
+        answers, down = await self.fanout.all(request, b"", path="/status.json")
+        refused = next((a for a in answers if a.status != 200), None)
+        if refused is not None:  # no or a wrong token: each worker says the same
+            return None, _reply(refused)
+        merged = merge_status([a.json() for a in answers], workers=len(self.fanout.sockets),
+                              down=down)
+        return merged, None
+
+    async def status_json(self, request: web.Request) -> web.Response:
+        merged, refused = await self._status(request)
+        return refused or _json(merged)
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        merged, refused = await self._status(request)
+        if refused is not None:
+            if refused.status == 401:  # a browser without the cookie: the login form
+                return web.Response(text=login_page(), status=401, content_type="text/html")
+            return refused
+        if merged is None or "queue" not in merged:
+            return _down(list(range(len(self.fanout.sockets))))
+        return web.Response(text=render_status(merged), content_type="text/html")
 
     async def queue_shape(self, request: web.Request) -> web.Response:
         answers, down, bad = await self._views(request)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from typing import IO, Any
 
-from relay.core.redact import REDACTOR, Redactor
+from relay.core.redact import REDACTOR, Redactor, auth_forms
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is kept.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -66,8 +66,16 @@ def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = N
 
 
 def remember_config_secrets(config: Any, extra: Iterable[str] = ()) -> None:
-    """Redact every resolved upstream password (and `extra`, e.g. the admin token)."""
-    values = [u.password.reveal() for u in config.upstreams.values() if u.password is not None]
-    # OAuth client secrets, private keys, service account keys, refresh tokens
-    values += [s.reveal() for u in config.upstreams.values() if u.oauth for s in u.oauth.secrets()]
+    """Redact every resolved upstream password, with its AUTH LOGIN/PLAIN base64 forms, a
+    user name that came from a secret reference (a Mailjet API key), every OAuth secret
+    (client secrets, private keys, service account keys, refresh tokens), and `extra` (e.g.
+    the admin token)."""
+    values: list[str] = []
+    for u in config.upstreams.values():
+        if u.password is not None:
+            values += auth_forms(u.password.reveal(), u.username)
+        if u.id in config.username_refs and u.username:
+            values += auth_forms(u.username)
+        if u.oauth is not None:
+            values += [s.reveal() for s in u.oauth.secrets()]
     REDACTOR.remember([*values, *extra])

@@ -8,13 +8,14 @@ import logging
 import signal
 import sys
 
-from relay.config import ConfigErrors, load_config
+from relay.config import ConfigErrors
 from relay.core.errors import SpoolError
 from relay.runtime.logsetup import configure as configure_logging
 from relay.runtime.logsetup import remember_config_secrets
 from relay.runtime.node import Relay
 from relay.runtime.settings import admin_token
 from relay.runtime.slot import WorkerSlot
+from relay.runtime.startup import StartError, load_checked
 from relay.runtime.supervisor import supervise
 from relay.spool.shards import fold_surplus
 
@@ -23,7 +24,7 @@ log = logging.getLogger("relay")
 
 async def run(location: str | None, slot: WorkerSlot | None = None) -> int:
     try:
-        config = load_config(location)
+        config, _users = load_checked(location)
     except ConfigErrors as exc:
         for e in exc.errors:
             print(e, file=sys.stderr)
@@ -41,7 +42,11 @@ async def run(location: str | None, slot: WorkerSlot | None = None) -> int:
         except (OSError, SpoolError) as exc:
             log.error("cannot start: %s", getattr(exc, "reason", exc))
             return 1
-    relay = Relay(config, location, slot)
+    try:
+        relay = Relay(config, location, slot)
+    except OSError as exc:  # the mail log cannot be opened
+        log.error("cannot start: %s", exc.strerror or exc)
+        return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
@@ -56,9 +61,11 @@ async def run(location: str | None, slot: WorkerSlot | None = None) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await relay.start()
-    except SpoolError as exc:
-        # e.g. a read-only or missing spool: never listen without a place to keep mail.
-        log.error("cannot start: %s", exc.reason)
+    except (SpoolError, StartError) as exc:
+        # e.g. a read-only or missing spool: never listen without a place to keep mail; a
+        # port in use. One line, no traceback; what did start is stopped again.
+        log.error("cannot start: %s", exc.reason if isinstance(exc, SpoolError) else exc)
+        await relay.stop(grace=0)
         return 1
     await stop.wait()
     log.info("stopping: no new connections, finishing transactions in progress")

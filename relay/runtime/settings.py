@@ -26,6 +26,8 @@ def listener_settings(config: Config) -> list[ListenerSettings]:
             require_tls=lc.require_tls, require_auth=lc.require_auth,
             max_message_size=lc.max_message_size, max_recipients=lc.max_recipients,
             idle_timeout=lc.idle_timeout, session_timeout=lc.session_timeout, max_errors=lc.max_errors,
+            postmaster=config.relay.postmaster or f"postmaster@{config.hostname}",
+            proxy_from=tuple(lc.proxy_from) if lc.proxy_protocol else (),
         ))
     return out
 

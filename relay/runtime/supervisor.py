@@ -42,6 +42,7 @@ from relay.config.model import Config
 from relay.core.errors import SpoolError
 from relay.runtime.fanout import Fanout, FanoutApi, FanoutServer
 from relay.runtime.settings import admin_token, listener_settings
+from relay.runtime.startup import StartError, cannot_listen, load_checked
 from relay.runtime.systemd import sd_notify
 from relay.spool.shards import fold_surplus
 from relay.spool.store import lock_file
@@ -216,7 +217,7 @@ class Supervisor:
     async def reload(self) -> None:
         """SIGHUP: validate here, then let every worker reload (each re-reads the files)."""
         try:
-            new = await asyncio.to_thread(load_config, self.location)
+            new, _users = await asyncio.to_thread(load_checked, self.location)
         except ConfigErrors as exc:
             for e in exc.errors:
                 log.error("reload refused, old configuration keeps running: %s", e)
@@ -270,8 +271,11 @@ class Supervisor:
             if moved:
                 log.info("moved %d message(s) from surplus spool shards", moved)
             for s in listener_settings(self.config):
-                self.sockets[s.name] = bind(s.address, s.port)
-        except (SpoolError, OSError) as exc:
+                try:
+                    self.sockets[s.name] = bind(s.address, s.port)
+                except OSError as exc:
+                    raise cannot_listen(f"listener {s.name}", s.address, s.port, exc) from None
+        except (SpoolError, OSError, StartError) as exc:
             log.error("cannot start: %s", getattr(exc, "reason", exc))
             return 1
         try:

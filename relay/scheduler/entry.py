@@ -28,6 +28,7 @@ class Entry:
     next_attempt: float = 0.0
     upstream: str = ""
     state: int = WAITING
+    dsn: str | None = None  # RFC 3461 parameters as the spool keeps them (relay.core.dsn)
 
     def __post_init__(self) -> None:
         # One Entry per queued message stays in memory (200,000 queued ≈ 200,000 entries):
@@ -57,6 +58,7 @@ class Entry:
             held=m.held,
             next_attempt=min((r.next_attempt for r in pend), default=0.0) if due is None else due,
             upstream=m.upstream,
+            dsn=m.dsn,
         )
 
 

@@ -1,19 +1,31 @@
 """Recording an attempt's outcome: each recipient's next state (delivered, bounced, expired,
-or pending with its next attempt), written to the spool in one update, with one mail-log
-line per recipient."""
+or pending with its next attempt), written to the spool in one update together with one
+event per recipient (relay.notify: in the same transaction), and one mail-log line each."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from relay.core.model import Disposition, EgressSource, Outcome, RecipientResult, Reply, Upstream
+from relay.delivery.replyclass import reply_class
 from relay.events import MailLog
+from relay.notify import model as ev
 from relay.scheduler.entry import Entry
 from relay.scheduler.retry import RetryPolicy
-from relay.spool import RcptStatus, RecipientUpdate, Spool
+from relay.spool import EventRow, RcptStatus, RecipientUpdate, Spool
 
+log = logging.getLogger("relay.scheduler")
+
+_EVENT_TYPE = {
+    RcptStatus.DELIVERED: ev.DELIVERED,
+    RcptStatus.BOUNCED: ev.BOUNCED,
+    RcptStatus.EXPIRED: ev.EXPIRED,
+    RcptStatus.PENDING: ev.DEFERRED,
+}
 _FINAL_EVENT = {
     RcptStatus.DELIVERED: Disposition.DELIVERED,
     RcptStatus.BOUNCED: Disposition.BOUNCED,
@@ -29,6 +41,15 @@ class Recorded:
     failed: list[tuple[str, str, Reply]] = field(default_factory=list)
     next_due: float | None = None
     some_unanswered: bool = False  # recipients without a result keep their own earlier time
+    classes: dict[str, str] = field(default_factory=dict)  # failed recipient -> failure class
+
+
+class Suppressor(Protocol):
+    """Told of every recipient that bounced or expired (relay.notify.suppression): adds it
+    to its organisation's suppression list when the organisation asks for that."""
+
+    async def failed(self, org: str, recipient: str, klass: str, reply: Reply,
+                     queue_id: str) -> None: ...
 
 
 class Recorder:
@@ -46,6 +67,7 @@ class Recorder:
         self.retry = retry
         self.clock = clock
         self.rand = rand
+        self.suppressor: Suppressor | None = None
 
     async def record(
         self,
@@ -53,9 +75,21 @@ class Recorder:
         upstream: Upstream,
         source: EgressSource | None,
         results: Sequence[RecipientResult],
+        *,
+        data: bytes | None = None,
+        operator: str | None = None,
     ) -> Recorded:
-        """Write the outcome of one attempt; `e.pending` loses the recipients that are done."""
+        """Write the outcome of one attempt; `e.pending` loses the recipients that are done.
+        `data` is the message (for its Message-ID; read from the spool when None);
+        `operator` is the reason when an operator bounced it."""
         now = self.clock()
+        if data is None:
+            try:
+                data = await self.spool.read_body(e.queue_id)
+            except KeyError:
+                data = b""
+        message_id = ev.message_id_of(data)
+        rows: list[EventRow] = []
         updates: list[RecipientUpdate] = []
         out = Recorded()
         base = {
@@ -79,6 +113,21 @@ class Recorder:
             )
             status, when = self.next_state(e, res, attempts, now)
             updates.append(RecipientUpdate(res.recipient, status, attempts, when, str(res.reply)))
+            klass = "expired" if status is RcptStatus.EXPIRED else reply_class(res.reply)
+            kind = _EVENT_TYPE[status]
+            if e.is_dsn and status in (RcptStatus.BOUNCED, RcptStatus.EXPIRED):
+                kind = ev.DSN_FAILED
+                log.warning("the DSN %s to %s could not be delivered (%s): %s", e.queue_id,
+                            res.recipient, status.value, res.reply)
+            rows.append(ev.make_event(
+                kind, ts=now, queue_id=e.queue_id, org=e.org, account=e.account,
+                sender=e.sender, recipient=res.recipient, message_id=message_id,
+                reply=res.reply, upstream=upstream.id,
+                egress=source.address if source else None, tls=res.tls, attempt=attempts,
+                next_attempt=round(when, 3) if status is RcptStatus.PENDING else None,
+                dsn=True if e.is_dsn else None, operator=operator,
+                klass=klass,
+            ))
             if status is RcptStatus.PENDING:
                 self.events.emit(Disposition.DEFERRED, **fields, retry_in=round(when - now, 1))
                 e.pending[res.recipient] = attempts
@@ -88,7 +137,15 @@ class Recorder:
             e.pending.pop(res.recipient, None)
             if status is not RcptStatus.DELIVERED:
                 out.failed.append((res.recipient, status.value, res.reply))
-        await self.spool.update(e.queue_id, updates, upstream=upstream.id)
+                out.classes[res.recipient] = klass
+        await self.spool.update(e.queue_id, updates, upstream=upstream.id, events=rows)
+        if self.suppressor is not None and not e.is_dsn and operator is None:
+            for rcpt, _, reply in out.failed:
+                try:
+                    await self.suppressor.failed(e.org, rcpt, out.classes[rcpt], reply,
+                                                 e.queue_id)
+                except Exception:  # the outcome is recorded; the list is a convenience
+                    log.exception("could not add %s to the suppression list", rcpt)
         if e.pending:
             out.next_due = min(next_times) if next_times else now
         return out

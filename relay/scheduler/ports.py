@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from relay.core.dsn import DsnParams
 from relay.core.model import EgressSource, RecipientResult, Reply, Upstream
 from relay.scheduler.entry import Entry
 
@@ -18,6 +19,8 @@ class Deliverer(Protocol):
         sender: str,
         recipients: Sequence[str],
         data: bytes,
+        *,
+        dsn: DsnParams | None = None,
     ) -> list[RecipientResult]: ...
 
 

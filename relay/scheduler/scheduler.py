@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from relay.config.model import Config
+from relay.core.dsn import DsnParams
+from relay.core.errors import SpoolError
 from relay.core.model import (
     Disposition,
     EgressPool,
@@ -33,6 +35,7 @@ from relay.core.model import (
 )
 from relay.events import MailLog
 from relay.policy import Attribution, route
+from relay.policy.dsnroute import dsn_route
 from relay.scheduler.entry import ACTIVE, READY, WAITING, Entry
 from relay.scheduler.health import UpstreamHealth
 from relay.scheduler.outcomes import Recorder
@@ -208,6 +211,8 @@ class Scheduler:
                 pass
 
     def route_entry(self, e: Entry) -> tuple[Upstream, EgressPool]:
+        if e.is_dsn:  # to the sender, through the DSN upstream (relay/policy/dsnroute.py)
+            return dsn_route(self.config, e.org)
         verified = self.verification.verified_ids(self.config) if self.verification else None
         r = route(self.config, Attribution(e.org, e.account, "queued"), verified)
         return r.upstream, r.pool
@@ -314,7 +319,12 @@ class Scheduler:
             except KeyError:
                 self.window.drop(e.queue_id)  # deleted by an operator meanwhile
                 return
-            results = await self.deliverer.deliver(upstream, source, e.sender, rcpts, data)
+            if e.dsn:  # RFC 3461 parameters, passed on to an upstream that offers DSN
+                results = await self.deliverer.deliver(
+                    upstream, source, e.sender, rcpts, data, dsn=DsnParams.decode(e.dsn)
+                )
+            else:
+                results = await self.deliverer.deliver(upstream, source, e.sender, rcpts, data)
         paused = [r for r in results if r.pause is not None]
         if paused:
             self._pause(e, upstream, source, paused)
@@ -389,10 +399,14 @@ class Scheduler:
     ) -> None:
         try:
             await self._record(e, upstream, source, results, data)
-        except Exception:
+        except Exception as exc:
             # Not recorded: the spool still says pending, so it is simply tried again (a
-            # possible duplicate, never a loss).
-            log.exception("recording the outcome of %s failed", e.queue_id)
+            # possible duplicate, never a loss). A spool failure is the spool's to report
+            # (once, relay/spool/health.py); only a bug here gets a traceback.
+            if isinstance(exc, SpoolError):
+                log.debug("recording the outcome of %s failed: %s", e.queue_id, exc.reason)
+            else:
+                log.exception("recording the outcome of %s failed", e.queue_id)
             self.window.pinned.add(e.queue_id)  # the spool has an earlier due: keep it in memory
             self._reschedule(e, self.clock() + self.retry.delay(1, self.rand.random()))
 
@@ -403,8 +417,10 @@ class Scheduler:
         source: EgressSource | None,
         results: Sequence[RecipientResult],
         data: bytes | None,
+        operator: str | None = None,
     ) -> None:
-        done = await self.recorder.record(e, upstream, source, results)
+        done = await self.recorder.record(e, upstream, source, results, data=data,
+                                          operator=operator)
         if done.some_unanswered:
             self.window.pinned.add(e.queue_id)  # some recipients kept their own (earlier) time
         else:
@@ -481,6 +497,7 @@ class Scheduler:
         reply = Reply(550, text, "5.0.0")
         e.state = ACTIVE
         await self._record(
-            e, upstream, None, [RecipientResult(r, Outcome.BOUNCED, reply) for r in e.pending], None
+            e, upstream, None, [RecipientResult(r, Outcome.BOUNCED, reply) for r in e.pending], None,
+            operator=text,
         )
         return True

@@ -1,10 +1,10 @@
-"""DATA content checks (pure): message size, line length (RFC 5321 § 4.5.3.1.6) and bare CR
-or LF (SMTP smuggling), with the reply a line-by-line reader would give for the first
-offending line."""
+"""DATA content checks (pure): message size, line length (RFC 5321 § 4.5.3.1.6), bare CR
+or LF (SMTP smuggling) and NUL, with the reply a line-by-line reader would give for the
+first offending line."""
 
 from __future__ import annotations
 
-from relay.smtp.replies import R_BARE_NEWLINE, R_LINE_TOO_LONG, R_TOO_BIG
+from relay.smtp.replies import R_BARE_NEWLINE, R_LINE_TOO_LONG, R_NUL, R_TOO_BIG
 
 # Line-length checks split the body in windows of about this size (bounded extra memory).
 _SPLIT_WINDOW = 1 << 18
@@ -28,7 +28,8 @@ def longest_line(content: bytes | bytearray) -> int:
 def first_problem(lines: bytes, max_line: int, limit: int) -> str | None:
     """The refusal a line-by-line reader would give for dot-stuffed DATA `lines` (whole
     CRLF-ended lines, no end marker): the first offending line decides; within a line, its
-    length, then the running size, then a bare CR or LF. Only the refusal path runs this."""
+    length, then the running size, then a bare CR or LF, then a NUL. Only the refusal path
+    runs this."""
     size = 0
     for line in lines.split(b"\r\n")[:-1]:
         stuffed = len(line) + 2
@@ -40,6 +41,8 @@ def first_problem(lines: bytes, max_line: int, limit: int) -> str | None:
             return R_TOO_BIG
         if b"\r" in line or b"\n" in line:
             return R_BARE_NEWLINE
+        if b"\x00" in line:
+            return R_NUL
     return None
 
 
@@ -51,6 +54,7 @@ def body_problem(lines: bytes | bytearray, max_line: int, limit: int) -> str | N
     if (
         len(lines) - 2 <= limit
         and crs == lines.count(b"\n") == lines.count(b"\r\n")  # no bare CR, no bare LF
+        and b"\x00" not in lines  # a lenient next hop may end a line or the data at a NUL
         and longest_line(lines) <= max_line - 2  # stuffed: never shorter than unstuffed
     ):
         return None

@@ -20,6 +20,7 @@ class SessionInfo:
     helo: str
     tls: bool
     user: str | None  # authenticated identity
+    listener: str = ""  # the name of the listener that accepted the connection
 
 
 class Intake(Protocol):
@@ -67,6 +68,9 @@ class ListenerSettings:
     session_timeout: float = 1800.0  # whole connection
     max_errors: int = 10  # bad commands before 421 4.7.0 and disconnect
     max_auth_failures: int = 3  # then 421 4.7.0 and disconnect
+    postmaster: str = "postmaster@localhost"  # RCPT TO:<Postmaster> goes here (RFC 5321 § 4.5.1)
+    # Networks of the load balancers that send a PROXY protocol header; empty: no PROXY.
+    proxy_from: tuple[str, ...] = ()
 
 
 class SessionOwner(Protocol):

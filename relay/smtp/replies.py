@@ -16,3 +16,12 @@ R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 # 5.6.0 ("other media error", RFC 3463 § 3.7): a registered code for a content format we
 # refuse; see the module docstring for why bare CR/LF is refused at all.
 R_BARE_NEWLINE = "554 5.6.0 Bare CR or LF in message not accepted (RFC 5321 section 2.3.8)"
+# A NUL is no text (RFC 5322 § 2.3 forbids it in a message); a lenient next hop may take it
+# for the end of a line or of the data. Hardened Postfix: message_reject_characters = \0.
+R_NUL = "554 5.6.0 NUL character in message not accepted"
+# A client that pipelined text after a DATA we refused (RFC 2920 § 3.1: the text waits for
+# the 354): it is not commands, so it is dropped and the session ends (Postfix
+# smtpd_forbid_unauth_pipelining).
+R_PIPELINED_AFTER_DATA = (
+    "421 4.5.0 Input pipelined after a refused DATA discarded, closing connection"
+)

@@ -29,6 +29,10 @@ Protocol decisions:
   later hop could split differently is refused outright (SMTP smuggling, 2023; Postfix
   smtpd_forbid_bare_newline, Exim and Sendmail did the same). When a body has several
   problems, the reply is for the first offending line, as a line-by-line reader would say.
+- A body containing a NUL is refused the same way (554 5.6.0; Postfix's
+  message_reject_characters = \0): a lenient next hop may end a line or the data there.
+- When DATA is refused, bytes the client already pipelined after it are its message text,
+  not commands: they are discarded and the session ends with 421 4.5.0.
 - Bytes the client pipelined after STARTTLS are discarded (RFC 3207 § 4.2, CVE-2011-0411):
   reading stops at the STARTTLS line and the buffer is cleared before the handshake.
 - Every 5xx reply counts as a client error except 535 (counted separately as an AUTH
@@ -46,16 +50,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+from relay.core.dsn import DsnParams, RcptDsn
 from relay.core.errors import PermanentError, RelayError, to_reply
 from relay.core.model import Envelope, TlsMode
-from relay.smtp.addresses import parse_mailbox, parse_params, split_path
+from relay.smtp.addresses import AddressSyntaxError, parse_mailbox, parse_params, split_path
 from relay.smtp.bodycheck import body_problem
+from relay.smtp.dsnparams import mail_dsn, rcpt_dsn
 from relay.smtp.interfaces import ConnectionObserver, Intake, SessionInfo, SessionOwner, is_observer
+from relay.smtp.proxyproto import ProxyError
+from relay.smtp.proxyproto import parse as parse_proxy
 from relay.smtp.received import received_header
 from relay.smtp.replies import (
     R_BAD_SYNTAX,
@@ -63,6 +72,7 @@ from relay.smtp.replies import (
     R_LINE_TOO_LONG,
     R_NEED_HELO,
     R_NEED_STARTTLS,
+    R_PIPELINED_AFTER_DATA,
     R_SHUTDOWN,
     R_TIMEOUT,
     R_TOO_BIG,
@@ -84,15 +94,18 @@ from relay.smtp.syntax import (
 _MAX_UNKNOWN_COMMANDS = 5
 # RFC 3207 § 4: what a require_tls listener accepts before STARTTLS.
 _ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
-# MAIL may carry SIZE (+26, RFC 1870 § 3) and SMTPUTF8 (+10, RFC 6531 § 3.4) after EHLO.
-_MAIL_EXTRA_LENGTH = 26 + 10
+# MAIL may carry SIZE (+26, RFC 1870 § 3), SMTPUTF8 (+10, RFC 6531 § 3.4), RET and ENVID
+# (+100 for ENVID, RFC 3461 § 5, and their keywords) after EHLO; RCPT may carry ORCPT (+500,
+# RFC 3461 § 5) and NOTIFY.
+_MAIL_EXTRA_LENGTH = 26 + 10 + 100 + 20
+_RCPT_EXTRA_LENGTH = 500 + 50
 # Seconds a closing connection may take to flush its goodbye before it is aborted.
 CLOSE_FLUSH_TIMEOUT = 5.0
 # The end of DATA (RFC 5321 § 4.1.1.4); the body buffer starts with the DATA line's CRLF.
 _END_OF_DATA = b"\r\n.\r\n"
 
-# Session states: what the next complete line is.
-_COMMAND, _DATA, _SASL = 0, 1, 2
+# Session states: what the next complete line is (_PROXY: a PROXY protocol header first).
+_COMMAND, _DATA, _SASL, _PROXY = 0, 1, 2, 3
 
 
 class SmtpSession(asyncio.Protocol):
@@ -156,6 +169,9 @@ class SmtpSession(asyncio.Protocol):
         self._rcpts: list[str] = []
         self._smtputf8 = False
         self._body_8bit = False
+        self._ret: str | None = None  # RFC 3461 parameters of this transaction
+        self._envid: str | None = None
+        self._rcpt_dsn: list[tuple[str, RcptDsn]] = []
 
     # ---- connection lifecycle ------------------------------------------------------------
 
@@ -173,6 +189,16 @@ class SmtpSession(asyncio.Protocol):
         )
         self._listener.register(self)
         self._log.debug("%s:%d connected", self._peer_ip, self._peer_port)
+        if s.proxy_from:
+            if not _within(self._peer_ip, s.proxy_from):
+                # A PROXY listener serves its balancers only: anyone else would be taken
+                # for a balancer, or skip the per-client checks the balancer's header feeds.
+                self._log.warning("%s:%d is not a configured load balancer (proxy_from)",
+                                  self._peer_ip, self._peer_port)
+                self.goodbye("554 5.7.1 This port accepts connections from its load balancer only")
+                return
+            self._state = _PROXY  # the greeting waits for the header naming the client
+            return
         refusal = self._check_connect()
         if refusal is not None:
             self.goodbye(refusal)
@@ -311,6 +337,10 @@ class SmtpSession(asyncio.Protocol):
         """Handle every complete line (or the whole DATA body) in the buffer, in order."""
         cap = self._settings.max_line_length + 1
         while not self._closing and self._task is None:
+            if self._state == _PROXY:
+                if not self._proxy_step():
+                    return
+                continue
             if self._state == _DATA:
                 if not self._data_step():
                     return
@@ -339,6 +369,33 @@ class SmtpSession(asyncio.Protocol):
             except Exception as exc:
                 self._crashed(exc)
 
+    def _proxy_step(self) -> bool:
+        """The PROXY header (relay/smtp/proxyproto.py): the real client, then the connect
+        check and the greeting. False to wait for more bytes (or after refusing)."""
+        try:
+            header = parse_proxy(self._buf)
+        except ProxyError as exc:
+            self._log.warning("%s:%d %s", self._peer_ip, self._peer_port, exc)
+            self._buf.clear()
+            self.goodbye("421 4.7.0 Invalid PROXY protocol header, closing connection")
+            return False
+        if header is None:
+            return False  # bounded: the parser refuses a header over its size limit
+        del self._buf[: header.length]
+        if header.source is not None:
+            balancer = self._peer_ip
+            self._peer_ip, self._peer_port = header.source
+            self._log.debug("%s:%d via load balancer %s", self._peer_ip, self._peer_port,
+                            balancer)
+        self._state = _COMMAND
+        self._info_cache = None
+        refusal = self._check_connect()
+        if refusal is not None:
+            self.goodbye(refusal)
+            return False
+        self._out.append(f"220 {self._settings.hostname} ESMTP\r\n".encode())
+        return True
+
     def _command(self, line: bytes) -> None:
         if not line:
             self._reply(R_BAD_SYNTAX)
@@ -355,6 +412,8 @@ class SmtpSession(asyncio.Protocol):
         limit = self._settings.max_command_length  # RFC 5321 § 4.5.3.1.4
         if verb == "MAIL" and self._extended:
             limit += _MAIL_EXTRA_LENGTH
+        elif verb == "RCPT" and self._extended:
+            limit += _RCPT_EXTRA_LENGTH
         if len(line) > limit:
             self._reply(R_COMMAND_TOO_LONG)
             return
@@ -373,6 +432,18 @@ class SmtpSession(asyncio.Protocol):
                 self._reply(R_UNKNOWN_COMMAND)
             return
         handler(self, arg)
+        if verb == "DATA" and self._state != _DATA and self._buf and not self._closing:
+            # DATA was refused, yet the client sent more after it without waiting for our
+            # answer: that is its message text (RFC 2920 § 3.1: the text only follows a 354),
+            # never commands. Drop it and end the session (Postfix:
+            # smtpd_forbid_unauth_pipelining); text arriving later cannot be told apart.
+            self._log.info(
+                "%s:%d input pipelined after a refused DATA, closing",
+                self._peer_ip,
+                self._peer_port,
+            )
+            self._buf.clear()
+            self.goodbye(R_PIPELINED_AFTER_DATA)
 
     def _crashed(self, exc: Exception) -> None:
         """A bug in a command handler: fail closed with 451 4.3.0 (never a traceback)."""
@@ -469,6 +540,8 @@ class SmtpSession(asyncio.Protocol):
         self._rcpts = []
         self._smtputf8 = False
         self._body_8bit = False
+        self._ret = self._envid = None
+        self._rcpt_dsn = []
 
     def _info(self) -> SessionInfo:
         info = self._info_cache
@@ -479,6 +552,7 @@ class SmtpSession(asyncio.Protocol):
                 helo=self._helo or "",
                 tls=self._tls,
                 user=self._auth_user,
+                listener=self._settings.name,
             )
         return info
 
@@ -515,6 +589,7 @@ class SmtpSession(asyncio.Protocol):
             "8BITMIME",  # RFC 6152
             "SMTPUTF8",  # RFC 6531
             "ENHANCEDSTATUSCODES",  # RFC 2034
+            "DSN",  # RFC 3461
         ]
         if self._starttls_context is not None and not self._tls:
             lines.append("STARTTLS")  # RFC 3207
@@ -538,6 +613,9 @@ class SmtpSession(asyncio.Protocol):
         self.goodbye("221 2.0.0 Bye")
 
     def smtp_VRFY(self, arg: str | None) -> None:
+        if not arg:  # RFC 5321 § 4.1.1.6: VRFY SP String
+            self._reply("501 5.5.4 Syntax: VRFY <address>")
+            return
         # RFC 5321 § 3.5.3: 252 when we will not verify; a relay has nothing to verify.
         self._reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
 
@@ -742,9 +820,11 @@ class SmtpSession(asyncio.Protocol):
             return
         try:
             path, param_text = split_path(rest)
-            smtputf8, body_8bit = mail_params(
-                parse_params(param_text), self._settings.max_message_size
-            )
+            if param_text and not self._extended:
+                raise AddressSyntaxError("ESMTP parameters need EHLO, not HELO")  # RFC 5321 § 4.1.1.11
+            params = parse_params(param_text)
+            ret, envid = mail_dsn(params)
+            smtputf8, body_8bit = mail_params(params, self._settings.max_message_size)
             sender = parse_mailbox(path, smtputf8=smtputf8) if path else ""  # <> is null
         except RelayError as exc:
             self._reply(to_reply(exc))
@@ -758,6 +838,7 @@ class SmtpSession(asyncio.Protocol):
         self._body_8bit = body_8bit
         self._mail_from = sender
         self._smtputf8 = smtputf8
+        self._ret, self._envid = ret, envid
         self._reply("250 2.1.0 Sender OK")
 
     def smtp_RCPT(self, arg: str | None) -> None:
@@ -773,8 +854,16 @@ class SmtpSession(asyncio.Protocol):
             return
         try:
             path, param_text = split_path(rest)
-            if parse_params(param_text):
+            if param_text and not self._extended:
+                raise AddressSyntaxError("ESMTP parameters need EHLO, not HELO")
+            params = parse_params(param_text)
+            dsn = rcpt_dsn(params)
+            if params:
                 raise PermanentError("RCPT parameters not recognized", code=555, enhanced="5.5.4")
+            if path.lower() == "postmaster":
+                # RFC 5321 § 4.5.1: <Postmaster> without a domain must be accepted; it is the
+                # relay's own postmaster, a configured address.
+                path = self._settings.postmaster
             rcpt = parse_mailbox(path, smtputf8=self._smtputf8)
         except RelayError as exc:
             self._reply(to_reply(exc))
@@ -787,6 +876,8 @@ class SmtpSession(asyncio.Protocol):
             self._reply(refusal)
             return
         self._rcpts.append(rcpt)
+        if dsn is not None:
+            self._rcpt_dsn.append((rcpt, dsn))
         self._reply("250 2.1.5 Recipient OK")
 
     def smtp_DATA(self, arg: str | None) -> None:
@@ -864,8 +955,14 @@ class SmtpSession(asyncio.Protocol):
             # Declared, or 8-bit octets sent anyway: delivery then asks the upstream for
             # 8BITMIME instead of passing undeclared 8-bit data on.
             body_8bit=self._body_8bit or not content.isascii(),
+            dsn=self._dsn(),
         )
         self._start(self._submit(intake, info, envelope), ours=True)
+
+    def _dsn(self) -> DsnParams | None:
+        if self._ret is None and self._envid is None and not self._rcpt_dsn:
+            return None
+        return DsnParams(self._ret, self._envid, tuple(self._rcpt_dsn))
 
     async def _submit(self, intake: Intake, info: SessionInfo, envelope: Envelope) -> None:
         try:
@@ -928,6 +1025,14 @@ _HANDLERS: dict[str, Callable[[SmtpSession, str | None], None]] = {
     "STARTTLS": SmtpSession.smtp_STARTTLS,
     "AUTH": SmtpSession.smtp_AUTH,
 }
+
+
+def _within(ip: str, networks: tuple[str, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
 def _abort(transport: asyncio.BaseTransport) -> None:

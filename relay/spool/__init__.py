@@ -24,17 +24,21 @@ COMMIT). An update that was not yet committed is lost on a crash, which can only
 recipient to be delivered again (a duplicate), never a message to be lost.
 """
 
+from relay.spool.eventlog import EventLog, StoredEvent
 from relay.spool.queue_id import is_queue_id, new_queue_id
 from relay.spool.store import Spool
-from relay.spool.types import RcptStatus, RecipientUpdate, SpoolMessage, SpoolRecipient
+from relay.spool.types import EventRow, RcptStatus, RecipientUpdate, SpoolMessage, SpoolRecipient
 from relay.spool.writer import WriterStats
 
 __all__ = [
+    "EventLog",
+    "EventRow",
     "RcptStatus",
     "RecipientUpdate",
     "Spool",
     "SpoolMessage",
     "SpoolRecipient",
+    "StoredEvent",
     "WriterStats",
     "is_queue_id",
     "new_queue_id",

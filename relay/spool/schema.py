@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS quarantine (
 """
 
 MESSAGE_COLUMNS = (
-    "queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn, recipients"
+    "queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn, recipients,"
+    " dsn"
 )
 
 
@@ -116,7 +117,41 @@ def init_schema(conn: sqlite3.Connection) -> None:
 # that needs a table or a column appends its own step here (never edit or reorder a step that
 # has shipped): steps from independent features then never collide on a version number.
 Step = tuple[str, "str | Callable[[sqlite3.Connection], None]"]
-STEPS: list[Step] = []
+STEPS: list[Step] = [
+    # RFC 3461 parameters (RET, ENVID, NOTIFY, ORCPT) as relay.core.dsn's JSON; NULL: none.
+    ("dsn-parameters", "ALTER TABLE messages ADD COLUMN dsn TEXT"),
+]
+
+# Events (relay/notify): every disposition and operator action, written in the same
+# transaction as the state change it reports; the trace and the webhook outboxes read them.
+# `seq` orders one shard's events (AUTOINCREMENT: never reused, even after pruning, so a
+# receiver checks for gaps by it); `webhook_cursors` holds each endpoint's last acknowledged
+# seq (its outbox is every later event it subscribes to). Independent of `bodies`.
+STEPS.append((
+    "events-1",
+    """
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT    NOT NULL UNIQUE,
+    ts         REAL    NOT NULL,
+    type       TEXT    NOT NULL,
+    queue_id   TEXT    NOT NULL,
+    message_id TEXT    NOT NULL,
+    org        TEXT    NOT NULL,
+    recipient  TEXT    NOT NULL,
+    data       TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE INDEX IF NOT EXISTS events_queue ON events (queue_id);
+CREATE INDEX IF NOT EXISTS events_message ON events (message_id) WHERE message_id != '';
+CREATE INDEX IF NOT EXISTS events_recipient ON events (recipient) WHERE recipient != '';
+CREATE TABLE IF NOT EXISTS webhook_cursors (
+    endpoint   TEXT PRIMARY KEY,
+    acked      INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+""",
+))
 
 
 def _run(conn: sqlite3.Connection, script: str) -> None:
@@ -208,9 +243,13 @@ def decode_recipients(raw: Any) -> list[SpoolRecipient]:
 
 def decode_message(row: Sequence[Any]) -> SpoolMessage:
     """A row of MESSAGE_COLUMNS → SpoolMessage; DamagedRow when any column is not what we wrote."""
-    if len(row) != 11:
+    if len(row) != 12:
         raise DamagedRow("row has the wrong number of columns")
-    queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn, rcpts = row
+    queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn, rcpts, dsn = (
+        row
+    )
+    if dsn is not None and not isinstance(dsn, str):
+        raise DamagedRow(f"dsn is {type(dsn).__name__}, not text")
     return SpoolMessage(
         queue_id=_text(queue_id, "queue_id"),
         received_at=number(received_at, "received_at"),
@@ -223,4 +262,5 @@ def decode_message(row: Sequence[Any]) -> SpoolMessage:
         held=bool(_integer(held, "held")),
         is_dsn=bool(_integer(is_dsn, "is_dsn")),
         recipients=decode_recipients(rcpts),
+        dsn=dsn,
     )

@@ -104,6 +104,13 @@ def _copy(src_db: Path, dst_db: Path) -> int:
             conn.execute(
                 f"INSERT INTO main.quarantine ({qnames}) SELECT {qnames} FROM src.quarantine"
             )
+            # Events (traces, webhook outboxes): appended with shard 0's next seqs, so its
+            # endpoints post them (again: receivers de-duplicate by event id).
+            conn.execute(
+                "INSERT INTO main.events (id, ts, type, queue_id, message_id, org, recipient,"
+                " data) SELECT id, ts, type, queue_id, message_id, org, recipient, data"
+                " FROM src.events WHERE id NOT IN (SELECT id FROM main.events) ORDER BY seq"
+            )
             copied = int(conn.execute("SELECT count(*) FROM temp.moving").fetchone()[0])
             conn.execute("DROP TABLE temp.moving")
             conn.execute("COMMIT")

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from relay.core.errors import SpoolError
 from relay.spool import recovery
+from relay.spool.eventlog import EventLog, insert
 from relay.spool.queue_id import new_queue_id
 from relay.spool.recovery import DueBatch
 from relay.spool.schema import (
@@ -29,7 +30,7 @@ from relay.spool.schema import (
     encode_recipients,
     init_schema,
 )
-from relay.spool.types import RcptStatus, RecipientUpdate, SpoolMessage, SpoolRecipient
+from relay.spool.types import EventRow, RcptStatus, RecipientUpdate, SpoolMessage, SpoolRecipient
 from relay.spool.writer import Writer, WriterStats
 
 log = logging.getLogger("relay.spool")
@@ -140,6 +141,7 @@ class Spool:
         self._bodies: dict[str, bytes] = {}  # insertion order = eviction order
         self._body_bytes = 0
         self._body_cache_bytes = body_cache_bytes
+        self.events = EventLog(self._write, self._read)
 
     @classmethod
     async def open(
@@ -179,6 +181,11 @@ class Spool:
     def stats(self) -> WriterStats:
         return self._writer.stats
 
+    @property
+    def full(self) -> str | None:
+        """Why the spool cannot take mail now (no space left), or None."""
+        return self._writer.health.reason
+
     # --- writes (writer thread, group commit) -----------------------------------------------
 
     async def put(
@@ -193,17 +200,21 @@ class Spool:
         upstream: str,
         is_dsn: bool = False,
         received_at: float | None = None,
+        queue_id: str | None = None,
+        events: Sequence[EventRow] = (),
+        dsn: str | None = None,
     ) -> str:
         """Store a message; returns its new queue id once it is committed and fsynced.
         Raises SpoolError when it could not be made durable (then nothing of it is kept).
 
         If the caller is cancelled while waiting, the message may still be committed (the
-        client then sees no 250 and retries: a duplicate, never a loss)."""
+        client then sees no 250 and retries: a duplicate, never a loss). `events` are
+        written in the same transaction (their queue id is `queue_id`, given by the caller)."""
         if not recipients:
             raise ValueError("a message needs at least one recipient")
         if self._closed:
             raise SpoolError(reason="spool is closed")
-        queue_id = new_queue_id()
+        queue_id = queue_id or new_queue_id()
         rcpts = [SpoolRecipient(rcpt=r, status=RcptStatus.PENDING) for r in recipients]
         row = (
             queue_id,
@@ -218,16 +229,18 @@ class Spool:
             int(is_dsn),
             len(rcpts),
             encode_recipients(rcpts),
+            dsn,
         )
 
         def op(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
                 "INSERT INTO messages (queue_id, received_at, sender, client, org, account,"
-                " upstream, size, held, is_dsn, pending, recipients)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " upstream, size, held, is_dsn, pending, recipients, dsn)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 row,
             )
             conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (cur.lastrowid, data))
+            insert(conn, events)
 
         try:
             await self._writer.submit(op, size=len(data))
@@ -259,7 +272,12 @@ class Spool:
             self._body_bytes -= len(data)
 
     async def update(
-        self, queue_id: str, updates: Sequence[RecipientUpdate], *, upstream: str | None = None
+        self,
+        queue_id: str,
+        updates: Sequence[RecipientUpdate],
+        *,
+        upstream: str | None = None,
+        events: Sequence[EventRow] = (),
     ) -> None:
         """Record delivery outcomes (and optionally a re-routed upstream). When no recipient
         remains PENDING the message and its body are deleted. Unknown ids are ignored (an
@@ -274,6 +292,7 @@ class Spool:
             ).fetchone()
             if row is None:
                 return
+            insert(conn, events)
             rowid, raw = row
             try:
                 rcpts = decode_recipients(raw)
@@ -299,7 +318,14 @@ class Spool:
 
         await self._write(op)
 
-    async def set_held(self, queue_id: str, *, held: bool, due: float | None = None) -> bool:
+    async def set_held(
+        self,
+        queue_id: str,
+        *,
+        held: bool,
+        due: float | None = None,
+        events: Sequence[EventRow] = (),
+    ) -> bool:
         """Hold (no delivery attempts) or release a message, optionally setting its `due`
         time too (a release makes it due now); False if the id is unknown."""
 
@@ -309,21 +335,29 @@ class Spool:
                 " held = ? WHERE queue_id = ?",
                 (due, int(held), queue_id),
             )
+            if cur.rowcount > 0:
+                insert(conn, events)
             return cur.rowcount > 0
 
         return bool(await self._write(op))
 
-    async def set_due(self, queue_ids: Sequence[str], due: float) -> dict[str, str]:
+    async def set_due(
+        self,
+        queue_ids: Sequence[str],
+        due: float,
+        events: Callable[[str, str, str, str], Sequence[EventRow]] | None = None,
+    ) -> dict[str, str]:
         """Make these messages due at `due` for the scheduler (an operator's retry: now),
         unless held; recipients' own next_attempt is unchanged. Returns each id's result:
-        "ok", "held" or "missing"."""
+        "ok", "held" or "missing". `events(queue_id, org, account, sender)` gives the events
+        of each message made due, written in the same transaction."""
         ids = list(queue_ids)
 
         def op(conn: sqlite3.Connection) -> dict[str, str]:
             out = {}
             for qid in ids:
                 row = conn.execute(
-                    "SELECT held FROM messages WHERE queue_id = ?", (qid,)
+                    "SELECT held, org, account, sender FROM messages WHERE queue_id = ?", (qid,)
                 ).fetchone()
                 if row is None:
                     out[qid] = "missing"
@@ -331,13 +365,15 @@ class Spool:
                     out[qid] = "held"
                 else:
                     conn.execute("UPDATE messages SET due = ? WHERE queue_id = ?", (due, qid))
+                    if events is not None:
+                        insert(conn, events(qid, row[1], row[2], row[3]))
                     out[qid] = "ok"
             return out
 
         result: dict[str, str] = await self._write(op)
         return result
 
-    async def delete(self, queue_id: str) -> bool:
+    async def delete(self, queue_id: str, *, events: Sequence[EventRow] = ()) -> bool:
         """Remove a message and its body; False if the id is unknown."""
         self._forget_body(queue_id)
 
@@ -347,6 +383,7 @@ class Spool:
                 return False
             conn.execute("DELETE FROM messages WHERE id = ?", (row[0],))
             conn.execute("DELETE FROM bodies WHERE id = ?", (row[0],))
+            insert(conn, events)
             return True
 
         return bool(await self._write(op))

@@ -37,6 +37,7 @@ class SpoolMessage:
     held: bool
     is_dsn: bool
     recipients: list[SpoolRecipient]
+    dsn: str | None = None  # RFC 3461 parameters (relay.core.dsn.DsnParams.encode), if any
 
     @property
     def pending(self) -> list[SpoolRecipient]:
@@ -53,3 +54,19 @@ class RecipientUpdate:
     attempts: int
     next_attempt: float
     last_reply: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One event as the spool keeps it (relay/notify builds them): written in the same
+    transaction as the state change it reports. `data` is the whole event as JSON text;
+    the other columns are what lists, traces and outboxes search by."""
+
+    id: str
+    ts: float
+    type: str
+    queue_id: str
+    message_id: str
+    org: str
+    recipient: str
+    data: str

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from relay.core.errors import SpoolError
+from relay.spool.health import SpoolHealth, is_full
 
 log = logging.getLogger("relay.spool")
 
@@ -91,6 +92,7 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopping = False
         self.stats = WriterStats()
+        self.health = SpoolHealth()  # "full" from a failed write to the next commit
 
     def start(self) -> None:
         self._thread.start()
@@ -193,6 +195,7 @@ class Writer:
             self._rollback()
             self._fail(batch, to_spool_error(exc))
             return
+        self.health.committed()
         self.stats.commits += 1
         self.stats.operations += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
@@ -209,7 +212,10 @@ class Writer:
         if not jobs:
             return
         self.stats.failed_batches += 1
-        log.warning("spool writer: %d operation(s) failed: %s", len(jobs), exc.reason)
+        if is_full(exc):  # one rate-limited warning, not one per batch (relay/spool/health.py)
+            self.health.full(str(exc.__cause__ or exc.reason), len(jobs))
+        else:
+            log.warning("spool writer: %d operation(s) failed: %s", len(jobs), exc.reason)
         self._resolve([(job.loop, (job.future, None, _copy(exc))) for job in jobs])
 
     @staticmethod
