@@ -152,6 +152,13 @@ def test_a_revoked_secret_pauses_the_upstream_bounces_nothing_and_a_reload_resum
             assert shown.returncode == 0, shown.stderr
             assert "PAUSED contoso/m365 (auth, until fixed" in shown.stdout
             assert "AADSTS7000215" in shown.stdout and "next step: the client secret" in shown.stdout
+            status, events, _ = http("GET", url + "/events?type=deferred")
+            assert status == 200 and events["events"], events
+            assert {e["class"] for e in events["events"]} == {"auth"}  # the platform hears why
+            assert all(e["attempt"] == 0 for e in events["events"])  # and that none was counted
+            status, shown, _ = http("GET", url + "/queue/messages")
+            replies = [m["last_reply"] for m in shown["messages"] if m.get("last_reply")]
+            assert replies and all("AADSTS7000215" in r for r in replies)  # those tried say why
             status, metrics, _ = http("GET", url + "/metrics", token=None)
             assert 'relay_upstream_paused{kind="auth",upstream="contoso/m365"} 1.0' in metrics
             assert idp.token_requests == 1, "\n".join(relay.stderr)  # one try, not one per message or per retry

@@ -150,6 +150,40 @@ class Recorder:
             out.next_due = min(next_times) if next_times else now
         return out
 
+    async def paused(
+        self,
+        e: Entry,
+        upstream: Upstream,
+        source: EgressSource,
+        results: Sequence[RecipientResult],
+        retry_in: float,
+    ) -> None:
+        """An attempt that found its upstream needing a person (relay/scheduler/health.py):
+        not counted (attempts and due time unchanged), but the reply is kept as the
+        recipients' last reply, with an event and a mail-log line each saying `paused`."""
+        now = self.clock()
+        rows: list[EventRow] = []
+        updates: list[RecipientUpdate] = []
+        for res in results:
+            why = res.pause
+            attempts = e.pending.get(res.recipient, 0)
+            updates.append(RecipientUpdate(res.recipient, RcptStatus.PENDING, attempts, now,
+                                           str(res.reply)))
+            rows.append(ev.make_event(
+                ev.DEFERRED, ts=now, queue_id=e.queue_id, org=e.org, account=e.account,
+                sender=e.sender, recipient=res.recipient, reply=res.reply,
+                upstream=upstream.id, egress=source.address, tls=res.tls, attempt=attempts,
+                next_attempt=round(now + retry_in, 3), dsn=True if e.is_dsn else None,
+                operator=None, klass=why.kind if why else reply_class(res.reply),
+            ))
+            self.events.emit(
+                Disposition.DEFERRED, queue_id=e.queue_id, org=e.org, account=e.account,
+                upstream=upstream.id, egress=source.address, recipient=res.recipient,
+                attempt=attempts, reply=str(res.reply), paused=why.kind if why else None,
+                next_step=why.next_step if why else None, retry_in=retry_in,
+            )
+        await self.spool.update(e.queue_id, updates, upstream=upstream.id, events=rows)
+
     def next_state(
         self, e: Entry, res: RecipientResult, attempts: int, now: float
     ) -> tuple[RcptStatus, float]:

@@ -24,7 +24,6 @@ from relay.config.model import Config
 from relay.core.dsn import DsnParams
 from relay.core.errors import SpoolError
 from relay.core.model import (
-    Disposition,
     EgressPool,
     EgressSource,
     Outcome,
@@ -348,13 +347,9 @@ class Scheduler:
         assert why is not None
         p = self.health.pause(upstream.id, why)
         retry_in = round(max(0.0, p.until - self.clock()), 1)
-        for r in paused:
-            self.events.emit(
-                Disposition.DEFERRED, queue_id=e.queue_id, org=e.org, account=e.account,
-                upstream=upstream.id, egress=source.address, recipient=r.recipient,
-                attempt=e.pending.get(r.recipient, 0), reply=str(r.reply), paused=why.kind,
-                next_step=why.next_step, retry_in=retry_in,
-            )
+        t = asyncio.create_task(self._note_paused(e, upstream, source, paused, retry_in))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
         log.warning("upstream %s paused (%s), its mail waits: %s; next step: %s",
                     upstream.id, why.kind, why.reason, why.next_step)
         uq = self.queues.get(upstream.id)
@@ -365,6 +360,19 @@ class Scheduler:
         if len(paused) == len(e.pending) and self.entries.get(e.queue_id) is e:
             e.state = READY
             uq.unpop(e)
+
+    async def _note_paused(
+        self,
+        e: Entry,
+        upstream: Upstream,
+        source: EgressSource,
+        paused: list[RecipientResult],
+        retry_in: float,
+    ) -> None:
+        try:
+            await self.recorder.paused(e, upstream, source, paused, retry_in)
+        except Exception:  # the message is still queued; only the note is missing
+            log.exception("recording the pause of %s failed", e.queue_id)
 
     def _note_health(self, upstream: Upstream, results: Sequence[RecipientResult]) -> None:
         """A "slow down" reply, or no answer from the host, pauses the upstream's whole
