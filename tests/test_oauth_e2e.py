@@ -159,6 +159,9 @@ def test_a_revoked_secret_pauses_the_upstream_bounces_nothing_and_a_reload_resum
             status, shown, _ = http("GET", url + "/queue/messages")
             replies = [m["last_reply"] for m in shown["messages"] if m.get("last_reply")]
             assert replies and all("AADSTS7000215" in r for r in replies)  # those tried say why
+            status, page, _ = http("GET", url + "/status.json")
+            [st] = [u for u in page["upstreams"] if u["id"] == "contoso/m365"]
+            assert st["state"] == "paused" and "AADSTS7000215" in st["reason"]
             status, metrics, _ = http("GET", url + "/metrics", token=None)
             assert 'relay_upstream_paused{kind="auth",upstream="contoso/m365"} 1.0' in metrics
             assert idp.token_requests == 1, "\n".join(relay.stderr)  # one try, not one per message or per retry

@@ -55,8 +55,11 @@ def upstream_states(config: Config, scheduler: Scheduler, now: float) -> list[di
     for uid, up in sorted(config.upstreams.items()):
         uq = scheduler.queues.get(uid)
         paused = uq.paused_until - now if uq is not None and uq.paused_until > now else 0.0
+        held = scheduler.health.get(uid)  # paused for a person (relay/scheduler/health.py)
         if up.unavailable:
             state, reason = "unavailable", up.unavailable
+        elif held is not None:
+            state, reason = "paused", f"{held.pause.kind}: {held.pause.reason} — {held.pause.next_step}"
         elif paused > 0:
             state, reason = "paused", f"slowed down or not answering: paused {paused:.0f}s more"
         else:
