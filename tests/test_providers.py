@@ -140,20 +140,21 @@ MAILJET = Upstream("mailjet", "in-v3.mailjet.com", 587, TlsMode.STARTTLS, "p", u
      "client_id c is not an application in tenant t"),
     (OAUTH_M365, 451, "4.4.1 token request to https://login failed: ConnectionError", "network",
      False, "did not answer"),
-    (GMAIL, 550, "5.4.5 Daily user sending limit exceeded.", "quota", True, "daily"),
+    (GMAIL, 550, "5.4.5 Daily user sending limit exceeded.", "rate", True, "daily"),
     (GMAIL, 535, "5.7.8 Username and Password not accepted. BadCredentials", "auth", True,
      "app password"),
-    (SENDGRID, 451, "Authentication failed: Maximum credits exceeded", "quota", True, "credits"),
+    (SENDGRID, 451, "Authentication failed: Maximum credits exceeded", "rate", True, "credits"),
     (SENDGRID, 535, "Authentication failed: Bad username / password", "auth", True, "apikey"),
     (SENDGRID, 421, "4.7.0 Try again later, closing connection. (throttled)", "rate", False, ""),
     (MAILJET, 451, "4.7.1 Too many messages, slow down", "rate", False, ""),
     (MAILJET, 535, "5.7.8 Error: authentication failed", "auth", True, "env:MAILJET_SECRET_KEY"),
     (GMAIL, 550, "5.1.1 The email account that you tried to reach does not exist.", "hard",
      False, ""),
-    (M365, 452, "4.2.2 mailbox full", "soft", False, ""),
-    (M365, 552, "5.2.2 mailbox full", "hard", False, ""),  # one recipient's, not ours: bounces
+    # a recipient's full mailbox ("quota" in the event classes): that recipient only
+    (M365, 452, "4.2.2 mailbox full", "quota", False, ""),
+    (M365, 552, "5.2.2 mailbox full", "quota", False, ""),
     (M365, 550, "5.1.90 Your message can't be sent because you've reached your daily limit for"
-     " message recipients", "quota", True, "10,000"),
+     " message recipients", "rate", True, "10,000"),
 ])
 def test_classify(upstream: Upstream, code: int, text: str, kind: str, pause: bool,
                   step: str) -> None:
@@ -163,7 +164,7 @@ def test_classify(upstream: Upstream, code: int, text: str, kind: str, pause: bo
     if pause:
         p = v.as_pause(Reply(code, text))
         assert p is not None and p.reason == f"{code} {text}"
-        assert (p.seconds is not None) == (kind == "quota")
+        assert (p.seconds is not None) == (kind == "rate")  # a sending limit: for an hour
 
 
 # -- test connection: the token step --------------------------------------------------------
@@ -238,9 +239,9 @@ def test_a_pause_until_fixed_is_looked_at_again_with_one_delivery_doubling_to_an
     assert waits == [300.0, 600.0, 1200.0, 2400.0, 3600.0, 3600.0]
     snap = h.snapshot()["c/m"]
     assert snap["kind"] == "auth" and snap["until_fixed"] and snap["since"] == 0.0
-    quota = UpstreamPause("quota", "550 5.4.5 Daily user sending limit exceeded", "wait", 3600.0)
-    assert h.pause("g/w", quota).until == now[0] + 3600.0
-    assert h.clear_kinds(("auth", "policy")) == ["c/m"]  # a reload: quota pauses stay
+    limit = UpstreamPause("rate", "550 5.4.5 Daily user sending limit exceeded", "wait", 3600.0)
+    assert h.pause("g/w", limit).until == now[0] + 3600.0
+    assert h.clear_kinds(("auth", "policy")) == ["c/m"]  # a reload: sending-limit pauses stay
     assert h.until("c/m") == 0.0 and h.until("g/w") > now[0]
     assert h.clear("g/w") and not h.clear("g/w")
 

@@ -172,7 +172,7 @@ class RecipientResult:
     # off the whole upstream, not just this message.
     throttled: bool = False
     # Set when the reply means the whole upstream must wait for a person (credentials,
-    # configuration, a daily quota): the scheduler pauses it instead of retrying each message.
+    # configuration, a daily sending limit): the scheduler pauses it instead of retrying each message.
     pause: UpstreamPause | None = None
     tls: str | None = None  # the TLS version the transaction ran under ("TLSv1.3"), if any
 
@@ -181,7 +181,7 @@ class RecipientResult:
 class UpstreamPause:
     """Why an upstream stops carrying mail for a while (relay.delivery.providers decides)."""
 
-    kind: str  # auth, policy, quota (the reply-class vocabulary of relay.delivery.providers)
+    kind: str  # auth, policy, rate (relay/delivery/replyclass.py's vocabulary)
     reason: str  # the upstream's (or identity provider's) own words
     next_step: str  # what a person should do, plainly
     seconds: float | None = None  # None: until fixed (a test, a delivery or a reload clears it)

@@ -3,7 +3,7 @@
 `classify(upstream, reply)` returns a `Verdict`: a class from the vocabulary shared with the
 event classes (relay/delivery/replyclass.py, issue 13): hard, soft, auth, policy, spam,
 quota, rate, dns, network, tls, expired; whether the whole upstream must pause (a
-credential, configuration or daily-quota problem: every message would fail the same way,
+credential, configuration or daily-sending-limit problem: every message would fail the same way,
 so none is tried, none is bounced, and no retry is burned until it is fixed); and a plain
 next step. Rules per provider profile (microsoft365, google-workspace, gmail,
 google-smtp-relay) and for the SendGrid and Mailjet presets, then generic rules. Token
@@ -16,12 +16,12 @@ import re
 from dataclasses import dataclass
 
 from relay.core.model import Reply, Upstream, UpstreamPause
+from relay.delivery.replyclass import CLASSES, reply_class
 
-KINDS = ("hard", "soft", "auth", "policy", "spam", "quota", "rate", "dns", "network", "tls",
-         "expired")
+KINDS = CLASSES  # relay/delivery/replyclass.py: one vocabulary for events and pauses
 MICROSOFT = ("microsoft365",)
 GOOGLE = ("google-workspace", "gmail", "google-smtp-relay")
-QUOTA_PAUSE = 3600.0  # a daily limit: look again in an hour
+LIMIT_PAUSE = 3600.0  # a daily sending limit: look again in an hour
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +127,8 @@ def classify(u: Upstream, reply: Reply) -> Verdict:
                            " from_address to the mailbox, or grant it Send As")
         # (not 5.2.2: that is one recipient's full mailbox, not our sending limit)
         if "submissionquotaexceeded" in low or "5.1.90" in text:
-            return Verdict("quota", True, "the mailbox reached its sending limit"
-                           " (10,000 recipients a day); mail waits", QUOTA_PAUSE)
+            return Verdict("rate", True, "the mailbox reached its sending limit"
+                           " (10,000 recipients a day); mail waits", LIMIT_PAUSE)
         if "5.7.708" in text or "5.7.750" in text:
             return Verdict("policy", True, "Microsoft is blocking this tenant's outbound mail"
                            " (high-risk or unregistered domains): the tenant admin must resolve"
@@ -137,8 +137,8 @@ def classify(u: Upstream, reply: Reply) -> Verdict:
     # -- Google ----------------------------------------------------------------------------
     if provider in GOOGLE or u.host.endswith("gmail.com"):
         if "5.4.5" in text or "daily user sending limit" in low or "daily sending quota" in low:
-            return Verdict("quota", True, "Google's daily sending limit for this user is"
-                           " reached; mail waits (the limit resets within 24 hours)", QUOTA_PAUSE)
+            return Verdict("rate", True, "Google's daily sending limit for this user is"
+                           " reached; mail waits (the limit resets within 24 hours)", LIMIT_PAUSE)
         if "5.7.9" in text or "application-specific password" in low:
             return Verdict("auth", True, "Google wants an app password for this account, or"
                            " switch to `auth: xoauth2`")
@@ -158,8 +158,8 @@ def classify(u: Upstream, reply: Reply) -> Verdict:
     # -- the presets -----------------------------------------------------------------------
     if provider == "sendgrid":
         if "maximum credits exceeded" in low:
-            return Verdict("quota", True, "the SendGrid account has no credits left this period;"
-                           " mail waits", QUOTA_PAUSE)
+            return Verdict("rate", True, "the SendGrid account has no credits left this period;"
+                           " mail waits", LIMIT_PAUSE)
         if reply.code == 535 or "authentication failed" in low:
             return Verdict("auth", True, "SendGrid refused the API key: the username must be"
                            f" apikey and {_secret_ref(u)} a valid key with Mail Send permission")
@@ -178,19 +178,8 @@ def classify(u: Upstream, reply: Reply) -> Verdict:
     if enh == "4.7.0" and reply.code == 454 and "does not offer auth" in low:
         return Verdict("auth", True, "the server offers no AUTH mechanism the relay can use"
                        " with this upstream's auth setting: check the port and TLS mode")
-    if reply.code in (530, 534, 535, 538) or enh in ("5.7.8", "4.7.8", "5.7.9", "5.7.11"):
+    kind = reply_class(reply)  # the generic rules, shared with the event classes
+    if kind == "auth" or reply.code in (530, 534, 535, 538):
         return Verdict("auth", True, f"the server refused the login as {u.username}: check"
                        f" the username and {_secret_ref(u)}, then `relay reload`")
-    if enh.startswith("4.4.3") or enh.startswith("5.4.3"):
-        return Verdict("dns")
-    if enh in ("4.7.5", "4.7.10"):
-        return Verdict("tls")
-    if enh.startswith("4.4.") or reply.code == 421:
-        return Verdict("network") if reply.code != 421 else Verdict("rate")
-    if reply.code == 451 and enh.startswith("4.7."):
-        return Verdict("rate")
-    if "spam" in low or "blocked" in low or "blacklist" in low or "blocklist" in low:
-        return Verdict("spam")
-    if 500 <= reply.code < 600:
-        return Verdict("hard")
-    return Verdict("soft")
+    return Verdict(kind)

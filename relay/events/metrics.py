@@ -31,7 +31,7 @@ class Metrics:
                                                            0.1, 0.25, 0.5, 1, 2.5))
         self.upstream_paused = Gauge("relay_upstream_paused",
                                      "1 while an upstream is paused for a person (credentials,"
-                                     " configuration, a daily quota)", ["upstream", "kind"],
+                                     " configuration, a daily sending limit)", ["upstream", "kind"],
                                      registry=r)
         self.spool_fs_avail = Gauge("relay_spool_filesystem_avail_bytes",
                                     "Bytes free for the relay on the spool's file system",

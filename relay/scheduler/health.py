@@ -1,10 +1,10 @@
-"""Upstreams paused for a person: a credential, configuration or daily-quota problem
+"""Upstreams paused for a person: a credential, configuration or daily-sending-limit problem
 (relay.delivery.providers decides which replies mean that).
 
 While an upstream is paused its mail waits in its ready queue: nothing is tried, nothing is
 bounced, no retry is counted. A pause "until fixed" is looked at again after `recheck`
 (5 minutes, doubling to an hour) with a single delivery (one message in flight: a probe);
-a quota pause after its own seconds. It ends at once when a delivery succeeds, when
+a sending-limit pause after its own seconds. It ends at once when a delivery succeeds, when
 `relay test-upstream` (through the running relay) succeeds, or at a reload (the usual fix:
 a new secret). The scheduler consults `until()` before dispatching and `probing()` for its
 concurrency; `relay queue`, the metrics and the mail log show the reason and the next step.
@@ -79,7 +79,7 @@ class UpstreamHealth:
         return self._paused.pop(upstream_id, None) is not None
 
     def clear_kinds(self, kinds: tuple[str, ...]) -> list[str]:
-        """A reload: pauses a new configuration may have fixed end (quota pauses stay)."""
+        """A reload: pauses a new configuration may have fixed end (sending-limit pauses stay)."""
         cleared = [u for u, p in self._paused.items() if p.pause.kind in kinds]
         for u in cleared:
             del self._paused[u]

@@ -91,7 +91,7 @@ class Scheduler:
         self._rr: dict[str, int] = {}
         self.retry = self._retry_policy(config)
         self.recorder = Recorder(spool, events, self.retry, clock=clock, rand=self.rand)
-        # Upstreams paused for a person (credentials, configuration, a daily quota).
+        # Upstreams paused for a person (credentials, configuration, a daily sending limit).
         self.health = UpstreamHealth(clock=clock)
         # Which verify: true upstreams are verified (set by the runtime; None: none are).
         self.verification: VerificationStore | None = None
