@@ -186,6 +186,7 @@ MAX_FAMILIES = frozenset({
     "relay_spool_filesystem_avail_bytes",
     "relay_spool_filesystem_size_bytes",
     "relay_upstream_paused",  # paused in any worker: paused
+    "relay_webhook_outbox_oldest_age_seconds",  # each worker's outbox: the oldest of them
 })
 
 
