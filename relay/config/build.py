@@ -7,8 +7,9 @@ offending key, all at once.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from relay.config.errors import ConfigError
 from relay.config.model import Config, Member, Org
@@ -26,6 +27,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "tls": "starttls",
         "username": "apikey",
         "password": "env:SENDGRID_API_KEY",
+        "region": "us",
     },
     "mailjet": {
         "host": "in-v3.mailjet.com",
@@ -33,6 +35,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "tls": "starttls",
         "username": "env:MAILJET_API_KEY",
         "password": "env:MAILJET_SECRET_KEY",
+        "region": "eu",
     },
 }
 IMPLICIT_PORTS = {465}
@@ -156,7 +159,38 @@ class Builder:
             command_timeout=conf.command_timeout,
             data_timeout=conf.data_timeout,
             unavailable=unavailable,
+            region=conf.region or (str(merged["region"]) if merged.get("region") else None),
         )
+
+    def failover(
+        self,
+        oc: OrgConf,
+        src: Located,
+        scoped: Callable[[str, YPath], str | None],
+        upstreams: Mapping[str, Upstream],
+    ) -> dict[str, Any]:
+        """An organisation's failover settings, its list resolved like its upstream."""
+        chain = []
+        for i, name in enumerate(oc.failover):
+            uid = scoped(name, ("failover", i))
+            if uid is None:
+                continue
+            chain.append(uid)
+            up = upstreams.get(uid)
+            if (up is not None and oc.region and up.region != oc.region
+                    and not oc.failover_outside_region):
+                self.warn(src, ("failover", i),
+                          f"failover upstream '{name}' is in region {up.region or 'unknown'},"
+                          f" outside the organisation's region {oc.region}: it is never used"
+                          " (failover_outside_region: true allows it)")
+        return {
+            "failover": tuple(chain),
+            "failover_after": oc.failover_after,
+            "failover_deferrals": oc.failover_after_deferrals,
+            "region": oc.region,
+            "failover_outside_region": oc.failover_outside_region,
+            "failover_from_own_servers": oc.failover_from_own_servers,
+        }
 
     # -- the whole configuration -------------------------------------------------------
     def build(
@@ -307,6 +341,7 @@ class Builder:
                 members=members,
                 limits=oc.limits,
                 dkim_selectors=tuple(oc.dkim_selectors),
+                **self.failover(oc, src, scoped, upstreams),
             )
         if self.errors:
             return None

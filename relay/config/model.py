@@ -29,6 +29,13 @@ class Org:
     members: dict[str, Member]
     limits: RateConf
     dkim_selectors: tuple[str, ...] = ()  # configured ones; () = the upstream's usual ones
+    # Failover (relay/policy/failover.py): resolved upstream ids, in order; () = off.
+    failover: tuple[str, ...] = ()
+    failover_after: float = 600.0
+    failover_deferrals: int | None = None
+    region: str | None = None
+    failover_outside_region: bool = False
+    failover_from_own_servers: bool = False
 
 
 def resolve_workers(value: int | str) -> int:

@@ -98,6 +98,7 @@ class Upstream:
     # Set when the upstream cannot be used as configured (e.g. its credential is missing):
     # mail routed to it waits in the queue, deferred with this reason, until a reload fixes it.
     unavailable: str | None = None
+    region: str | None = None  # where it processes mail (failover of region-bound orgs)
 
     @property
     def pool_key(self) -> tuple[str, int, str, str]:

@@ -156,6 +156,10 @@ class AdminApi:
         for upstream, (n, oldest) in depth.items():
             m.queue_depth.labels(upstream or "unrouted").set(n)
             m.queue_oldest.labels(upstream or "unrouted").set(max(0.0, now - oldest))
+        messages, held = await self.relay.spool.count()
+        m.waiting.clear()
+        for g in self.ops.waiting(messages, held, now):
+            m.waiting.labels(g["kind"]).inc(g["messages"])
         try:
             fs = os.statvfs(self.relay.spool.directory)
             m.spool_fs_avail.set(fs.f_bavail * fs.f_frsize)

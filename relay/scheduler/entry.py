@@ -28,6 +28,7 @@ class Entry:
     next_attempt: float = 0.0
     upstream: str = ""
     state: int = WAITING
+    via: str = ""  # set when the policy's failover chose the upstream: why (the mail log says)
 
     def __post_init__(self) -> None:
         # One Entry per queued message stays in memory (200,000 queued ≈ 200,000 entries):

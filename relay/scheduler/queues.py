@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from relay.core.waits import Wait
 from relay.scheduler.entry import Entry
 
 
@@ -20,6 +21,11 @@ class UpstreamQueue:
     size: int = 0
     paused_until: float = 0.0
     waking: bool = False
+    why: Wait | None = None  # the last "not yet" (a quota, a pause, ...): why its mail waits
+    # Every connection is held (by this process's deliveries or another worker's): no more
+    # than `slot_tasks` deliveries until `slots_until`, then try for more.
+    slot_tasks: int = 0
+    slots_until: float = 0.0
 
     def push(self, e: Entry) -> None:
         q = self.by_org.get(e.org)

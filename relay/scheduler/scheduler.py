@@ -29,9 +29,12 @@ from relay.core.model import (
     Reply,
     Upstream,
 )
+from relay.core.waits import SLOW_DOWN, Wait, clock_time
 from relay.events import MailLog
 from relay.policy import Attribution, route
+from relay.policy.failover import fail_over
 from relay.scheduler.entry import ACTIVE, READY, WAITING, Entry
+from relay.scheduler.health import UpstreamHealth
 from relay.scheduler.outcomes import Recorder
 from relay.scheduler.ports import BounceNotifier, Deliverer, Gate, NoGate
 from relay.scheduler.queues import UpstreamQueue
@@ -85,6 +88,7 @@ class Scheduler:
         self._rr: dict[str, int] = {}
         self.retry = self._retry_policy(config)
         self.recorder = Recorder(spool, events, self.retry, clock=clock, rand=self.rand)
+        self.health = UpstreamHealth()  # since when upstreams are unusable (failover)
 
     @staticmethod
     def _retry_policy(config: Config) -> RetryPolicy:
@@ -185,6 +189,10 @@ class Scheduler:
 
     def route_entry(self, e: Entry) -> tuple[Upstream, EgressPool]:
         r = route(self.config, Attribution(e.org, e.account, "queued"))
+        r, e.via = fail_over(
+            self.config, r, unusable=self.health.unusable,
+            deferrals=max(e.pending.values(), default=0), now=self.clock(),
+        )
         return r.upstream, r.pool
 
     def _dispatch(self, e: Entry) -> None:
@@ -211,7 +219,10 @@ class Scheduler:
         if uq.paused_until > self.clock():
             self._wake_later(uq, uq.paused_until - self.clock())
             return
-        while uq.active < self._cap(uq.upstream_id) and uq.active < uq.size:
+        cap = self._cap(uq.upstream_id)
+        if uq.slots_until > self.clock():  # every connection is held: only these go on
+            cap = min(cap, max(1, uq.slot_tasks))
+        while uq.active < cap and uq.active < uq.size:
             uq.active += 1
             t = asyncio.create_task(self._worker(uq), name=f"deliver-{uq.upstream_id}")
             self._tasks.add(t)
@@ -243,11 +254,21 @@ class Scheduler:
                     self._dispatch(e)
                     continue
                 wait = await self.gate.acquire(upstream)
-                if wait > 0:
+                if wait is not None:
                     uq.unpop(e)
-                    uq.paused_until = max(uq.paused_until, self.clock() + wait)
+                    uq.why = wait
                     self.events.metrics.limit_hits.labels("upstream").inc()
-                    continue
+                    if wait.whole_queue:
+                        uq.paused_until = max(uq.paused_until, self.clock() + wait.seconds)
+                        continue
+                    # Every connection is held: the deliveries holding them go on with the
+                    # queue; this one ends (the only one: it asks again shortly).
+                    uq.slot_tasks = uq.active - 1
+                    uq.slots_until = self.clock() + wait.seconds
+                    if uq.slot_tasks == 0:
+                        self._wake_later(uq, wait.seconds)
+                    return
+                uq.why = None
                 e.state = ACTIVE
                 try:
                     await self._attempt(e, upstream, self._pick_source(pool))
@@ -303,15 +324,49 @@ class Scheduler:
         unreachable = bool(results) and all(
             r.outcome is Outcome.DEFERRED and r.reply.enhanced == "4.4.1" for r in results
         )
+        self.health.note(upstream.id, results, self.clock())
         if throttled or unreachable:
-            pause = self.gate.slow_down(upstream)
-            uq = self.queues.get(upstream.id)
-            if uq is not None:
-                uq.paused_until = max(uq.paused_until, self.clock() + pause)
+            first = next(r for r in results if r.throttled or unreachable)
+            reason = f"{'slow-down' if throttled else 'not answering'} after: {first.reply}"
+            pause = self.gate.slow_down(upstream, reason)
+            self.pause_upstream(upstream.id, pause, Wait(
+                pause, SLOW_DOWN,
+                f"upstream paused until {clock_time(time.time() + pause)} ({reason})"))
             why = "asked to slow down" if throttled else "is not answering"
             log.warning("upstream %s %s; pausing its queue %.0fs", upstream.id, why, pause)
         elif any(r.outcome is Outcome.DELIVERED for r in results):
             self.gate.recovered(upstream)
+
+    def pause_upstream(self, upstream_id: str, seconds: float, why: Wait) -> None:
+        """No delivery to `upstream_id` for `seconds`; `why` is what its mail shows. Where
+        its organisations fail over, the queue is routed again once that may apply."""
+        uq = self.queues.get(upstream_id)
+        if uq is None:
+            return
+        uq.paused_until = max(uq.paused_until, self.clock() + seconds)
+        uq.why = why
+        afters = [o.failover_after for o in self.config.orgs.values() if o.failover]
+        if afters and self._running:
+            since = self.health.unusable.get(upstream_id)
+            start = since.since if since is not None else self.clock()
+            delay = max(0.0, start + min(afters) - self.clock())
+            if delay < seconds:
+                asyncio.get_running_loop().call_later(delay + 0.01, self._reroute, uq)
+
+    def _reroute(self, uq: UpstreamQueue) -> None:
+        """Send the ready entries that the policy (failover) now routes elsewhere there."""
+        if not self._running:
+            return
+        keep: list[Entry] = []
+        while (e := uq.pop()) is not None:
+            if self.entries.get(e.queue_id) is not e or e.held or e.state != READY:
+                continue  # stale: the queue skips these anyway
+            if self.route_entry(e)[0].id != uq.upstream_id:
+                self._dispatch(e)
+            else:
+                keep.append(e)
+        for e in keep:
+            uq.push(e)
 
     async def _record_safely(
         self,
