@@ -22,9 +22,10 @@ class UpstreamQueue:
     paused_until: float = 0.0
     waking: bool = False
     why: Wait | None = None  # the last "not yet" (a quota, a pause, ...): why its mail waits
-    # Every connection is held (by this process's deliveries or another worker's): no more
-    # than `slot_tasks` deliveries until `slots_until`, then try for more.
-    slot_tasks: int = 0
+    # Every connection was held (by this process's deliveries or another worker's): run
+    # `slot_tasks` deliveries, and from `slots_until` on one more that asks for a connection
+    # (each that gets one lets one more ask). None: not short of connections.
+    slot_tasks: int | None = None
     slots_until: float = 0.0
 
     def push(self, e: Entry) -> None:

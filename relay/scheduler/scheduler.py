@@ -220,8 +220,8 @@ class Scheduler:
             self._wake_later(uq, uq.paused_until - self.clock())
             return
         cap = self._cap(uq.upstream_id)
-        if uq.slots_until > self.clock():  # every connection is held: only these go on
-            cap = min(cap, max(1, uq.slot_tasks))
+        if uq.slot_tasks is not None:  # short of connections: one more asks, when it may
+            cap = min(cap, uq.slot_tasks + (1 if uq.slots_until <= self.clock() else 0))
         while uq.active < cap and uq.active < uq.size:
             uq.active += 1
             t = asyncio.create_task(self._worker(uq), name=f"deliver-{uq.upstream_id}")
@@ -244,8 +244,12 @@ class Scheduler:
                 if uq.paused_until > self.clock():
                     self._wake_later(uq, uq.paused_until - self.clock())
                     return
+                if (uq.slot_tasks is not None and uq.active <= uq.slot_tasks
+                        and uq.slots_until <= self.clock()):
+                    self._spawn(uq)  # time to ask for one more connection
                 e = uq.pop()
                 if e is None:
+                    uq.slot_tasks = None
                     return
                 if self.entries.get(e.queue_id) is not e or e.held or e.state != READY:
                     continue
@@ -268,6 +272,9 @@ class Scheduler:
                     if uq.slot_tasks == 0:
                         self._wake_later(uq, wait.seconds)
                     return
+                if uq.slot_tasks is not None and uq.active > uq.slot_tasks:
+                    uq.slot_tasks = uq.active  # this one got a connection: one more may ask
+                    self._spawn(uq)
                 uq.why = None
                 e.state = ACTIVE
                 try:
