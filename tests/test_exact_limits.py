@@ -101,8 +101,8 @@ def test_two_connections_are_shared_by_two_workers_where_the_mail_is(tmp_path: P
                           upstreams={"plain": plain_upstream(sink.port, throttle={
                               "max_connections": 2})}).write()
         with RelayProcess(cfg) as relay:
-            send_on_one_connection(relay.port, 30)
             started = time.monotonic()
+            send_on_one_connection(relay.port, 30)
             sink.wait_for(30, 30)
             elapsed = time.monotonic() - started
             assert sink.max_concurrent == 2
