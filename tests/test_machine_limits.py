@@ -11,6 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from relay.core.model import TlsMode, Upstream
+from relay.core.waits import SLOW_DOWN
+from relay.events import Metrics
+from relay.limits.gate import UpstreamGate
 from relay.limits.machine import MachineStore
 from relay.limits.partition import Partition
 from relay.limits.store import Window
@@ -134,5 +138,24 @@ def test_minimum_interval_is_shared_and_a_stamp_from_another_boot_is_ignored(
         assert await w1.space("up", 1.0) == 0.0  # far beyond the interval: not this boot's
         await w0.close()
         await w1.close()
+
+    asyncio.run(go())
+
+
+def test_a_slow_down_pause_outlives_a_restart_and_says_why(tmp_path: Path) -> None:
+    up = Upstream("up", "mx.test", 25, TlsMode.NONE, "default")
+
+    async def go() -> None:
+        store = MachineStore(tmp_path)
+        gate = UpstreamGate(store, Metrics(), slow_down_initial=60.0)
+        assert gate.slow_down(up, "slow-down after: 421 4.7.0 too fast") == 60.0
+        await gate.close()  # the pause is written before the gate lets go
+        await store.close()
+        again = MachineStore(tmp_path)
+        wait = await UpstreamGate(again, Metrics()).acquire(up)
+        assert wait is not None and wait.kind == SLOW_DOWN and 58 < wait.seconds <= 60
+        assert wait.reason.startswith("upstream paused until ")
+        assert wait.reason.endswith("(slow-down after: 421 4.7.0 too fast)")
+        await again.close()
 
     asyncio.run(go())
