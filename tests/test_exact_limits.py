@@ -161,9 +161,9 @@ def test_failover_after_the_configured_time_but_not_outside_an_orgs_region(
         assert ("failover:      backup (region us) not used: region us is outside the"
                 " organisation's region eu") in route.stdout
         with RelayProcess(cfg) as relay:
+            first = time.time()  # before the first failed attempt starts the clock
             send_on_one_connection(relay.port, 1, sender="a@acme.test")
             send_on_one_connection(relay.port, 1, sender="e@euro.test")
-            first = time.time()
             backup.wait_for(1, 15)
             delivered = relay.wait_events("delivered", 1)
             assert delivered[0]["upstream"] == "backup" and delivered[0]["org"] == "acme"
