@@ -221,7 +221,14 @@ class Scheduler:
             return
         cap = self._cap(uq.upstream_id)
         if uq.slot_tasks is not None:  # short of connections: one more asks, when it may
-            cap = min(cap, uq.slot_tasks + (1 if uq.slots_until <= self.clock() else 0))
+            now = self.clock()
+            if uq.slots_until > now:
+                cap = min(cap, uq.slot_tasks)
+                if uq.active == 0 and cap == 0:  # nobody left to ask then: wake up for it
+                    self._wake_later(uq, uq.slots_until - now)
+                    return
+            else:
+                cap = min(cap, uq.slot_tasks + 1)
         while uq.active < cap and uq.active < uq.size:
             uq.active += 1
             t = asyncio.create_task(self._worker(uq), name=f"deliver-{uq.upstream_id}")
