@@ -28,6 +28,7 @@ from relay.limits import (
     Failover,
     IntakeRateLimiter,
     Limits,
+    MachineStore,
     MemoryStore,
     RedisStore,
     Store,
@@ -359,3 +360,12 @@ async def test_route_shows_current_use_from_redis_and_says_when_it_cannot(
     assert use["upstream"]["quotas"] == [{"limit": "50 messages per hour", "used": 1}]
     note = (await asyncio.to_thread(_route, local, "bob@acme.test"))["current_use"]["note"]
     assert "memory" in note and "not visible" in note
+    # Once the relay has run, the memory backend's upstream counters are in spool/limits/.
+    machine = MachineStore(local / "spool" / "limits")
+    gate = UpstreamGate(machine, Metrics())
+    assert await gate.acquire(upstream("plain", hourly=50)) is None
+    await gate.close()
+    await machine.close()
+    use = (await asyncio.to_thread(_route, local, "bob@acme.test"))["current_use"]
+    assert use["upstream"]["quotas"] == [{"limit": "50 messages per hour", "used": 1}]
+    assert "not visible" in use["intake_note"]

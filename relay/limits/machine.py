@@ -85,7 +85,7 @@ class SqliteStorage(Storage):
 
     STORAGE_SCHEME = ["relay+sqlite"]
 
-    def __init__(self, db: sqlite3.Connection, on_write: object = None) -> None:
+    def __init__(self, db: sqlite3.Connection) -> None:
         super().__init__(None)
         self.db = db
 
