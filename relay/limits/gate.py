@@ -31,7 +31,9 @@ Slow-down: an upstream that answers with a rate-limit reply (421, 451 4.7.x, the
 and Mailjet throttling texts; relay.delivery.outcome) pauses for `slow_down_initial`, then
 twice as long each time it does it again right after a pause, up to `slow_down_max`; one
 delivered message resets it. Replies from deliveries that started before the pause do not
-escalate it. With Redis the pause is shared: every node's queue for that upstream waits.
+escalate it. The pause is shared: with the memory backend every worker of this machine sees
+it, and it outlives a restart (relay/limits/machine.py); with Redis every node's queue for
+that upstream waits. The doubling itself is counted per process.
 """
 
 from __future__ import annotations

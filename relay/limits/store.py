@@ -156,8 +156,8 @@ class Store(ABC):
         return self.shared and limit is not None
 
     def local_share(self, limit: int) -> int:
-        """How much of a concurrency `limit` this process can ever hold (all of it unless
-        the limit is split between worker processes, relay/limits/partition.py)."""
+        """How much of a concurrency `limit` this process can ever hold (all of it: shared
+        stores hand slots to whichever process needs them)."""
         return limit
 
 
