@@ -15,7 +15,7 @@ from relay.core.model import TlsMode, Upstream
 from relay.core.waits import SLOW_DOWN
 from relay.events import Metrics
 from relay.limits.gate import UpstreamGate
-from relay.limits.machine import MachineStore
+from relay.limits.machine import IDLE_GRACE, MachineStore
 from relay.limits.partition import Partition
 from relay.limits.store import Window
 
@@ -77,10 +77,15 @@ def test_connections_go_where_the_mail_is_and_come_back_when_others_wait(
         assert await w1.lease("up", 4, 30.0) is not None
         assert await w1.lease("up", 4, 30.0) is None
         assert await w0.leases("up") == 4
-        # A worker with nothing to deliver gives every idle slot to a waiter.
+        # A worker whose queue just emptied keeps its fair share a moment (mail comes in
+        # bursts: handing connections over and opening new ones would churn); one with
+        # nothing to deliver for IDLE_GRACE gives every idle slot to a waiter.
         for _ in range(2):
             await w0.unlease(leases[3])  # type: ignore[arg-type]
         assert w0.holding("up") == (2, 0)
+        assert w0.take_surplus("up", force=True) == 0
+        await asyncio.sleep(IDLE_GRACE)
+        assert await w1.lease("up", 4, 30.0) is None  # still waiting
         assert w0.take_surplus("up", force=True) == 2
         w0.give_back("up")
         assert await w1.lease("up", 4, 30.0) is not None

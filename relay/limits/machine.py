@@ -54,6 +54,10 @@ log = logging.getLogger("relay.limits")
 DB_NAME = "limits.db"
 WANT_FOR = 1.0  # a waiter's claim lapses unless renewed this soon (it retries every CONN_POLL)
 BALANCE_EVERY = 0.1  # how often a worker holding idle slots looks for waiters
+# A worker that delivered this recently still counts as wanting its fair share: a queue that
+# empties for a moment between bursts must not hand its connections over, only to open
+# new ones a moment later (the throughput scenario closed 250 per 8,000 messages without it).
+IDLE_GRACE = 0.5
 CHECKPOINT_EVERY = 1.0
 
 _SCHEMA = """
@@ -133,6 +137,7 @@ class _Holding:
     held: int = 0  # slots this process holds (its open connections are never more)
     busy: int = 0  # of which deliveries are using now
     checked: float = 0.0  # when we last looked for waiters
+    used: float = 0.0  # when a delivery last started or ended (monotonic)
 
 
 class MachineStore(Store):
@@ -186,11 +191,9 @@ class MachineStore(Store):
         self._ensure_background()
         h = self._holdings.setdefault(key, _Holding())
         self._limits[key] = limit
-        if h.busy < h.held:
+        if h.busy < h.held or self._grow(key, limit, h):
             h.busy += 1
-            return Lease(self, key, "slot")
-        if self._grow(key, limit, h):
-            h.busy += 1
+            h.used = time.monotonic()
             return Lease(self, key, "slot")
         return None
 
@@ -198,6 +201,7 @@ class MachineStore(Store):
         h = self._holdings.get(lease.key)
         if h is not None and h.busy > 0:
             h.busy -= 1
+            h.used = time.monotonic()
 
     async def renew(self, leases: Sequence[Lease], ttl: float) -> None:
         return None  # holdings live as long as the process (a dead one's are reclaimed)
@@ -231,8 +235,9 @@ class MachineStore(Store):
         ).fetchone()[0]
         if not waiting:
             return 0
-        competing = waiting + (1 if h.busy > 0 else 0)
-        fair = 0 if h.busy == 0 or limit < competing else math.ceil(limit / competing)
+        wants = h.busy > 0 or mono - h.used < IDLE_GRACE  # still has mail (or just had)
+        competing = waiting + (1 if wants else 0)
+        fair = 0 if not wants or limit < competing else math.ceil(limit / competing)
         n = max(0, min(h.held - h.busy, h.held - fair))
         h.held -= n
         return n
