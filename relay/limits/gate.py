@@ -65,7 +65,7 @@ log = logging.getLogger("relay.limits")
 
 LEASE_POLL = 0.25  # all slots taken (maybe on another node): look again this soon
 _FLOOR_ERRORS: tuple[type[BaseException], ...] = (*BACKEND_ERRORS, BackendUnavailable)
-CONN_POLL = 0.05  # every connection held by this machine's workers: ask again this soon
+CONN_POLL = 0.02  # every connection held by this machine's workers: ask again this soon
 FLOOR_TRIES = 200  # `floor` waits at most this many turns (each one interval or less)
 
 
