@@ -16,6 +16,7 @@ from relay.cli import diagnose, notify, queue, shell, top, verify
 from relay.cli.common import load_or_report
 from relay.config import ConfigErrors
 from relay.config.model import Config
+from relay.limits import limits_dir
 from relay.limits.usage import as_text as usage_text
 from relay.limits.usage import current_use
 from relay.ops.explain import as_text, explain
@@ -71,7 +72,7 @@ def _current_use(config: Config, args: argparse.Namespace) -> dict[str, object]:
     att = attribute(config, args.sender, tag_org=args.org, tag_account=args.account)
     limits = applicable_limits(config, att, args.sender, args.client)
     upstream = route(config, att).upstream
-    return asyncio.run(current_use(config.relay.limits, limits, upstream))
+    return asyncio.run(current_use(config.relay.limits, limits, upstream, limits_dir(config)))
 
 
 def cmd_egress_ips(args: argparse.Namespace) -> int:

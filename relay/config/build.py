@@ -7,9 +7,10 @@ offending key, all at once.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from relay.config import oauth as oauth_conf
 from relay.config.errors import ConfigError
@@ -39,6 +40,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "tls": "starttls",
         "username": "apikey",
         "password": "env:SENDGRID_API_KEY",
+        "region": "us",
     },
     "mailjet": {
         "host": "in-v3.mailjet.com",
@@ -46,6 +48,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "tls": "starttls",
         "username": "env:MAILJET_API_KEY",
         "password": "env:MAILJET_SECRET_KEY",
+        "region": "eu",
     },
 }
 IMPLICIT_PORTS = {465}
@@ -200,6 +203,7 @@ class Builder:
                 host, port, tls.value, str(username or ""), auth, conf.password,
                 conf.oauth, self.username_refs.get(uid),
             ),
+            region=conf.region or (str(merged["region"]) if merged.get("region") else None),
         )
 
     def previous(
@@ -225,6 +229,36 @@ class Builder:
         if resolved == u.id:
             self.err(src, (*path, "previous"), f"upstream '{u.id}' cannot be its own previous")
         return replace(u, previous=resolved)
+
+    def failover(
+        self,
+        oc: OrgConf,
+        src: Located,
+        scoped: Callable[[str, YPath], str | None],
+        upstreams: Mapping[str, Upstream],
+    ) -> dict[str, Any]:
+        """An organisation's failover settings, its list resolved like its upstream."""
+        chain = []
+        for i, name in enumerate(oc.failover):
+            uid = scoped(name, ("failover", i))
+            if uid is None:
+                continue
+            chain.append(uid)
+            up = upstreams.get(uid)
+            if (up is not None and oc.region and up.region != oc.region
+                    and not oc.failover_outside_region):
+                self.warn(src, ("failover", i),
+                          f"failover upstream '{name}' is in region {up.region or 'unknown'},"
+                          f" outside the organisation's region {oc.region}: it is never used"
+                          " (failover_outside_region: true allows it)")
+        return {
+            "failover": tuple(chain),
+            "failover_after": oc.failover_after,
+            "failover_deferrals": oc.failover_after_deferrals,
+            "region": oc.region,
+            "failover_outside_region": oc.failover_outside_region,
+            "failover_from_own_servers": oc.failover_from_own_servers,
+        }
 
     # -- the whole configuration -------------------------------------------------------
     def build(
@@ -387,6 +421,7 @@ class Builder:
                     scoped(oc.dsn.upstream, ("dsn", "upstream")) if oc.dsn.upstream else None
                 ),
                 suppression=oc.suppression,
+                **self.failover(oc, src, scoped, upstreams),
             )
             check_org_notify(self, oc, src, relay, base_dir)
         dsn_upstream = check_relay_notify(self, relay, rsrc, global_confs, base_dir)

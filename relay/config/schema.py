@@ -192,6 +192,9 @@ class UpstreamConf(Strict):
     command_timeout: Duration = 60.0
     data_timeout: Duration = 600.0  # the reply to the final "." (RFC 5321 § 4.5.3.2.6)
     throttle: ThrottleConf = Field(default_factory=ThrottleConf)
+    # Where it processes mail, for organisations bound to a region (presets: sendgrid us,
+    # mailjet eu); any name, compared as written.
+    region: Name | None = None
 
 
 class RateConf(Strict):
@@ -316,6 +319,15 @@ class OrgConf(Strict):
     upstreams: dict[Name, UpstreamConf] = Field(default_factory=dict)
     members: dict[Mailbox, MemberConf] = Field(default_factory=dict)
     limits: RateConf = Field(default_factory=RateConf)
+    # Failover (relay/policy/failover.py), off unless upstreams are listed: the next one
+    # takes a message once its own upstream has been unusable for failover_after, or after
+    # failover_after_deferrals deferrals of the message.
+    failover: list[Name] = Field(default_factory=list)
+    failover_after: Duration = 600.0
+    failover_after_deferrals: PositiveInt | None = None
+    region: Name | None = None  # bound to a region: no failover outside it unless allowed
+    failover_outside_region: bool = False
+    failover_from_own_servers: bool = False  # may mail leave the organisation's own server?
     # DKIM selectors published for the domains (`relay check-domain`); default: the
     # upstream's usual ones (SendGrid s1, s2; Mailjet mailjet), none for a customer server.
     dkim_selectors: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]] = (

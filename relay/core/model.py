@@ -111,6 +111,7 @@ class Upstream:
     verify: bool = False
     previous: str | None = None
     fingerprint: str = ""
+    region: str | None = None  # where it processes mail (failover of region-bound orgs)
 
     @property
     def pool_key(self) -> tuple[str, int, str, str]:

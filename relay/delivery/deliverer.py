@@ -8,8 +8,9 @@ what to do with deferred recipients, and concurrency limits are the scheduler's 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 from relay.core.dsn import DsnParams
@@ -75,8 +76,12 @@ class Deliverer:
         quit_timeout: float = 5.0,
         unpooled: Callable[[Upstream], bool] | None = None,
         tokens: TokenBroker | None = None,
+        before_mail: Callable[[Upstream], Awaitable[None]] | None = None,
     ) -> None:
         self.tokens = tokens  # access tokens for auth: xoauth2 upstreams (relay.oauth)
+        # `before_mail(upstream)`: awaited just before a transaction's MAIL is sent (the
+        # limits' `floor`: min_interval as the receiver sees it).
+        self._before_mail = before_mail
         # `unpooled(upstream)`: its connections must not outlive a delivery (closed, QUIT
         # awaited, before deliver returns). The shared concurrency leases of relay.limits
         # are held around each delivery; an idle pooled connection would be open without
@@ -96,6 +101,13 @@ class Deliverer:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    async def trim(self, upstream: Upstream, keep_idle: int) -> None:
+        """Close the idle connections to `upstream` beyond `keep_idle` and wait until they
+        are closed (their slots go to another worker next: both must not be open at once)."""
+        extra = self._pool.take_idle(upstream.pool_key, keep=keep_idle)
+        if extra:
+            await asyncio.gather(*(self._pool.close_now(s) for s in extra))
 
     async def deliver(
         self,
@@ -145,6 +157,10 @@ class Deliverer:
         session = None if one_shot else self._pool.checkout(key)
         for _ in range(2):
             if session is None:
+                if upstream.throttle.max_connections and not one_shot:
+                    # Connections to it are counted: an idle one from another egress source
+                    # goes before a new one opens, so idle + in use never exceed the count.
+                    await self.trim(upstream, self._pool.idle_for(upstream.pool_key) - 1)
                 try:
                     session = await open_session(
                         upstream, source, self._resolver, self._tls, self._log, self.tokens
@@ -266,6 +282,8 @@ class Deliverer:
             # replies come back in order and each is checked. Without PIPELINING, lock-step.
             pipelined = session.supports("pipelining")
 
+            if self._before_mail is not None:
+                await self._before_mail(upstream)
             stage = "MAIL FROM"
             session.messages += 1
             session.clean = False

@@ -38,6 +38,9 @@ class Metrics:
                                     registry=r)
         self.spool_fs_size = Gauge("relay_spool_filesystem_size_bytes",
                                    "Size of the spool's file system", registry=r)
+        self.waiting = Gauge("relay_queue_waiting_messages",
+                             "Queued messages by why they wait (relay queue show says more)",
+                             ["reason"], registry=r)
         self.limits_degraded = Gauge("relay_limits_backend_degraded",
                                      "1 while the shared limits backend is unreachable", registry=r)
         self.spool_full = Gauge("relay_spool_full",

@@ -141,13 +141,16 @@ class Failover(Store):
             lambda: self.local.space(key, interval / self.share),
         )
 
-    async def pause(self, key: str, seconds: float) -> None:
+    async def pause(self, key: str, seconds: float, reason: str = "") -> None:
         await self._run(
-            lambda: self.primary.pause(key, seconds), lambda: self.local.pause(key, seconds)
+            lambda: self.primary.pause(key, seconds, reason),
+            lambda: self.local.pause(key, seconds, reason),
         )
 
-    async def paused(self, key: str) -> float:
-        return await self._run(lambda: self.primary.paused(key), lambda: self.local.paused(key))
+    async def paused_why(self, key: str) -> tuple[float, str]:
+        return await self._run(
+            lambda: self.primary.paused_why(key), lambda: self.local.paused_why(key)
+        )
 
     async def close(self) -> None:
         await self.primary.close()

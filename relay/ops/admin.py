@@ -175,6 +175,10 @@ class AdminApi:
         m.upstream_paused.clear()
         for uid, p in self.relay.scheduler.health.snapshot().items():
             m.upstream_paused.labels(uid, p["kind"]).set(1)
+        messages, held = await self.relay.spool.count()
+        m.waiting.clear()
+        for g in self.ops.waiting(messages, held, now):
+            m.waiting.labels(g["kind"]).inc(g["messages"])
         try:
             fs = os.statvfs(self.relay.spool.directory)
             m.spool_fs_avail.set(fs.f_bavail * fs.f_frsize)

@@ -7,6 +7,7 @@ from typing import Any
 
 from relay.config.model import Config
 from relay.policy import applicable_limits, attribute, route
+from relay.policy.failover import chain
 
 
 def explain(
@@ -70,6 +71,22 @@ def explain(
             {"scope": lim.scope, "key": lim.key, "limit": lim.describe()}
             for lim in applicable_limits(config, att, sender, client)
         ],
+        "failover": None
+        if o is None or not o.failover
+        else {
+            "after_seconds": o.failover_after,
+            "after_deferrals": o.failover_deferrals,
+            "region": o.region,
+            "chain": [
+                {
+                    "upstream": step.upstream,
+                    "region": config.upstreams[step.upstream].region,
+                    "allowed": step.allowed,
+                    "note": step.note,
+                }
+                for step in chain(config, o, up)
+            ],
+        },
     }
 
 
@@ -97,4 +114,25 @@ def as_text(d: dict[str, Any]) -> str:
         lines.append(f"WARNING:       upstream unavailable: {up['unavailable']}")
     for lim in d["limits"]:
         lines.append(f"limit:         {lim['scope']} {lim['key']}: {lim['limit']}")
+    lines.extend(_failover_text(d.get("failover"), up["id"]))
     return "\n".join(lines)
+
+
+def _failover_text(f: dict[str, Any] | None, primary: str) -> list[str]:
+    if f is None:
+        return ["failover:      off (the organisation lists no failover upstreams)"]
+    when = f"{primary} unusable for {f['after_seconds']:g} s"
+    if f["after_deferrals"]:
+        when += f" or a message deferred {f['after_deferrals']} times"
+    out = [f"failover:      when {when}"
+           + (f"; bound to region {f['region']}" if f["region"] else "")]
+    for step in f["chain"]:
+        region = step["region"] or "unknown"
+        if step["allowed"]:
+            out.append(f"failover:      {step['upstream']} (region {region})")
+        else:
+            out.append(f"failover:      {step['upstream']} (region {region}) not used: "
+                       f"{step['note']}")
+    if not any(step["allowed"] for step in f["chain"]):
+        out.append(f"failover:      none allowed: mail waits for {primary}")
+    return out

@@ -61,7 +61,9 @@ def upstream_states(config: Config, scheduler: Scheduler, now: float) -> list[di
         elif held is not None:
             state, reason = "paused", f"{held.pause.kind}: {held.pause.reason} — {held.pause.next_step}"
         elif paused > 0:
-            state, reason = "paused", f"slowed down or not answering: paused {paused:.0f}s more"
+            state, reason = "paused", (
+                uq.why.reason if uq is not None and uq.why is not None
+                else f"slowed down or not answering: paused {paused:.0f}s more")
         else:
             state, reason = "active", None
         out.append({

@@ -175,7 +175,27 @@ def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out["paused_upstreams"] = {k: v for p in parts for k, v in p.get("paused_upstreams", {}).items()}
     for key in ("messages", "recipients_pending", "held", "oldest_received_at", "oldest_age"):
         out.setdefault(key, 0 if key in ("messages", "recipients_pending", "held") else None)
+    out["waiting"] = merge_waiting([p.get("waiting", []) for p in parts])
     return out
+
+
+def merge_waiting(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Why messages wait, from every worker: counts of one (reason, upstream) added; the
+    sentence of the one whose wait ends last (a shared quota or pause reads the same)."""
+    merged: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for part in parts:
+        for g in part:
+            k = (g["kind"], g.get("upstream"))
+            m = merged.get(k)
+            if m is None:
+                merged[k] = dict(g)
+                continue
+            m["messages"] += g["messages"]
+            earlier = g["kind"] == "retry"  # many deferred messages: the first one due
+            later = (g.get("until") or 0) > (m.get("until") or 0)
+            if g.get("until") and (later != earlier or not m.get("until")):
+                m["reason"], m["until"] = g["reason"], g["until"]
+    return [merged[k] for k in sorted(merged, key=lambda k: (k[0], k[1] or ""))]
 
 
 # Gauges where the relay's value is the largest of its workers', not their sum.

@@ -67,7 +67,9 @@ class Relay:
             DnsResolver(cfg.relay.dns.hosts, lifetime=cfg.relay.dns.timeout),
             unpooled=lambda up: self.limits.store.fresh_connections(up.throttle.max_connections),
             tokens=self.tokens,
+            before_mail=lambda up: self.limits.gate.floor(up),
         )
+        self.limits.gate.trim = self.deliverer.trim
         self.scheduler = Scheduler(
             cfg, self.spool, self.deliverer, self.events,
             bounces=Bouncer(self.spool, self.events, clock=time.time,
@@ -126,8 +128,8 @@ class Relay:
     def _partition(self) -> Partition | None:
         if self.slot is None or self.slot.count <= 1:
             return None
-        # Minimum intervals are shared through files next to the shards (partition.py).
-        return Partition(self.slot.index, self.slot.count, self.config.spool_path / "limits")
+        # Upstream limits are shared through spool/limits/ (relay/limits/machine.py).
+        return Partition(self.slot.index, self.slot.count)
 
     def listening(self) -> dict[str, int]:
         """Listener name -> bound port (the admin API's /readyz)."""
@@ -202,6 +204,7 @@ class Relay:
             self.limits.reconfigure(new.relay.limits)
             return
         old, self.limits = self.limits, Limits.from_config(new, self.metrics, self._partition())
+        self.limits.gate.trim = self.deliverer.trim
         self.scheduler.gate = self.limits.gate
         await old.close()
 

@@ -99,6 +99,8 @@ class Recorder:
             "upstream": upstream.id,
             "egress": source.address if source else None,
         }
+        if e.via:
+            base["failover"] = e.via  # which upstream took it instead, and why
         next_times: list[float] = []
         answered = {r.recipient for r in results}
         out.some_unanswered = any(r not in answered for r in e.pending)

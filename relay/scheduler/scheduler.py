@@ -32,15 +32,18 @@ from relay.core.model import (
     Upstream,
     UpstreamPause,
 )
+from relay.core.waits import SLOW_DOWN, Wait, clock_time
 from relay.events import MailLog
 from relay.policy import Attribution, route
 from relay.policy.dsnroute import dsn_route
+from relay.policy.failover import fail_over
 from relay.scheduler.entry import ACTIVE, READY, WAITING, Entry
 from relay.scheduler.health import UpstreamHealth
 from relay.scheduler.outcomes import Recorder
 from relay.scheduler.ports import BounceNotifier, Deliverer, Gate, NoGate
 from relay.scheduler.queues import UpstreamQueue
 from relay.scheduler.retry import RetryPolicy
+from relay.scheduler.unusable import UnusableSince
 from relay.scheduler.window import ActiveWindow
 from relay.spool import Spool, SpoolMessage
 from relay.spool.verification import VerificationStore
@@ -95,6 +98,7 @@ class Scheduler:
         self.health = UpstreamHealth(clock=clock)
         # Which verify: true upstreams are verified (set by the runtime; None: none are).
         self.verification: VerificationStore | None = None
+        self.unusable = UnusableSince()  # since when upstreams are unusable (failover)
 
     @staticmethod
     def _retry_policy(config: Config) -> RetryPolicy:
@@ -214,6 +218,10 @@ class Scheduler:
             return dsn_route(self.config, e.org)
         verified = self.verification.verified_ids(self.config) if self.verification else None
         r = route(self.config, Attribution(e.org, e.account, "queued"), verified)
+        r, e.via = fail_over(
+            self.config, r, unusable=self.unusable.unusable,
+            deferrals=max(e.pending.values(), default=0), now=self.clock(),
+        )
         return r.upstream, r.pool
 
     def _dispatch(self, e: Entry) -> None:
@@ -243,7 +251,17 @@ class Scheduler:
         if until > self.clock():
             self._wake_later(uq, until - self.clock())
             return
-        while uq.active < self._cap(uq.upstream_id) and uq.active < uq.size:
+        cap = self._cap(uq.upstream_id)
+        if uq.slot_tasks is not None:  # short of connections: one more asks, when it may
+            now = self.clock()
+            if uq.slots_until > now:
+                cap = min(cap, uq.slot_tasks)
+                if uq.active == 0 and cap == 0:  # nobody left to ask then: wake up for it
+                    self._wake_later(uq, uq.slots_until - now)
+                    return
+            else:
+                cap = min(cap, uq.slot_tasks + 1)
+        while uq.active < cap and uq.active < uq.size:
             uq.active += 1
             t = asyncio.create_task(self._worker(uq), name=f"deliver-{uq.upstream_id}")
             self._tasks.add(t)
@@ -266,8 +284,12 @@ class Scheduler:
                 if until > self.clock():
                     self._wake_later(uq, until - self.clock())
                     return
+                if (uq.slot_tasks is not None and uq.active <= uq.slot_tasks
+                        and uq.slots_until <= self.clock()):
+                    self._spawn(uq)  # time to ask for one more connection
                 e = uq.pop()
                 if e is None:
+                    uq.slot_tasks = None
                     return
                 if self.entries.get(e.queue_id) is not e or e.held or e.state != READY:
                     continue
@@ -276,11 +298,24 @@ class Scheduler:
                     self._dispatch(e)
                     continue
                 wait = await self.gate.acquire(upstream)
-                if wait > 0:
+                if wait is not None:
                     uq.unpop(e)
-                    uq.paused_until = max(uq.paused_until, self.clock() + wait)
+                    uq.why = wait
                     self.events.metrics.limit_hits.labels("upstream").inc()
-                    continue
+                    if wait.whole_queue:
+                        uq.paused_until = max(uq.paused_until, self.clock() + wait.seconds)
+                        continue
+                    # Every connection is held: the deliveries holding them go on with the
+                    # queue; this one ends (the only one: it asks again shortly).
+                    uq.slot_tasks = uq.active - 1
+                    uq.slots_until = self.clock() + wait.seconds
+                    if uq.slot_tasks == 0:
+                        self._wake_later(uq, wait.seconds)
+                    return
+                if uq.slot_tasks is not None and uq.active > uq.slot_tasks:
+                    uq.slot_tasks = uq.active  # this one got a connection: one more may ask
+                    self._spawn(uq)
+                uq.why = None
                 e.state = ACTIVE
                 try:
                     await self._attempt(e, upstream, self._pick_source(pool))
@@ -326,6 +361,8 @@ class Scheduler:
                 results = await self.deliverer.deliver(upstream, source, e.sender, rcpts, data)
         paused = [r for r in results if r.pause is not None]
         if paused:
+            if len(paused) == len(results):  # unusable for now: the failover clock runs
+                self.unusable.note(upstream.id, results, self.clock())
             self._pause(e, upstream, source, paused)
             if len(paused) == len(results):
                 return  # not an attempt: it waits at the head of its queue, nothing counted
@@ -360,6 +397,8 @@ class Scheduler:
         if len(paused) == len(e.pending) and self.entries.get(e.queue_id) is e:
             e.state = READY
             uq.unpop(e)
+        # Organisations that fail over leave a paused upstream like a slowed-down one.
+        self._reroute_when_failover_may(uq, p.until - self.clock())
 
     async def _note_paused(
         self,
@@ -385,17 +424,56 @@ class Scheduler:
         unreachable = bool(results) and all(
             r.outcome is Outcome.DEFERRED and r.reply.enhanced == "4.4.1" for r in results
         )
+        self.unusable.note(upstream.id, results, self.clock())
         if throttled or unreachable:
-            pause = self.gate.slow_down(upstream)
-            uq = self.queues.get(upstream.id)
-            if uq is not None:
-                uq.paused_until = max(uq.paused_until, self.clock() + pause)
+            first = next(r for r in results if r.throttled or unreachable)
+            reason = f"{'slow-down' if throttled else 'not answering'} after: {first.reply}"
+            pause = self.gate.slow_down(upstream, reason)
+            self.pause_upstream(upstream.id, pause, Wait(
+                pause, SLOW_DOWN,
+                f"upstream paused until {clock_time(time.time() + pause)} ({reason})"))
             why = "asked to slow down" if throttled else "is not answering"
             log.warning("upstream %s %s; pausing its queue %.0fs", upstream.id, why, pause)
         elif any(r.outcome is Outcome.DELIVERED for r in results):
             self.gate.recovered(upstream)
             if self.health.clear(upstream.id):
                 log.info("upstream %s delivers again; its pause is over", upstream.id)
+
+    def pause_upstream(self, upstream_id: str, seconds: float, why: Wait) -> None:
+        """No delivery to `upstream_id` for `seconds`; `why` is what its mail shows. Where
+        its organisations fail over, the queue is routed again once that may apply."""
+        uq = self.queues.get(upstream_id)
+        if uq is None:
+            return
+        uq.paused_until = max(uq.paused_until, self.clock() + seconds)
+        uq.why = why
+        self._reroute_when_failover_may(uq, seconds)
+
+    def _reroute_when_failover_may(self, uq: UpstreamQueue, seconds: float) -> None:
+        """A queue paused for `seconds`: where its organisations fail over, route it again
+        once that may apply (their `failover_after` since the upstream became unusable)."""
+        afters = [o.failover_after for o in self.config.orgs.values() if o.failover]
+        if afters and self._running:
+            since = self.unusable.unusable.get(uq.upstream_id)
+            start = since.since if since is not None else self.clock()
+            delay = max(0.0, start + min(afters) - self.clock())
+            if delay < seconds:
+                asyncio.get_running_loop().call_later(delay + 0.01, self._reroute, uq)
+
+    def _reroute(self, uq: UpstreamQueue) -> None:
+        """Send the ready entries that the policy (failover) now routes elsewhere there."""
+        if not self._running:
+            return
+        keep: list[Entry] = []
+        while (e := uq.pop()) is not None:
+            if self.entries.get(e.queue_id) is not e or e.held or e.state != READY:
+                continue  # stale: the queue skips these anyway
+            if self.route_entry(e)[0].id != uq.upstream_id:
+                self._dispatch(e)
+            else:
+                keep.append(e)
+        for e in keep:
+            uq.push(e)
 
     async def _record_safely(
         self,
