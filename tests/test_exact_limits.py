@@ -8,9 +8,11 @@ relay/policy/failover.py)."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -175,3 +177,12 @@ def test_failover_after_the_configured_time_but_not_outside_an_orgs_region(
             euro = [e for e in relay.events("deferred") if e["org"] == "euro"]
             assert euro and {e["upstream"] for e in euro} == {"primary"}
             assert relay.stop() == 0
+    # The platform learns it too: the delivered event names the failover (every shard).
+    events = []
+    for db in sorted((tmp_path / "relay").rglob("spool.db")):
+        with sqlite3.connect(db) as conn:
+            events += [json.loads(d) for (d,) in conn.execute(
+                "SELECT data FROM events WHERE type = 'delivered'")]
+    [acme] = [e for e in events if e["org"] == "acme"]
+    assert acme["upstream"] == "backup"
+    assert acme["failover"].startswith("failover to backup: primary unusable for")

@@ -128,6 +128,7 @@ class Recorder:
                 egress=source.address if source else None, tls=res.tls, attempt=attempts,
                 next_attempt=round(when, 3) if status is RcptStatus.PENDING else None,
                 dsn=True if e.is_dsn else None, operator=operator,
+                failover=e.via or None,  # the upstream that took it instead, and why
                 klass=klass,
             ))
             if status is RcptStatus.PENDING:
