@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -27,8 +28,11 @@ log = logging.getLogger("relay.limits")
 T = TypeVar("T")
 
 # What a broken or unreachable backend raises (redis-py wraps socket errors in RedisError;
-# asyncio timeouts are TimeoutError).
-BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, StorageError, OSError, TimeoutError)
+# asyncio timeouts are TimeoutError; the machine store's SQLite file says "disk is full" or
+# "database is locked" as sqlite3.Error).
+BACKEND_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError, StorageError, OSError, TimeoutError, sqlite3.Error,
+)
 
 
 class BackendUnavailable(Exception):

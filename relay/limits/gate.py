@@ -61,6 +61,7 @@ from relay.limits.failover import BACKEND_ERRORS, BackendUnavailable
 from relay.limits.machine import BALANCE_EVERY, MachineStore
 from relay.limits.store import Lease, Store, Window, span
 
+WARN_EVERY = 60.0  # seconds between two identical backend warnings
 log = logging.getLogger("relay.limits")
 
 LEASE_POLL = 0.25  # all slots taken (maybe on another node): look again this soon
@@ -118,6 +119,7 @@ class UpstreamGate:
         self._renewer: asyncio.Task[None] | None = None
         self._balancer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._warned: dict[str, float] = {}  # warning text -> when it may be logged again
         self._upstreams: dict[str, Upstream] = {}
         # Closes idle pooled connections of an upstream beyond a number (the deliverer's
         # `trim`, wired by the runtime); None: nothing pooled to close.
@@ -136,7 +138,7 @@ class UpstreamGate:
                         "limits backend unreachable (on_backend_failure: tempfail), "
                         f"trying again at {clock_time(time.time() + exc.retry_in)}")
         except BACKEND_ERRORS as exc:  # a plain store outside Failover: wait, never drop
-            log.exception("limits backend error for upstream %s", upstream.id)
+            self._warn(f"limits backend error for upstream {upstream.id}: {exc}; its mail waits")
             return Wait(5.0, LIMITS_BACKEND, f"limits backend error: {exc}")
 
     async def _acquire(self, upstream: Upstream) -> Wait | None:
@@ -218,7 +220,10 @@ class UpstreamGate:
             with contextlib.suppress(*BACKEND_ERRORS):
                 await self.store.unlease(lease)
         if isinstance(self.store, MachineStore):
-            await self._balance(upstream.id, force=False)
+            try:
+                await self._balance(upstream.id, force=False)
+            except BACKEND_ERRORS as exc:  # the next release or balancing round tries again
+                self._warn(f"giving back connection slots of {upstream.id} failed: {exc}")
 
     async def _balance(self, key: str, *, force: bool) -> None:
         """Give idle connection slots back to workers that wait for them (machine store)."""
@@ -273,9 +278,23 @@ class UpstreamGate:
         return {k: len(v) for k, v in self._held.items() if v}
 
     # -- internals -----------------------------------------------------------------------
+    def _warn(self, text: str) -> None:
+        """A backend problem (a full disk, an unreachable server) is one line, at most once
+        a minute per text: it repeats on every delivery and every balancing round."""
+        now = time.monotonic()
+        if now >= self._warned.get(text, 0.0):
+            self._warned[text] = now + WARN_EVERY
+            if len(self._warned) > 1000:
+                self._warned = {k: v for k, v in self._warned.items() if v > now}
+            log.warning("%s", text)
+
     async def _share_pause(self, key: str, seconds: float, reason: str) -> None:
-        with contextlib.suppress(BackendUnavailable, *BACKEND_ERRORS):
+        try:
             await self.store.pause(key, seconds, reason)
+        except BackendUnavailable:
+            pass
+        except BACKEND_ERRORS as exc:  # this process's own pause still holds
+            self._warn(f"could not share the pause of {key} with the other workers: {exc}")
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -302,6 +321,8 @@ class UpstreamGate:
             for key in self.store.idle_holdings():
                 try:
                     await self._balance(key, force=True)
+                except BACKEND_ERRORS as exc:  # e.g. the disk is full: said once a minute
+                    self._warn(f"giving back connection slots of {key} failed: {exc}")
                 except Exception:  # never let the balancer die: the next round tries again
                     log.exception("giving back connection slots of %s failed", key)
 
