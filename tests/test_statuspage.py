@@ -150,7 +150,9 @@ def test_relay_top_shows_rates_queue_and_upstreams(tmp_path: Path) -> None:
     assert "ready" in lines[0] and "workers 2/2 up" in lines[0]
     rates = dict(re.findall(r"(\w+) ([\d.]+)/s", lines[1]))
     assert float(rates["received"]) > 0 and float(rates["delivered"]) > 0
-    assert lines[2].startswith("queue      1 messages, 1 recipients pending, 0 held")
+    # The deferred message waits; one just submitted may be in flight beside it.
+    queued = re.match(r"queue +(\d+) messages, (\d+) recipients pending, 0 held", lines[2])
+    assert queued is not None and int(queued.group(1)) >= 1, lines[2]
     row = next(line for line in lines if line.startswith("s "))
-    assert row.split()[:3] == ["s", "active", "1"]
+    assert row.split()[:2] == ["s", "active"] and int(row.split()[2]) >= 1
     assert any("busy@y.test: 451 4.2.0 mailbox busy" in line for line in lines)
