@@ -107,8 +107,11 @@ def test_the_status_page_shows_a_running_relay(
 
 def test_the_status_document_merges_workers_like_the_page(tmp_path: Path) -> None:
     with ThreadedSink() as sink:
-        cfg = relay_with_admin(tmp_path / "relay", upstreams={"s": plain_upstream(sink.port)},
-                               default_upstream="s", workers=2).write()
+        cfg = relay_with_admin(
+            tmp_path / "relay", default_upstream="s", workers=2,
+            upstreams={"s": plain_upstream(sink.port, throttle={"hourly": 10,
+                                                                 "max_connections": 4})},
+        ).write()
         with RelayProcess(cfg, env=ENV) as relay:
             for i in range(4):
                 send(relay.port, "a@x.test", [f"r{i}@y.test"])
@@ -119,6 +122,10 @@ def test_the_status_document_merges_workers_like_the_page(tmp_path: Path) -> Non
     assert body["activity"]["totals"]["delivered"] == 4
     assert sum(body["activity"]["per_minute"]["delivered"]) == 4
     assert [u["id"] for u in body["upstreams"]] == sorted(u["id"] for u in body["upstreams"])
+    # Limits and their use now, shared by the workers (one figure, not one per worker).
+    [s_up] = [u for u in body["upstreams"] if u["id"] == "s"]
+    assert s_up["limits"] == {"max_connections": 4, "hourly": 10}
+    assert "10 messages per hour: 4 used" in s_up["use"], s_up["use"]
     json.dumps(body)  # one JSON document, nothing else
 
 

@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 from relay.config.model import Config
 from relay.events import MailLog, Metrics
+from relay.limits import limits_dir
+from relay.limits.usage import current_use
 from relay.ops.shape import merge_shapes, queue_shape
 from relay.policy.egress import as_dict
 from relay.scheduler import Scheduler
@@ -42,6 +44,22 @@ def _throttle(up: Any) -> dict[str, Any]:
         out["daily"] = t.daily
     if t.quotas:
         out["quotas"] = [f"{n} per {int(w)}s" for n, w in t.quotas]
+    return out
+
+
+async def limit_use(config: Config, up: Any) -> list[str]:
+    """The upstream's limits as used now, e.g. ["hourly 7/10", "connections 2/5"]; shared by
+    the workers (spool/limits/limits.db) or the nodes (Redis), so one worker's view is all."""
+    t = up.throttle
+    if not (t.max_connections or t.hourly or t.daily or t.quotas):
+        return []
+    use = await current_use(config.relay.limits, [], up, limits_dir(config))
+    if "note" in use:
+        return [use["note"]]
+    u = use["upstream"]
+    out = [f"{q['limit']}: {q['used']} used" for q in u.get("quotas", [])]
+    if "connections" in u:
+        out.append(f"connections {u['connections']['used']}/{u['connections']['limit']}")
     return out
 
 
@@ -104,7 +122,10 @@ async def node_status(node: StatusSource, *, worker: int | None = None) -> dict[
         },
         "queue": summary,
         "shape": await queue_shape(node.spool, "upstream", now),
-        "upstreams": upstream_states(node.config, node.scheduler, now),
+        "upstreams": [
+            {**u, "use": await limit_use(node.config, node.config.upstreams[u["id"]])}
+            for u in upstream_states(node.config, node.scheduler, now)
+        ],
         "activity": node.events.activity.snapshot(),
         "egress": as_dict(node.config),
     }

@@ -176,6 +176,8 @@ def render(status: dict[str, Any]) -> str:
     for u in status["upstreams"]:
         g = by_up.get(u["id"], {})
         limits = ", ".join(f"{k} {v}" for k, v in u["limits"].items()) or "-"
+        if u.get("use"):
+            limits += "; now " + ", ".join(u["use"])
         out.append(
             f"<tr><td>{escape(u['id'])}</td><td><code>{escape(u['host'])}:{u['port']}"
             f" ({escape(u['tls'])})</code></td><td>{escape(u['pool'])}</td>"
