@@ -82,6 +82,9 @@ def test_the_status_page_shows_a_running_relay(
                 assert page.inner_text("[data-stat=deferred] .big") == "2"
                 flaky_row = page.locator("#upstreams tr", has_text="flaky").inner_text()
                 assert "active" in flaky_row and "\t2\t" in flaky_row
+                # Why they wait: deferred by flaky, next attempt in an hour.
+                waiting = page.locator("#waiting tr", has_text="flaky").inner_text()
+                assert waiting.startswith("2\tretry\tflaky\tdeferred: next attempts from")
                 # The latest deferrals carry the upstream's own reply.
                 assert text.count("451 4.2.0 mailbox busy, try later") == 2
                 # The last hour's chart has bars; the queue-by-age chart counts the two.
@@ -163,3 +166,5 @@ def test_relay_top_shows_rates_queue_and_upstreams(tmp_path: Path) -> None:
     row = next(line for line in lines if line.startswith("s "))
     assert row.split()[:2] == ["s", "active"] and int(row.split()[2]) >= 1
     assert any("busy@y.test: 451 4.2.0 mailbox busy" in line for line in lines)
+    assert any(line.split()[1:3] == ["retry", "deferred:"] for line in lines
+               if line.startswith("  ") and line.split()[0].isdigit()), out

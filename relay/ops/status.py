@@ -13,6 +13,7 @@ from relay.config.model import Config
 from relay.events import MailLog, Metrics
 from relay.limits import limits_dir
 from relay.limits.usage import current_use
+from relay.ops.queueops import QueueOps
 from relay.ops.shape import merge_shapes, queue_shape
 from relay.policy.egress import as_dict
 from relay.scheduler import Scheduler
@@ -121,6 +122,9 @@ async def node_status(node: StatusSource, *, worker: int | None = None) -> dict[
             "reload_errors": list(node.reload_errors),
         },
         "queue": summary,
+        # why the queued messages wait, grouped by reason and upstream (relay/scheduler/why.py)
+        "waiting": QueueOps(node.scheduler, node.spool).waiting(
+            summary.get("messages", 0), summary.get("held", 0), now),
         "shape": await queue_shape(node.spool, "upstream", now),
         "upstreams": [
             {**u, "use": await limit_use(node.config, node.config.upstreams[u["id"]])}
@@ -149,10 +153,24 @@ def merge_status(parts: list[dict[str, Any]], *, workers: int, down: list[int]) 
         "unavailable_workers": down,
     }
     out["queue"] = _merge_queue([p["queue"] for p in parts])
+    out["waiting"] = _merge_waiting([p.get("waiting", []) for p in parts])
     out["shape"] = merge_shapes([p["shape"] for p in parts])
     out["upstreams"] = _merge_upstreams([p["upstreams"] for p in parts])
     out["activity"] = _merge_activity([p["activity"] for p in parts])
     return out
+
+
+def _merge_waiting(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Groups of the same reason kind and upstream added up (the first worker's words)."""
+    merged: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for part in parts:
+        for w in part:
+            k = (w["kind"], w.get("upstream"))
+            if k in merged:
+                merged[k]["messages"] += w["messages"]
+            else:
+                merged[k] = dict(w)
+    return sorted(merged.values(), key=lambda w: (-w["messages"], w["kind"]))
 
 
 def _oldest(values: list[Any]) -> Any:

@@ -186,6 +186,16 @@ def render(status: dict[str, Any]) -> str:
             f"<td>{escape(limits)}</td><td>{escape(u.get('reason') or '')}</td></tr>"
         )
     out.append("</table></section>")
+    # why mail waits
+    out.append('<section class="wide" id="waiting"><h2>Why mail waits</h2><table><tr>'
+               '<th class=n>messages</th><th>reason</th><th>upstream</th><th>why</th></tr>')
+    for w in status.get("waiting", []):
+        out.append(f"<tr><td class=n>{w['messages']}</td><td>{escape(w['kind'])}</td>"
+                   f"<td>{escape(w.get('upstream') or '-')}</td>"
+                   f"<td>{escape(w['reason'])}</td></tr>")
+    if not status.get("waiting"):
+        out.append('<tr><td colspan=4 class="muted">nothing is waiting</td></tr>')
+    out.append("</table></section>")
     # organisations
     out.append('<section id="orgs"><h2>Queue by organisation</h2><table><tr><th>organisation'
                '</th><th class=n>messages</th><th class=n>recipients</th><th class=n>held</th>'
