@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
+from relay.config.units import format_age as age
+
 COOKIE = "relay_status"
 REFRESH_SECONDS = 15
 
@@ -43,15 +45,6 @@ def status_cookie(token: str) -> str:
 
 def cookie_valid(token: str | None, value: str | None) -> bool:
     return bool(token and value) and hmac.compare_digest(status_cookie(token or ""), value or "")
-
-
-def age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
 
 
 def _badge(state: str) -> str:
