@@ -18,6 +18,8 @@ A reply starting with 421 closes the connection after it is sent, as real server
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import ssl
 import threading
 import time
@@ -165,6 +167,12 @@ class _Handler:
         self._note("NOOP")
         return "250 OK"
 
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self.sink._oauth_auth(server, args, bearer=False)
+
+    async def auth_OAUTHBEARER(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self.sink._oauth_auth(server, args, bearer=True)
+
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self._note("QUIT")
         return "221 Bye"
@@ -239,7 +247,16 @@ class Sink:
         smtputf8: bool = True,
         hostname: str = "sink.test",
         server_timeout: float = 300.0,
+        oauth: Callable[[str, str], str | None] | None = None,
+        oauth_style: Literal["microsoft", "google"] = "microsoft",
+        plain_reply: str | None = None,
+        oauth_mechanisms: tuple[str, ...] = ("XOAUTH2", "OAUTHBEARER"),
     ) -> None:
+        """`oauth(user, token)` → None to accept AUTH XOAUTH2/OAUTHBEARER, else the reply
+        (Exchange Online answers at once, e.g. "535 5.7.3 Authentication unsuccessful";
+        with oauth_style="google" an error challenge comes first, as Gmail does).
+        `plain_reply`: the answer to every PLAIN/LOGIN not in `auth` (e.g. Exchange's
+        "535 5.7.139 Authentication unsuccessful, basic authentication is disabled")."""
         if tls != "none" and tls_context is None:
             raise ValueError(f"tls={tls!r} needs a tls_context (CertAuthority.server_context)")
         self.host = host
@@ -257,6 +274,11 @@ class Sink:
         self._smtputf8 = smtputf8
         self._hostname = hostname
         self._server_timeout = server_timeout
+        self._oauth = oauth
+        self._oauth_style = oauth_style
+        self._plain_reply = plain_reply
+        self._oauth_mechanisms = oauth_mechanisms
+        self.oauth_users: list[str] = []  # every successful token login, in order
         self._server: asyncio.Server | None = None
         self._protocols: set[_SinkSMTP] = set()
         self._scripted: dict[str, list[str]] = {}
@@ -310,7 +332,11 @@ class Sink:
         }
         if self.tls == "starttls":
             kwargs["tls_context"] = self._tls_context
-        if self._auth is not None:
+        kwargs["auth_exclude_mechanism"] = [
+            m for m in ("XOAUTH2", "OAUTHBEARER")
+            if self._oauth is None or m not in self._oauth_mechanisms
+        ]
+        if self._auth is not None or self._oauth is not None:
             kwargs["authenticator"] = self._authenticate
             kwargs["auth_required"] = True
             # Implicit TLS is TLS from the first byte, which aiosmtpd does not notice.
@@ -323,11 +349,10 @@ class Sink:
     def _authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
     ) -> AuthResult:
-        assert self._auth is not None
         if mechanism in ("PLAIN", "LOGIN") and isinstance(data, LoginPassword):
             user = data.login.decode("utf-8", "replace")
             password = data.password.decode("utf-8", "replace")
-            if user in self._auth and self._auth[user] == password:
+            if self._auth is not None and user in self._auth and self._auth[user] == password:
                 for proto in self._protocols:
                     if proto.session is session and proto._handler.record is not None:
                         proto._handler.record.auth_identity = user
@@ -335,7 +360,49 @@ class Sink:
                 return AuthResult(success=True, auth_data=user)
         self.auth_failures += 1
         self._notify()
+        if self._plain_reply:
+            return AuthResult(success=False, handled=False, message=self._plain_reply)
         return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
+
+    async def _oauth_auth(self, server: SMTP, args: list[str], *, bearer: bool) -> AuthResult:
+        assert self._oauth is not None
+        if len(args) > 1:
+            blob = args[1].encode()
+        else:
+            got = await server.challenge_auth("")
+            if not isinstance(got, bytes):
+                return AuthResult(success=False, handled=True)
+            blob = base64.b64encode(got)
+        try:
+            text = base64.b64decode(blob, validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return AuthResult(success=False, handled=False, message="501 5.5.2 bad base64")
+        fields = dict(
+            part.split("=", 1) for part in text.split("\x01") if "=" in part and not part.startswith("n,")
+        )
+        user = fields.get("user", "")
+        if bearer:  # gs2 header: n,a=user,
+            head = text.split("\x01", 1)[0]
+            user = head[4:].rstrip(",") if head.startswith("n,a=") else ""
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        refusal = self._oauth(user, token)
+        if refusal is None:
+            for proto in self._protocols:
+                if proto.session is server.session and proto._handler.record is not None:
+                    proto._handler.record.auth_identity = user
+                    proto._handler.record.commands.append("AUTH")
+            self.oauth_users.append(user)
+            self._notify()
+            return AuthResult(success=True, auth_data=user)
+        self.auth_failures += 1
+        self._notify()
+        if self._oauth_style == "google":
+            # Gmail: the error as a base64 JSON challenge, the final reply after the client's
+            # empty line (XOAUTH2) or %x01 (OAUTHBEARER).
+            await server.challenge_auth(
+                json.dumps({"status": "401", "schemes": "bearer", "scope": "https://mail.google.com/"})
+            )
+        return AuthResult(success=False, handled=False, message=refusal)
 
     # accounting ------------------------------------------------------------------------
 

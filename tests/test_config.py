@@ -29,6 +29,9 @@ EXAMPLE_ENV = {
     "EUROSTUDY_SMTP_PASSWORD": "eurostudy-s3cret",
     "GLOBEX_RAJ_SMTP_PASSWORD": "raj-s3cret",
     "RELAY_ADMIN_TOKEN": "admin-t0ken-s3cret",
+    "FABRIKAM_ENTRA_SECRET": "fabrikam-entra-s3cret",
+    "FABRIKAM_SMTP_PASSWORD": "fabrikam-smtp-s3cret",
+    "FABRIKAM_GOOGLE_SA_KEY": '{"type": "service_account", "private_key": "s3cret"}',
 }
 CONTOSO_SECRET = "contoso-f1le-s3cret"
 SECRETS = (*EXAMPLE_ENV.values(), CONTOSO_SECRET)
@@ -80,7 +83,7 @@ def line_of(rel: str, prefix: str) -> int:
 def test_examples_are_valid_with_warnings_for_the_unset_secrets() -> None:
     proc = relay("check", "-c", "config")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "config/relay.yaml: OK (4 organisations, 5 upstreams, 4 egress sources)\n"
+    assert proc.stdout == "config/relay.yaml: OK (5 organisations, 8 upstreams, 4 egress sources)\n"
     warnings = proc.stderr.splitlines()
     assert all(w.startswith("warning: ") for w in warnings)
     # Line numbers are looked up, so that documenting a new key in the examples moves them.
@@ -102,9 +105,18 @@ def test_examples_are_valid_with_warnings_for_the_unset_secrets() -> None:
         " variable GLOBEX_RAJ_SMTP_PASSWORD",
         f"config/relay.yaml:{line_of('config/relay.yaml', '  token:')}: admin token:"
         " environment variable RELAY_ADMIN_TOKEN is not set",
+        f"policies/fabrikam.yaml:{line_of('policies/fabrikam.yaml', 'upstream: m365')}: upstream"
+        " 'fabrikam/m365' (used by organisation 'fabrikam'): environment variable"
+        " FABRIKAM_ENTRA_SECRET",
+        f"policies/fabrikam.yaml:{line_of('policies/fabrikam.yaml', '    previous:')}: upstream"
+        " 'fabrikam/m365-password' (used by upstream 'fabrikam/m365' until it is verified):"
+        " environment variable FABRIKAM_SMTP_PASSWORD",
+        f"policies/fabrikam.yaml:{line_of('policies/fabrikam.yaml', '    upstream: workspace')}:"
+        " upstream 'fabrikam/workspace' (used by account 'hr@fabrikam-clinics.example'):"
+        " environment variable FABRIKAM_GOOGLE_SA_KEY",
     ):
         assert any(w.startswith("warning: " + expected) for w in warnings), expected
-    assert len(warnings) == 6
+    assert len(warnings) == 9
 
 
 def test_examples_fail_strict_check_while_secrets_are_unset() -> None:
@@ -119,7 +131,7 @@ def test_examples_pass_strict_check_with_every_secret_set(examples_with_secrets:
     proc = relay("check", "--strict", "-c", "config", cwd=examples_with_secrets.parent, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    assert "OK (4 organisations" in proc.stdout
+    assert "OK (5 organisations" in proc.stdout
     for sender in ("a@acme-surveys.example", "anna@eurostudy.example", "marie@globex.example"):
         routed = relay(
             "route",
@@ -143,6 +155,9 @@ def test_examples_resolve_every_secret_in_process(examples_with_secrets: Path) -
     assert sorted(ups) == [
         "contoso/contoso-smtp",
         "eurostudy/own-relay",
+        "fabrikam/m365",
+        "fabrikam/m365-password",
+        "fabrikam/workspace",
         "globex/raj-office",
         "mailjet",
         "sendgrid",
@@ -178,6 +193,7 @@ def test_missing_secret_marks_only_its_upstream_unavailable() -> None:
     assert config.upstreams["sendgrid"].unavailable is None
     assert config.upstreams["contoso/contoso-smtp"].unavailable is not None  # /etc file absent
     assert len(config.warnings) == 2
+    assert config.upstreams["fabrikam/m365"].oauth is not None  # its secret is in env
 
 
 def test_relay_check_binds_nothing(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent / "relay"
 LAYERS: dict[str, int] = {
     "core": 0,
     "config": 1,
+    "oauth": 1,
     "policy": 2,
     "events": 2,
     "notify": 3,

@@ -22,11 +22,13 @@ import pytest
 from relay.config.schema import LimitsConf
 from relay.core.errors import RateLimited
 from relay.core.model import Throttle, TlsMode, Upstream
+from relay.core.waits import Wait
 from relay.events import Metrics
 from relay.limits import (
     Failover,
     IntakeRateLimiter,
     Limits,
+    MachineStore,
     MemoryStore,
     RedisStore,
     Store,
@@ -36,6 +38,11 @@ from relay.limits import (
 from relay.policy import AppliedLimit
 from tests.redisproc import RedisServer
 from tests.relayproc import RelayConfig
+
+
+def secs(wait: Wait | None) -> float:
+    """The gate's answer in seconds (0: go now)."""
+    return 0.0 if wait is None else wait.seconds
 
 
 def upstream(uid: str = "sink", **throttle: object) -> Upstream:
@@ -141,11 +148,11 @@ async def test_concurrent_connections_per_client() -> None:
 async def test_leases_cap_concurrency_and_come_back_on_release(store: Store) -> None:
     gate = UpstreamGate(store, Metrics())
     up = upstream(max_connections=2)
-    assert await gate.acquire(up) == 0
-    assert await gate.acquire(up) == 0
-    assert await gate.acquire(up) > 0
+    assert secs(await gate.acquire(up)) == 0
+    assert secs(await gate.acquire(up)) == 0
+    assert secs(await gate.acquire(up)) > 0
     await gate.release(up)
-    assert await gate.acquire(up) == 0
+    assert secs(await gate.acquire(up)) == 0
     await gate.close()
     assert await store.leases("sink") == 0
 
@@ -165,31 +172,31 @@ async def test_a_crashed_nodes_leases_expire(store: Store) -> None:
 async def test_leases_are_renewed_while_deliveries_run(store: Store) -> None:
     gate = UpstreamGate(store, Metrics(), lease_ttl=0.3)
     up = upstream(max_connections=1)
-    assert await gate.acquire(up) == 0
+    assert secs(await gate.acquire(up)) == 0
     await asyncio.sleep(0.7)  # deliberately longer than the lease TTL: renewal must keep it
-    assert await gate.acquire(up) > 0
+    assert secs(await gate.acquire(up)) > 0
     await gate.close()
 
 
 async def test_minimum_interval(store: Store) -> None:
     gate = UpstreamGate(store, Metrics())
     up = upstream(min_interval=0.4)
-    assert await gate.acquire(up) == 0
-    wait = await gate.acquire(up)
+    assert secs(await gate.acquire(up)) == 0
+    wait = secs(await gate.acquire(up))
     assert 0.2 < wait <= 0.4
     await asyncio.sleep(wait)
-    assert await gate.acquire(up) == 0
+    assert secs(await gate.acquire(up)) == 0
 
 
 async def test_quota_is_exact_per_window_and_opens_again(store: Store) -> None:
     gate = UpstreamGate(store, Metrics())
     up = upstream(quotas=((3, 1),))
     started = time.monotonic()
-    assert [await gate.acquire(up) for _ in range(3)] == [0, 0, 0]
-    waits = [await gate.acquire(up) for _ in range(5)]
+    assert [secs(await gate.acquire(up)) for _ in range(3)] == [0, 0, 0]
+    waits = [secs(await gate.acquire(up)) for _ in range(5)]
     assert all(0 < w <= 1.0 for w in waits)
     for _ in range(60):
-        if await gate.acquire(up) == 0:
+        if secs(await gate.acquire(up)) == 0:
             break
         await asyncio.sleep(0.05)
     else:
@@ -200,9 +207,9 @@ async def test_quota_is_exact_per_window_and_opens_again(store: Store) -> None:
 async def test_a_refused_quota_does_not_keep_a_lease(store: Store) -> None:
     gate = UpstreamGate(store, Metrics())
     up = upstream(max_connections=1, hourly=1)
-    assert await gate.acquire(up) == 0
+    assert secs(await gate.acquire(up)) == 0
     await gate.release(up)
-    assert await gate.acquire(up) > 60  # the hour's quota is used
+    assert secs(await gate.acquire(up)) > 60  # the hour's quota is used
     assert await store.leases("sink") == 0
 
 
@@ -225,7 +232,7 @@ async def test_slow_down_doubles_while_it_repeats_and_resets_on_success() -> Non
     assert gate.slow_down(up) == 10
     await asyncio.sleep(0)  # let the shared-pause task run
     assert await store.paused("sink") > 0  # published to the store: every node waits
-    assert await gate.acquire(up) > 0
+    assert secs(await gate.acquire(up)) > 0
     await gate.close()
 
 
@@ -255,7 +262,7 @@ async def test_redis_down_falls_back_to_scaled_local_limits_and_comes_back(
     unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(unreachable) == 1  # logged once per transition
     # Upstream deliveries keep going on local limits too.
-    assert await limits.gate.acquire(upstream(max_connections=2)) == 0
+    assert secs(await limits.gate.acquire(upstream(max_connections=2))) == 0
     redis_server.start()
     await asyncio.sleep(0.25)  # past redis_retry: the next call tries Redis again
     await limits.limiter.check_message(org, 1)  # shared again: 2 of 4 used in Redis
@@ -273,14 +280,14 @@ async def test_redis_down_with_tempfail_refuses_intake_and_holds_deliveries(
     limits = Limits(conf, Metrics())
     org = [applied("organisation", "acme", per_hour=100)]
     await limits.limiter.check_message(org, 1)
-    assert await limits.gate.acquire(upstream()) == 0
+    assert secs(await limits.gate.acquire(upstream())) == 0
     redis_server.stop()
     with pytest.raises(RateLimited) as info:
         await limits.limiter.check_message(org, 1)
     assert info.value.reply().startswith("451 4.7.1 rate limits temporarily unavailable")
     # Throttled upstreams wait (nothing bounced); one without throttles has nothing to count.
-    assert await limits.gate.acquire(upstream(hourly=100)) >= 1
-    assert await limits.gate.acquire(upstream()) == 0
+    assert secs(await limits.gate.acquire(upstream(hourly=100))) >= 1
+    assert secs(await limits.gate.acquire(upstream())) == 0
     await limits.close()
 
 
@@ -345,7 +352,7 @@ async def test_route_shows_current_use_from_redis_and_says_when_it_cannot(
     limits = Limits(LimitsConf(**limits_conf), Metrics())  # type: ignore[arg-type]
     for _ in range(3):
         await limits.limiter.check_message([applied("organisation", "acme", per_hour=10)], 1)
-    assert await limits.gate.acquire(upstream("plain", hourly=50)) == 0
+    assert secs(await limits.gate.acquire(upstream("plain", hourly=50))) == 0
     await limits.close()
 
     use = (await asyncio.to_thread(_route, shared, "bob@acme.test"))["current_use"]
@@ -353,3 +360,12 @@ async def test_route_shows_current_use_from_redis_and_says_when_it_cannot(
     assert use["upstream"]["quotas"] == [{"limit": "50 messages per hour", "used": 1}]
     note = (await asyncio.to_thread(_route, local, "bob@acme.test"))["current_use"]["note"]
     assert "memory" in note and "not visible" in note
+    # Once the relay has run, the memory backend's upstream counters are in spool/limits/.
+    machine = MachineStore(local / "spool" / "limits")
+    gate = UpstreamGate(machine, Metrics())
+    assert await gate.acquire(upstream("plain", hourly=50)) is None
+    await gate.close()
+    await machine.close()
+    use = (await asyncio.to_thread(_route, local, "bob@acme.test"))["current_use"]
+    assert use["upstream"]["quotas"] == [{"limit": "50 messages per hour", "used": 1}]
+    assert "not visible" in use["intake_note"]

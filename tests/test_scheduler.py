@@ -15,6 +15,7 @@ import pytest
 
 from relay.bounce.notifier import Bouncer
 from relay.config import load_config
+from relay.core.waits import QUOTA, Wait
 from relay.delivery import Deliverer, DnsResolver
 from relay.events import MailLog
 from relay.scheduler import Entry, Scheduler
@@ -248,6 +249,8 @@ async def test_unavailable_upstream_defers_without_connecting(
     [d] = await rig.wait_event("deferred")
     assert "RELAY_TEST_UNSET_SECRET" in d["reply"] and d["reply"].startswith("451 4.3.5")
     assert sink.sessions == []
+    # a configuration problem pauses the upstream until a reload: no retry is counted
+    assert d["paused"] == "policy" and rig.scheduler.health.get("up") is not None
 
 
 async def test_recover_resumes_what_the_spool_holds(
@@ -318,7 +321,7 @@ async def test_an_upstream_that_does_not_answer_pauses_instead_of_a_retry_storm(
         start=False,
         retry={"schedule": ["0.1s"], "jitter": 0, "max_age": "1h"},
     )
-    rig.scheduler.gate.slow_down = lambda upstream: 1.0  # type: ignore[method-assign]
+    rig.scheduler.gate.slow_down = lambda upstream, reason="": 1.0  # type: ignore[method-assign]
     for i in range(10):
         await rig.submit("a@x.test", [f"r{i}@y.test"])
     rig.scheduler.start()
@@ -499,8 +502,8 @@ async def test_a_paused_upstream_filling_memory_does_not_starve_another(
         retry={"schedule": ["1h"], "jitter": 0, "max_age": "5d"},
     )
 
-    async def acquire(upstream: Any) -> float:  # acme's upstream is throttled for a minute
-        return 60.0 if upstream.id == "dead" else 0.0
+    async def acquire(upstream: Any) -> Wait | None:  # acme's upstream is throttled a minute
+        return Wait(60.0, QUOTA, "throttled") if upstream.id == "dead" else None
 
     rig.scheduler.gate.acquire = acquire  # type: ignore[method-assign]
     now = time.time()

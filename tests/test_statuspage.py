@@ -82,6 +82,9 @@ def test_the_status_page_shows_a_running_relay(
                 assert page.inner_text("[data-stat=deferred] .big") == "2"
                 flaky_row = page.locator("#upstreams tr", has_text="flaky").inner_text()
                 assert "active" in flaky_row and "\t2\t" in flaky_row
+                # Why they wait: deferred by flaky, next attempt in an hour.
+                waiting = page.locator("#waiting tr", has_text="flaky").inner_text()
+                assert waiting.startswith("2\tretry\tflaky\tdeferred: next attempts from")
                 # The latest deferrals carry the upstream's own reply.
                 assert text.count("451 4.2.0 mailbox busy, try later") == 2
                 # The last hour's chart has bars; the queue-by-age chart counts the two.
@@ -107,8 +110,11 @@ def test_the_status_page_shows_a_running_relay(
 
 def test_the_status_document_merges_workers_like_the_page(tmp_path: Path) -> None:
     with ThreadedSink() as sink:
-        cfg = relay_with_admin(tmp_path / "relay", upstreams={"s": plain_upstream(sink.port)},
-                               default_upstream="s", workers=2).write()
+        cfg = relay_with_admin(
+            tmp_path / "relay", default_upstream="s", workers=2,
+            upstreams={"s": plain_upstream(sink.port, throttle={"hourly": 10,
+                                                                 "max_connections": 4})},
+        ).write()
         with RelayProcess(cfg, env=ENV) as relay:
             for i in range(4):
                 send(relay.port, "a@x.test", [f"r{i}@y.test"])
@@ -119,6 +125,10 @@ def test_the_status_document_merges_workers_like_the_page(tmp_path: Path) -> Non
     assert body["activity"]["totals"]["delivered"] == 4
     assert sum(body["activity"]["per_minute"]["delivered"]) == 4
     assert [u["id"] for u in body["upstreams"]] == sorted(u["id"] for u in body["upstreams"])
+    # Limits and their use now, shared by the workers (one figure, not one per worker).
+    [s_up] = [u for u in body["upstreams"] if u["id"] == "s"]
+    assert s_up["limits"] == {"max_connections": 4, "hourly": 10}
+    assert "10 messages per hour: 4 used" in s_up["use"], s_up["use"]
     json.dumps(body)  # one JSON document, nothing else
 
 
@@ -150,7 +160,11 @@ def test_relay_top_shows_rates_queue_and_upstreams(tmp_path: Path) -> None:
     assert "ready" in lines[0] and "workers 2/2 up" in lines[0]
     rates = dict(re.findall(r"(\w+) ([\d.]+)/s", lines[1]))
     assert float(rates["received"]) > 0 and float(rates["delivered"]) > 0
-    assert lines[2].startswith("queue      1 messages, 1 recipients pending, 0 held")
+    # The deferred message waits; one just submitted may be in flight beside it.
+    queued = re.match(r"queue +(\d+) messages, (\d+) recipients pending, 0 held", lines[2])
+    assert queued is not None and int(queued.group(1)) >= 1, lines[2]
     row = next(line for line in lines if line.startswith("s "))
-    assert row.split()[:3] == ["s", "active", "1"]
+    assert row.split()[:2] == ["s", "active"] and int(row.split()[2]) >= 1
     assert any("busy@y.test: 451 4.2.0 mailbox busy" in line for line in lines)
+    assert any(line.split()[1:3] == ["retry", "deferred:"] for line in lines
+               if line.startswith("  ") and line.split()[0].isdigit()), out

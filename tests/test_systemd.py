@@ -97,14 +97,16 @@ def test_example_etc_config_validates_with_the_units_credentials(tmp_path: Path)
         (creds / line.split(":", 1)[0]).write_text("value-" + line.split(":", 1)[0])
     # The example policies reference their own customer secrets: give them too.
     env = {"PATH": os.environ["PATH"], "CREDENTIALS_DIRECTORY": str(creds),
-           "EUROSTUDY_SMTP_PASSWORD": "x", "GLOBEX_RAJ_SMTP_PASSWORD": "y"}
+           "EUROSTUDY_SMTP_PASSWORD": "x", "GLOBEX_RAJ_SMTP_PASSWORD": "y",
+           "FABRIKAM_ENTRA_SECRET": "z", "FABRIKAM_SMTP_PASSWORD": "w",
+           "FABRIKAM_GOOGLE_SA_KEY": "{}"}
     (etc / "policies" / "contoso.yaml").write_text(
         (etc / "policies" / "contoso.yaml").read_text().replace(
             "file:/etc/egress-relay/secrets/contoso-smtp", "credential:admin-token"))
     done = subprocess.run([sys.executable, "-m", "relay.cli", "check", "--strict", "-c", str(etc)],
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "OK (4 organisations" in done.stdout
+    assert "OK (5 organisations" in done.stdout
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """`workers: N`: a supervisor, N worker processes on one listening socket, one spool shard
-each (relay/runtime/supervisor.py, relay/spool/shards.py, relay/runtime/fanout.py, relay/limits/partition.py).
+each (relay/runtime/supervisor.py, relay/spool/shards.py, relay/runtime/fanout.py, relay/limits/machine.py).
 
 Shards are filled offline through the Spool API where a test needs mail in a *given*
 worker's shard: which worker accepts a connection is the kernel's choice."""
@@ -11,7 +11,6 @@ import itertools
 import os
 import signal
 import smtplib
-import struct
 import subprocess
 import sys
 import threading
@@ -22,8 +21,7 @@ from typing import Any
 
 import pytest
 
-from relay.limits.partition import Partition, PartitionedStore, SharedSpacing, part
-from relay.limits.store import Window
+from relay.limits.partition import part
 from relay.runtime.fanout import merge_metrics, merge_summaries
 from relay.spool import Spool
 from relay.spool.shards import merge_shard, shard_path, surplus_shards
@@ -93,57 +91,6 @@ def test_parts_add_up_to_the_limit(amount: int, count: int) -> None:
     # Exact when every worker can have one; else each still gets one (relay check warns).
     assert sum(parts) == (amount if amount >= count else count)
     assert max(parts) - min(parts) <= 1
-
-
-def test_partitioned_store_enforces_its_part(tmp_path: Path) -> None:
-    async def go() -> None:
-        w0 = PartitionedStore(Partition(0, 2, tmp_path))
-        w1 = PartitionedStore(Partition(1, 2, tmp_path))
-        got0 = [await w0.lease("up", 5, 30.0) for _ in range(4)]
-        got1 = [await w1.lease("up", 5, 30.0) for _ in range(4)]
-        assert sum(x is not None for x in got0) == 3 and sum(x is not None for x in got1) == 2
-        hourly = Window("upstream x hourly", 4, 3600, ("q", "x"))
-        results = [await w1.consume([hourly], fixed=True) for _ in range(3)]
-        assert results[:2] == [None, None]
-        full = results[2]
-        assert full is not None and full[0] == hourly  # reported as configured: 4 per hour
-        # A minimum interval is shared, not split: the other worker waits for it too.
-        assert await w1.space("iv", 1.0) == 0.0
-        assert 0.5 < await w0.space("iv", 1.0) <= 1.0 and await w1.space("iv", 1.0) > 0.5
-        # The scheduler runs no more delivery tasks than the worker may hold leases.
-        assert (w0.local_share(5), w1.local_share(5), w1.local_share(1)) == (3, 2, 1)
-
-    asyncio.run(go())
-
-
-def test_shared_slots_exclude_other_workers_and_free_on_release(tmp_path: Path) -> None:
-    async def go() -> None:
-        w0 = PartitionedStore(Partition(0, 3, tmp_path))
-        w1 = PartitionedStore(Partition(1, 3, tmp_path))
-        assert w0.local_share(2) == 2 and w0.fresh_connections(2) and not w0.fresh_connections(3)
-        a = await w0.lease("up", 2, 30.0)
-        b = await w0.lease("up", 2, 30.0)  # the same process takes the second slot
-        assert a is not None and b is not None and a.token != b.token
-        assert await w1.lease("up", 2, 30.0) is None  # both slots held by worker 0
-        assert await w0.leases("up") == 2
-        await w0.unlease(a)
-        c = await w1.lease("up", 2, 30.0)
-        assert c is not None and c.token == a.token
-        await w0.close()  # a worker that goes away frees its slots (as the kernel does)
-        assert await w1.lease("up", 2, 30.0) is not None
-        await w1.close()
-
-    asyncio.run(go())
-
-
-def test_a_spacing_stamp_from_an_earlier_boot_is_ignored(tmp_path: Path) -> None:
-    spacing = SharedSpacing(tmp_path)
-    assert spacing.space("up/x", 0.5) == 0.0
-    fd = spacing._fd("up/x")
-    os.pwrite(fd, struct.pack("=d", time.monotonic() + 3600.0), 0)  # far beyond the interval
-    assert spacing.space("up/x", 0.5) == 0.0
-    assert 0.0 < spacing.space("up/x", 0.5) <= 0.5
-    spacing.close()
 
 
 def test_merged_metrics_sum_counters_and_take_the_oldest_age() -> None:

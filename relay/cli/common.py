@@ -1,5 +1,5 @@
 """What several `relay` subcommands share: loading the configuration with its errors printed,
-and ages for people."""
+and ages for people (relay.config.units.format_age)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from relay.config import ConfigErrors, load_config
 from relay.config.model import Config
+from relay.config.units import format_age as age
 
 
 def load_or_report(path: str | None) -> Config | None:
@@ -19,10 +20,4 @@ def load_or_report(path: str | None) -> Config | None:
         return None
 
 
-def age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
+__all__ = ["age", "load_or_report"]

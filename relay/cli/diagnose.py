@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from relay.cli import shell
 from relay.cli.admin_client import AdminClient, AdminError
@@ -90,7 +91,24 @@ def cmd_test_upstream(args: argparse.Namespace) -> int:
         )
     else:
         print("\n\n".join(r.as_text() for r in reports))
-    return 0 if all(r.ok for r in reports) else 1
+    ok = all(r.ok for r in reports)
+    if ok and args.name:
+        _tell_the_running_relay(args, upstream.id)
+    return 0 if ok else 1
+
+
+def _tell_the_running_relay(args: argparse.Namespace, name: str) -> None:
+    """A test that succeeded here ends the running relay's pause of this upstream, if it
+    has one and its admin API answers (best effort: the test's result stands either way)."""
+    try:
+        client = AdminClient.from_args(args)
+        client.timeout = 5.0
+        status, data = client.call("POST", f"/upstreams/{quote(name, safe='/')}/resume")
+    except AdminError:
+        return
+    if status == 200 and isinstance(data, dict) and data.get("was_paused"):
+        print(f"the running relay was holding {name}'s mail (paused); it goes now",
+              file=sys.stderr)
 
 
 def _test_via_api(args: argparse.Namespace, desc: dict[str, Any], options: dict[str, Any]) -> int:

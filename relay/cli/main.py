@@ -12,10 +12,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from relay.cli import diagnose, notify, queue, shell, top
+from relay.cli import diagnose, notify, queue, shell, top, verify
 from relay.cli.common import load_or_report
 from relay.config import ConfigErrors
 from relay.config.model import Config
+from relay.limits import limits_dir
 from relay.limits.usage import as_text as usage_text
 from relay.limits.usage import current_use
 from relay.ops.explain import as_text, explain
@@ -25,6 +26,7 @@ from relay.runtime.serve import serve
 from relay.runtime.slot import WorkerSlot
 from relay.runtime.startup import load_checked
 from relay.smtp.users import hash_password
+from relay.spool.verification import VerificationStore
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -55,7 +57,9 @@ def cmd_route(args: argparse.Namespace) -> int:
             f"note: organisation '{args.org}' is not defined; attribution falls through",
             file=sys.stderr,
         )
-    d = explain(config, args.sender, org=args.org, account=args.account, client=args.client)
+    verified = VerificationStore(config.spool_path / "upstreams").verified_ids(config)
+    d = explain(config, args.sender, org=args.org, account=args.account, client=args.client,
+                verified=verified)
     d["current_use"] = _current_use(config, args)
     text = "\n".join([as_text(d), *usage_text(d["current_use"])])
     print(json.dumps(d, indent=2) if args.json else text)
@@ -68,7 +72,7 @@ def _current_use(config: Config, args: argparse.Namespace) -> dict[str, object]:
     att = attribute(config, args.sender, tag_org=args.org, tag_account=args.account)
     limits = applicable_limits(config, att, args.sender, args.client)
     upstream = route(config, att).upstream
-    return asyncio.run(current_use(config.relay.limits, limits, upstream))
+    return asyncio.run(current_use(config.relay.limits, limits, upstream, limits_dir(config)))
 
 
 def cmd_egress_ips(args: argparse.Namespace) -> int:
@@ -164,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_subcommands(sub)  # test-upstream, check-domain
     top.add_subcommands(sub)
     notify.add_subcommands(sub)  # events, trace, suppression
+    verify.add_subcommands(sub)  # verify-upstream
 
     sp = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")
     sp.add_argument("shell", choices=shell.SHELLS)

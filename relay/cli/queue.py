@@ -44,16 +44,30 @@ def _print_summary(s: dict[str, Any]) -> None:
                 f"{name:<28} {g['messages']:>8} {g['recipients_pending']:>7} {g['held']:>5}"
                 f" {age(g.get('oldest_age')):>8}"
             )
+    waiting = s.get("waiting") or []
+    if waiting:
+        print(f"\n{'why they wait':<28} {'messages':>8}")
+        for w in waiting:
+            print(f"{w['kind']:<28} {w['messages']:>8}  {w['reason']}")
+    _print_paused(s.get("paused_upstreams") or {})
+
+
+def _print_paused(paused: dict[str, Any]) -> None:
+    for name, p in sorted(paused.items()):
+        when = "until fixed" if p.get("until_fixed") else "for now"
+        print(f"\nPAUSED {name} ({p['kind']}, {when}; looked at again in {age(p.get('retry_in'))}):"
+              f"\n  reply:     {p['reason']}\n  next step: {p['next_step']}")
 
 
 def _print_list(messages: list[dict[str, Any]]) -> None:
     if not messages:
         print("no messages match")
         return
-    print(f"{'queue id':<22} {'age':>6} {'org':<14} {'upstream':<20} {'rcpts':>5}  last reply")
+    print(f"{'queue id':<22} {'age':>6} {'org':<14} {'upstream':<20} {'rcpts':>5}  why it waits")
     for m in messages:
         held = " HELD" if m["held"] else ""
-        reply = (m.get("last_reply") or "")[:60]
+        why = m.get("waiting") or {}
+        reply = (why.get("reason") or m.get("last_reply") or "")[:100]
         print(
             f"{m['queue_id']:<22} {age(m['age']):>6} {m['org']:<14} {m['upstream']:<20}"
             f" {len(m['pending']):>5}{held}  {reply}"
@@ -77,6 +91,9 @@ def _print_show(m: dict[str, Any]) -> None:
     sched = m.get("scheduler")
     if sched:
         print(f"{'state:':<12} {sched['state']}")
+    why = m.get("waiting")
+    if why:
+        print(f"{'waiting:':<12} {why['reason']}")
     print("recipients:")
     for r in m["recipients"]:
         print(

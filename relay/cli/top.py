@@ -51,6 +51,12 @@ def frame(status: dict[str, Any], per_second: dict[str, float | None], width: in
         why = u.get("reason") or ""
         lines.append(f"{u['id']:<28}{u['state']:<13}{g.get('messages', 0):>8}"
                      f"{age(g.get('oldest_age')):>9}{u['in_flight']:>11}  {why}"[:width])
+    waiting = status.get("waiting", [])[:6]
+    if waiting:
+        lines.append("")
+        lines.append("why mail waits")
+        for w in waiting:
+            lines.append(f"  {w['messages']:>6}  {w['kind']:<14} {w['reason']}"[:width])
     recent = status["activity"]["recent"][:5]
     if recent:
         lines.append("")

@@ -7,18 +7,30 @@ offending key, all at once.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from relay.config import oauth as oauth_conf
 from relay.config.errors import ConfigError
 from relay.config.model import Config, Member, Org
 from relay.config.notify_build import check_org_notify, check_relay_notify
+from relay.config.providers import PROFILES, throttle_defaults
 from relay.config.schema import OrgConf, RelayConf, UpstreamConf
 from relay.config.secrets import SecretUnavailable, is_reference, resolve_secret
 from relay.config.usage import first_uses, unresolved_warnings
 from relay.config.yamlsrc import Located
 from relay.config.yamlsrc import Path as YPath
-from relay.core.model import EgressPool, EgressSource, Secret, Throttle, TlsMode, Upstream
+from relay.core.model import (
+    EgressPool,
+    EgressSource,
+    OAuthSettings,
+    Secret,
+    Throttle,
+    TlsMode,
+    Upstream,
+)
 
 # Built-in presets (docs/architecture.md): always defined, so a config only has to add credentials.
 PRESETS: dict[str, dict[str, object]] = {
@@ -28,6 +40,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "tls": "starttls",
         "username": "apikey",
         "password": "env:SENDGRID_API_KEY",
+        "region": "us",
     },
     "mailjet": {
         "host": "in-v3.mailjet.com",
@@ -35,6 +48,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "tls": "starttls",
         "username": "env:MAILJET_API_KEY",
         "password": "env:MAILJET_SECRET_KEY",
+        "region": "eu",
     },
 }
 IMPLICIT_PORTS = {465}
@@ -73,6 +87,9 @@ class Builder:
         # A global upstream named like a preset inherits it unless it names another preset.
         preset = conf.preset or (uid if uid in PRESETS else None)
         merged: dict[str, object] = dict(PRESETS[preset]) if preset else {}
+        profile = PROFILES[conf.provider] if conf.provider else None
+        if profile is not None:
+            merged.update(host=profile.host, port=profile.port, tls=profile.tls)
         for key in ("host", "port", "tls", "username", "password"):
             value = getattr(conf, key)
             if value is not None:
@@ -117,6 +134,16 @@ class Builder:
         unavailable: str | None = None
         username = merged.get("username")
         password: Secret | None = None
+        auth = conf.auth or ("xoauth2" if conf.oauth else "password")
+        oauth: OAuthSettings | None = None
+        if auth == "xoauth2":
+            if conf.password:
+                self.err(src, (*path, "password"), f"upstream '{uid}': auth: xoauth2 logs in"
+                         " with a token, not a password (remove password)")
+            for where, message in oauth_conf.check(
+                conf.oauth, profile.idp if profile else None, conf.username
+            ):
+                self.err(src, (*path, *where), f"upstream '{uid}': {message}")
         try:
             if isinstance(username, str) and is_reference(username):
                 self.username_refs[uid] = username
@@ -126,6 +153,10 @@ class Builder:
             ref = merged.get("password")
             if isinstance(ref, str):
                 password = resolve_secret(ref, base_dir=base_dir, environ=self.environ)
+            if auth == "xoauth2" and conf.oauth is not None:
+                oauth = oauth_conf.settings(
+                    conf.oauth, profile.idp if profile else None, base_dir, self.environ
+                )
         except SecretUnavailable as exc:
             unavailable = f"credential unavailable: {exc}"
             self.unresolved[uid] = str(exc)
@@ -137,7 +168,9 @@ class Builder:
             self.warn(
                 src, (*path, "verify_tls"), f"upstream '{uid}': TLS certificate verification is OFF"
             )
-        t = conf.throttle
+        t = conf.throttle.model_copy(
+            update=throttle_defaults(conf.provider, set(conf.throttle.model_fields_set))
+        )
         return Upstream(
             id=uid,
             host=host,
@@ -161,7 +194,71 @@ class Builder:
             command_timeout=conf.command_timeout,
             data_timeout=conf.data_timeout,
             unavailable=unavailable,
+            auth=auth,
+            oauth=oauth,
+            provider=conf.provider or preset,
+            verify=conf.verify,
+            previous=conf.previous,
+            fingerprint=oauth_conf.fingerprint(
+                host, port, tls.value, str(username or ""), auth, conf.password,
+                conf.oauth, self.username_refs.get(uid),
+            ),
+            region=conf.region or (str(merged["region"]) if merged.get("region") else None),
         )
+
+    def previous(
+        self,
+        u: Upstream,
+        oc: OrgConf | None,
+        global_confs: Mapping[str, UpstreamConf],
+        src: Located,
+        path: YPath,
+    ) -> Upstream:
+        """`previous:` resolved like any upstream name (the organisation's own first)."""
+        if u.previous is None:
+            return u
+        name = u.previous
+        if oc is not None and name in oc.upstreams:
+            resolved = f"{oc.org}/{name}"
+        elif name in global_confs:
+            resolved = name
+        else:
+            self.err(src, (*path, "previous"), f"upstream '{u.id}': previous upstream '{name}'"
+                     " is not defined")
+            return u
+        if resolved == u.id:
+            self.err(src, (*path, "previous"), f"upstream '{u.id}' cannot be its own previous")
+        return replace(u, previous=resolved)
+
+    def failover(
+        self,
+        oc: OrgConf,
+        src: Located,
+        scoped: Callable[[str, YPath], str | None],
+        upstreams: Mapping[str, Upstream],
+    ) -> dict[str, Any]:
+        """An organisation's failover settings, its list resolved like its upstream."""
+        chain = []
+        for i, name in enumerate(oc.failover):
+            uid = scoped(name, ("failover", i))
+            if uid is None:
+                continue
+            chain.append(uid)
+            up = upstreams.get(uid)
+            if (up is not None and oc.region and up.region != oc.region
+                    and not oc.failover_outside_region):
+                self.warn(src, ("failover", i),
+                          f"failover upstream '{name}' is in region {up.region or 'unknown'},"
+                          f" outside the organisation's region {oc.region}: it is never used"
+                          " (failover_outside_region: true allows it)")
+        return {
+            "failover": tuple(chain),
+            "failover_after": oc.failover_after,
+            "failover_deferrals": oc.failover_after_deferrals,
+            "region": oc.region,
+            "failover_outside_region": oc.failover_outside_region,
+            "failover_from_own_servers": oc.failover_from_own_servers,
+        }
 
     # -- the whole configuration -------------------------------------------------------
     def build(
@@ -225,8 +322,12 @@ class Builder:
             path: YPath = ("upstreams", name) if name in relay.upstreams else ()
             u = self.upstream(name, conf, rsrc, path, pools, relay.default_pool, base_dir)
             if u:
-                upstreams[name] = u
+                upstreams[name] = self.previous(u, None, global_confs, rsrc, path)
         default_upstream = relay.default_upstream or "sendgrid"
+        if default_upstream in upstreams and upstreams[default_upstream].verify:
+            self.err(rsrc, ("default_upstream",), f"default_upstream '{default_upstream}' has"
+                     " verify: true; the default is where mail goes while others wait for"
+                     " verification, so it cannot wait itself")
         if default_upstream not in upstreams and default_upstream not in global_confs:
             self.err(
                 rsrc, ("default_upstream",), f"default_upstream '{default_upstream}' is not defined"
@@ -270,7 +371,9 @@ class Builder:
                     base_dir,
                 )
                 if u:
-                    upstreams[u.id] = u
+                    upstreams[u.id] = self.previous(
+                        u, oc, global_confs, src, ("upstreams", name)
+                    )
             if oc.pool and oc.pool not in pools:
                 self.err(src, ("pool",), f"egress pool '{oc.pool}' is not defined")
             for i, d in enumerate(oc.domains):
@@ -318,6 +421,7 @@ class Builder:
                     scoped(oc.dsn.upstream, ("dsn", "upstream")) if oc.dsn.upstream else None
                 ),
                 suppression=oc.suppression,
+                **self.failover(oc, src, scoped, upstreams),
             )
             check_org_notify(self, oc, src, relay, base_dir)
         dsn_upstream = check_relay_notify(self, relay, rsrc, global_confs, base_dir)

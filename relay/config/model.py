@@ -34,6 +34,13 @@ class Org:
     dsn: OrgDsnConf = field(default_factory=OrgDsnConf)
     dsn_upstream: str | None = None  # resolved upstream id of dsn.upstream
     suppression: SuppressionConf = field(default_factory=SuppressionConf)
+    # Failover (relay/policy/failover.py): resolved upstream ids, in order; () = off.
+    failover: tuple[str, ...] = ()
+    failover_after: float = 600.0
+    failover_deferrals: int | None = None
+    region: str | None = None
+    failover_outside_region: bool = False
+    failover_from_own_servers: bool = False
 
 
 def resolve_workers(value: int | str) -> int:

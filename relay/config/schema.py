@@ -151,8 +151,32 @@ class ThrottleConf(Strict):
     quotas: list[Quota] = Field(default_factory=list)
 
 
+class OAuthConf(Strict):
+    """`oauth:` of an upstream with `auth: xoauth2` (relay/config/oauth.py checks the flow)."""
+
+    idp: Literal["microsoft", "google"] | None = None  # default: from the provider profile
+    flow: Literal["client_credentials", "service_account", "refresh_token"] | None = None
+    tenant: str | None = None
+    client_id: str | None = None
+    client_secret: SecretRef | None = None
+    certificate_key: SecretRef | None = None
+    certificate_thumbprint: Annotated[str, Field(pattern=r"^[0-9A-Fa-f:]{40,59}$")] | None = None
+    service_account_key: SecretRef | None = None
+    refresh_token: SecretRef | None = None
+    token_endpoint: Annotated[str, Field(pattern=r"^https://\S+$")] | None = None
+    scope: str | None = None
+    ca_file: str | None = None
+    timeout: Duration = 30.0
+
+
 class UpstreamConf(Strict):
     preset: Literal["sendgrid", "mailjet"] | None = None
+    # A provider profile fills host, port, TLS and throttles (relay/config/providers.py).
+    provider: Literal["microsoft365", "google-workspace", "gmail", "google-smtp-relay"] | None = None
+    auth: Literal["password", "xoauth2", "none"] | None = None  # default: password if given
+    oauth: OAuthConf | None = None
+    verify: bool = False  # carries no mail until `relay verify-upstream` confirmed it
+    previous: Name | None = None  # where its mail goes until then (default: the next rule)
     host: HostName | None = None
     port: Port | None = None
     tls: Literal["implicit", "starttls", "none"] | None = None
@@ -168,6 +192,9 @@ class UpstreamConf(Strict):
     command_timeout: Duration = 60.0
     data_timeout: Duration = 600.0  # the reply to the final "." (RFC 5321 § 4.5.3.2.6)
     throttle: ThrottleConf = Field(default_factory=ThrottleConf)
+    # Where it processes mail, for organisations bound to a region (presets: sendgrid us,
+    # mailjet eu); any name, compared as written.
+    region: Name | None = None
 
 
 class RateConf(Strict):
@@ -292,6 +319,15 @@ class OrgConf(Strict):
     upstreams: dict[Name, UpstreamConf] = Field(default_factory=dict)
     members: dict[Mailbox, MemberConf] = Field(default_factory=dict)
     limits: RateConf = Field(default_factory=RateConf)
+    # Failover (relay/policy/failover.py), off unless upstreams are listed: the next one
+    # takes a message once its own upstream has been unusable for failover_after, or after
+    # failover_after_deferrals deferrals of the message.
+    failover: list[Name] = Field(default_factory=list)
+    failover_after: Duration = 600.0
+    failover_after_deferrals: PositiveInt | None = None
+    region: Name | None = None  # bound to a region: no failover outside it unless allowed
+    failover_outside_region: bool = False
+    failover_from_own_servers: bool = False  # may mail leave the organisation's own server?
     # DKIM selectors published for the domains (`relay check-domain`); default: the
     # upstream's usual ones (SendGrid s1, s2; Mailjet mailjet), none for a customer server.
     dkim_selectors: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]] = (

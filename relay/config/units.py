@@ -51,3 +51,13 @@ def parse_size(value: object) -> int:
             unit = m.group(2).lower() if m.group(2) else None
             return int(m.group(1)) * _SIZE_UNITS[unit]
     raise ValueError(f"'{value}' is not a size (use bytes or e.g. '25MB', '10MiB')")
+
+
+def format_age(seconds: float | None) -> str:
+    """An age for people, in its largest unit: 45s, 12.5m, 3.2h, 1.5d ("-" for none)."""
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"

@@ -35,6 +35,14 @@ def first_uses(
             if mc.upstream:
                 where: YPath = ("members", addr, "upstream")
                 uses.setdefault(uid(mc.upstream), (src, where, f"account '{addr}'"))
+        for name, uc in oc.upstreams.items():  # `previous:` carries mail until verification
+            if uc.verify and uc.previous:
+                uses.setdefault(uid(uc.previous), (src, ("upstreams", name, "previous"),
+                                                   f"upstream '{oc.org}/{name}' until it is verified"))
+    for name, uc in relay.upstreams.items():
+        if uc.verify and uc.previous:
+            uses.setdefault(uc.previous, (rsrc, ("upstreams", name, "previous"),
+                                          f"upstream '{name}' until it is verified"))
     return uses
 
 

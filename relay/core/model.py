@@ -100,6 +100,18 @@ class Upstream:
     # Set when the upstream cannot be used as configured (e.g. its credential is missing):
     # mail routed to it waits in the queue, deferred with this reason, until a reload fixes it.
     unavailable: str | None = None
+    # How it logs in: "password" (PLAIN/LOGIN with username + password), "xoauth2" (an
+    # OAuth 2.0 access token for `username`, from `oauth`), or "none".
+    auth: str = "password"
+    oauth: OAuthSettings | None = None
+    provider: str | None = None  # microsoft365, google-workspace, gmail, google-smtp-relay, ...
+    # verify: true carries no mail until `relay verify-upstream` confirmed it; `previous`
+    # names the upstream its mail takes meanwhile. `fingerprint` changes with host, port,
+    # user or credentials (which makes it unverified again).
+    verify: bool = False
+    previous: str | None = None
+    fingerprint: str = ""
+    region: str | None = None  # where it processes mail (failover of region-bound orgs)
 
     @property
     def pool_key(self) -> tuple[str, int, str, str]:
@@ -163,4 +175,65 @@ class RecipientResult:
     # True when the upstream said "slow down" (421, 4.7.x throttling): the scheduler backs
     # off the whole upstream, not just this message.
     throttled: bool = False
+    # Set when the reply means the whole upstream must wait for a person (credentials,
+    # configuration, a daily sending limit): the scheduler pauses it instead of retrying each message.
+    pause: UpstreamPause | None = None
     tls: str | None = None  # the TLS version the transaction ran under ("TLSv1.3"), if any
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamPause:
+    """Why an upstream stops carrying mail for a while (relay.delivery.providers decides)."""
+
+    kind: str  # auth, policy, rate (relay/delivery/replyclass.py's vocabulary)
+    reason: str  # the upstream's (or identity provider's) own words
+    next_step: str  # what a person should do, plainly
+    seconds: float | None = None  # None: until fixed (a test, a delivery or a reload clears it)
+
+
+# -- OAuth 2.0 (auth: xoauth2): built by relay.config, used by relay.oauth and delivery ----
+
+class IdentityProvider(StrEnum):
+    MICROSOFT = "microsoft"  # Microsoft Entra ID (Microsoft 365, Exchange Online)
+    GOOGLE = "google"  # Google Workspace, Gmail
+
+
+class Flow(StrEnum):
+    CLIENT_CREDENTIALS = "client_credentials"  # Entra app-only: secret or certificate
+    SERVICE_ACCOUNT = "service_account"  # Google: service account, domain-wide delegation
+    REFRESH_TOKEN = "refresh_token"  # delegated: a user's consent, either provider
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthSettings:
+    idp: IdentityProvider
+    flow: Flow
+    token_endpoint: str  # the IdP's token URL (overridable: national clouds, tests)
+    scope: str
+    tenant: str | None = None  # Entra tenant id or domain
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    certificate_key: Secret | None = None  # PEM private key (Entra certificate credential)
+    certificate_thumbprint: str | None = None  # hex SHA-1 of the certificate
+    service_account_key: Secret | None = None  # Google's JSON key
+    refresh_token: Secret | None = None  # the first refresh token (rotations are kept by us)
+    ca_file: str | None = None  # a private CA for the token endpoint (tests); else the system's
+    timeout: float = 30.0  # per token request
+
+    def secrets(self) -> list[Secret]:
+        return [
+            s
+            for s in (
+                self.client_secret,
+                self.certificate_key,
+                self.service_account_key,
+                self.refresh_token,
+            )
+            if s is not None
+        ]
+
+    def describe(self) -> str:
+        """Who asks whom, for people (no secret)."""
+        who = f"client {self.client_id}" if self.client_id else "service account"
+        tenant = f" tenant {self.tenant}" if self.tenant else ""
+        return f"{self.idp.value} {self.flow.value} ({who}{tenant}) at {self.token_endpoint}"

@@ -25,6 +25,8 @@ from relay.core.model import EgressSource, Reply, TlsMode, Upstream
 from relay.delivery import outcome
 from relay.delivery.channel import BadReply, Channel
 from relay.delivery.resolver import Resolver
+from relay.delivery.xoauth import OAuthProblem, authenticate_oauth
+from relay.oauth import TokenBroker
 
 PoolKey = tuple[str, int, str, str, str]
 
@@ -200,6 +202,7 @@ async def open_session(
     resolver: Resolver,
     contexts: TlsContexts,
     logger: logging.Logger,
+    tokens: TokenBroker | None = None,
 ) -> Session:
     """Connect, greet, secure and authenticate, or raise SessionError."""
     try:
@@ -248,7 +251,7 @@ async def open_session(
                 )
             continue
         logger.debug("upstream %s: connected to %s from %s", upstream.id, peer, source.address)
-        return await _greet(upstream, source, sock, peer, tls_context, logger)
+        return await _greet(upstream, source, sock, peer, tls_context, logger, tokens)
     raise SessionError(outcome.no_answer("; ".join(failures)))
 
 
@@ -259,6 +262,7 @@ async def _greet(
     peer: str,
     tls_context: ssl.SSLContext | None,
     logger: logging.Logger,
+    tokens: TokenBroker | None = None,
 ) -> Session:
     implicit = upstream.tls is TlsMode.IMPLICIT
     smtp = aiosmtplib.SMTP(
@@ -293,13 +297,20 @@ async def _greet(
             # RFC 3207 § 4.2: forget what we learnt before TLS and greet again.
             stage = "EHLO"
             await smtp.ehlo(hostname=source.ehlo)
-        if upstream.username:
+        if upstream.auth == "xoauth2":
+            stage = "AUTH"
+            await authenticate_oauth(smtp, upstream, peer, tokens)
+        elif upstream.username and upstream.auth != "none":
             stage = "AUTH"
             await _authenticate(smtp, upstream, peer)
     except SessionError as exc:
         _abandon(smtp, sock)
         logger.info("upstream %s: %s", upstream.id, exc.reply)
         raise
+    except OAuthProblem as exc:
+        _abandon(smtp, sock)
+        logger.info("upstream %s: %s", upstream.id, exc.reply)
+        raise SessionError(exc.reply) from exc
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
         _abandon(smtp, sock)
         reply = error_reply(exc, upstream, peer, source.address, stage)

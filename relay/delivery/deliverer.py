@@ -8,13 +8,14 @@ what to do with deferred recipients, and concurrency limits are the scheduler's 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 from relay.core.dsn import DsnParams
 from relay.core.model import EgressSource, Outcome, RecipientResult, Reply, Upstream
-from relay.delivery import outcome
+from relay.delivery import outcome, providers
 from relay.delivery.channel import BadReply, Channel
 from relay.delivery.connection import (
     Session,
@@ -25,6 +26,7 @@ from relay.delivery.connection import (
 )
 from relay.delivery.pool import Pool
 from relay.delivery.resolver import Resolver
+from relay.oauth import TokenBroker
 
 # RFC 5321 § 4.5.3.2.6: wait at least 10 minutes for the reply to the final "." of DATA
 # (the server may be scanning or relaying the message before it answers).
@@ -73,7 +75,13 @@ class Deliverer:
         data_timeout: float = DATA_TIMEOUT,  # a cap; each upstream's data_timeout applies too
         quit_timeout: float = 5.0,
         unpooled: Callable[[Upstream], bool] | None = None,
+        tokens: TokenBroker | None = None,
+        before_mail: Callable[[Upstream], Awaitable[None]] | None = None,
     ) -> None:
+        self.tokens = tokens  # access tokens for auth: xoauth2 upstreams (relay.oauth)
+        # `before_mail(upstream)`: awaited just before a transaction's MAIL is sent (the
+        # limits' `floor`: min_interval as the receiver sees it).
+        self._before_mail = before_mail
         # `unpooled(upstream)`: its connections must not outlive a delivery (closed, QUIT
         # awaited, before deliver returns). The shared concurrency leases of relay.limits
         # are held around each delivery; an idle pooled connection would be open without
@@ -93,6 +101,13 @@ class Deliverer:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    async def trim(self, upstream: Upstream, keep_idle: int) -> None:
+        """Close the idle connections to `upstream` beyond `keep_idle` and wait until they
+        are closed (their slots go to another worker next: both must not be open at once)."""
+        extra = self._pool.take_idle(upstream.pool_key, keep=keep_idle)
+        if extra:
+            await asyncio.gather(*(self._pool.close_now(s) for s in extra))
 
     async def deliver(
         self,
@@ -146,13 +161,18 @@ class Deliverer:
         session = None if one_shot else self._pool.checkout(key)
         for _ in range(2):
             if session is None:
+                if upstream.throttle.max_connections and not one_shot:
+                    # Connections to it are counted: an idle one from another egress source
+                    # goes before a new one opens, so idle + in use never exceed the count.
+                    await self.trim(upstream, self._pool.idle_for(upstream.pool_key) - 1)
                 try:
                     session = await open_session(
-                        upstream, source, self._resolver, self._tls, self._log
+                        upstream, source, self._resolver, self._tls, self._log, self.tokens
                     )
                 except SessionError as exc:
+                    pause = providers.classify(upstream, exc.reply).as_pause(exc.reply)
                     return [
-                        RecipientResult(r, Outcome.DEFERRED, exc.reply, exc.throttled)
+                        RecipientResult(r, Outcome.DEFERRED, exc.reply, exc.throttled, pause=pause)
                         for r in recipients
                     ]
                 fresh = True
@@ -163,6 +183,7 @@ class Deliverer:
                     session, upstream, sender, recipients, data, reused=not fresh, dsn=dsn,
                     wire=wire,
                 )
+                results = [self._judge(upstream, r) for r in results]
                 version = session.channel.tls_version
                 if version is not None:
                     results = [replace(r, tls=version) for r in results]
@@ -267,6 +288,8 @@ class Deliverer:
             # replies come back in order and each is checked. Without PIPELINING, lock-step.
             pipelined = session.supports("pipelining")
 
+            if self._before_mail is not None:
+                await self._before_mail(upstream)
             stage = "MAIL FROM"
             session.messages += 1
             session.clean = False
@@ -336,6 +359,17 @@ class Deliverer:
             self._log.info("upstream %s: %s", upstream.id, reply)
             pending = [r for r in recipients if r not in results]
             return self._finish(recipients, results, pending, reply, deferred=True)
+
+    @staticmethod
+    def _judge(upstream: Upstream, res: RecipientResult) -> RecipientResult:
+        """A reply that means the upstream needs a person (credentials, configuration, a
+        daily quota; relay.delivery.providers) defers instead of bouncing, and says so."""
+        if res.outcome is Outcome.DELIVERED:
+            return res
+        pause = providers.classify(upstream, res.reply).as_pause(res.reply)
+        if pause is None:
+            return res
+        return replace(res, outcome=Outcome.DEFERRED, pause=pause)
 
     async def _skip_replies(self, channel: Channel, count: int, within: float) -> None:
         """Read the replies to the rest of a pipelined group we are abandoning (MAIL was

@@ -73,6 +73,26 @@ class Pool:
         else:
             session.channel.close()
 
+    def take_idle(self, prefix: tuple[str, int, str, str], *, keep: int) -> list[Session]:
+        """Idle sessions whose key starts with `prefix` (one upstream, every egress source)
+        beyond the `keep` most recently used, now owned by the caller to close."""
+        mine = [(k, s) for k, lst in self._idle.items() if k[:4] == prefix for s in lst]
+        if len(mine) <= keep:
+            return []
+        mine.sort(key=lambda ks: ks[1].idle_handle.when() if ks[1].idle_handle else 0.0)
+        out = []
+        for k, session in mine[: len(mine) - max(0, keep)]:
+            self._idle[k].remove(session)
+            if not self._idle[k]:
+                del self._idle[k]
+            self._cancel_timer(session)
+            out.append(session)
+        return out
+
+    def idle_for(self, prefix: tuple[str, int, str, str]) -> int:
+        """Idle sessions of one upstream (its pool key), over every egress source."""
+        return sum(len(lst) for k, lst in self._idle.items() if k[:4] == prefix)
+
     def idle_count(self, key: PoolKey | None = None) -> int:
         if key is not None:
             return len(self._idle.get(key, ()))

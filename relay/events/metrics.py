@@ -29,11 +29,18 @@ class Metrics:
         self.spool_commit = Histogram("relay_spool_put_seconds", "Time from end of DATA to durable",
                                       registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
                                                            0.1, 0.25, 0.5, 1, 2.5))
+        self.upstream_paused = Gauge("relay_upstream_paused",
+                                     "1 while an upstream is paused for a person (credentials,"
+                                     " configuration, a daily sending limit)", ["upstream", "kind"],
+                                     registry=r)
         self.spool_fs_avail = Gauge("relay_spool_filesystem_avail_bytes",
                                     "Bytes free for the relay on the spool's file system",
                                     registry=r)
         self.spool_fs_size = Gauge("relay_spool_filesystem_size_bytes",
                                    "Size of the spool's file system", registry=r)
+        self.waiting = Gauge("relay_queue_waiting_messages",
+                             "Queued messages by why they wait (relay queue show says more)",
+                             ["reason"], registry=r)
         self.limits_degraded = Gauge("relay_limits_backend_degraded",
                                      "1 while the shared limits backend is unreachable", registry=r)
         self.spool_full = Gauge("relay_spool_full",

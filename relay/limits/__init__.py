@@ -8,15 +8,19 @@ is accepted; upstream throttles make accepted mail wait in the spool.
     ...
     await limits.close()
 
-Modules: `store` (counting windows, leases, intervals, pauses; in memory), `redis_store`
-(the same in Redis), `failover` (what happens while Redis is unreachable), `intake` (the
-intake limiter), `gate` (the upstream gate), `usage` (current use, for `relay route`).
+Modules: `store` (counting windows, leases, intervals, pauses; in memory), `machine` (the
+memory backend: shared by this machine's processes and kept across restarts in
+`spool/limits/limits.db`), `redis_store` (the same in Redis, across nodes), `failover` (what
+happens while Redis is unreachable), `partition` (a worker's part of the intake limits),
+`intake` (the intake limiter), `gate` (the upstream gate), `usage` (current use, for
+`relay route`).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from relay.config.model import Config
 from relay.config.schema import LimitsConf
@@ -24,7 +28,8 @@ from relay.events import Metrics
 from relay.limits.failover import BackendUnavailable, Failover
 from relay.limits.gate import UpstreamGate, quota_windows
 from relay.limits.intake import IntakeRateLimiter, intake_windows
-from relay.limits.partition import Partition, PartitionedStore, part
+from relay.limits.machine import MachineStore
+from relay.limits.partition import Partition, part
 from relay.limits.redis_store import RedisStore
 from relay.limits.store import Lease, MemoryStore, Store, Window
 
@@ -34,6 +39,7 @@ __all__ = [
     "IntakeRateLimiter",
     "Lease",
     "Limits",
+    "MachineStore",
     "MemoryStore",
     "RedisStore",
     "Store",
@@ -55,14 +61,19 @@ def node_id(conf: LimitsConf, worker: int | None = None) -> str:
 
 
 def make_store(
-    conf: LimitsConf, metrics: Metrics | None = None, partition: Partition | None = None
+    conf: LimitsConf,
+    metrics: Metrics | None = None,
+    partition: Partition | None = None,
+    directory: Path | None = None,
 ) -> Store:
-    """The store `conf` asks for: memory, or Redis behind the failover. `partition` is
-    this worker's place when the process is one of several workers."""
+    """The store `conf` asks for: memory (this machine, kept in `directory`; only in this
+    process's memory without one), or Redis behind the failover. `partition` is this
+    worker's place when the process is one of several workers."""
     if conf.backend == "memory":
-        if partition is not None:
-            return PartitionedStore(partition, node_id=node_id(conf, partition.index))
-        return MemoryStore(node_id(conf))
+        nid = node_id(conf, partition.index if partition else None)
+        if directory is not None:
+            return MachineStore(directory, partition, node_id=nid)
+        return MemoryStore(nid)
     if not conf.redis_url:
         raise ValueError("limits.backend redis needs limits.redis_url")
     gauge = metrics.limits_degraded if metrics is not None else None
@@ -84,6 +95,11 @@ def make_store(
     )
 
 
+def limits_dir(config: Config) -> Path:
+    """Where the memory backend keeps this machine's limits: next to the spool shards."""
+    return config.spool_path / "limits"
+
+
 def _backend_key(conf: LimitsConf) -> tuple[object, ...]:
     return (
         conf.backend,
@@ -100,12 +116,16 @@ class Limits:
     """The intake limiter and the upstream gate of one node, over one store."""
 
     def __init__(
-        self, conf: LimitsConf, metrics: Metrics, partition: Partition | None = None
+        self,
+        conf: LimitsConf,
+        metrics: Metrics,
+        partition: Partition | None = None,
+        directory: Path | None = None,
     ) -> None:
         self.conf = conf
         self.metrics = metrics
         self.partition = partition
-        self.store = make_store(conf, metrics, partition)
+        self.store = make_store(conf, metrics, partition, directory)
         self.limiter = IntakeRateLimiter(
             self.store, metrics, max_connections=self._client_connections(conf)
         )
@@ -122,7 +142,8 @@ class Limits:
     def from_config(
         cls, config: Config, metrics: Metrics, partition: Partition | None = None
     ) -> Limits:
-        return cls(config.relay.limits, metrics, partition)
+        """The node's limits; the memory backend keeps them in `spool/limits/`."""
+        return cls(config.relay.limits, metrics, partition, limits_dir(config))
 
     def _client_connections(self, conf: LimitsConf) -> int | None:
         """Concurrent connections per client are counted in each process (whatever the

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -27,8 +28,11 @@ log = logging.getLogger("relay.limits")
 T = TypeVar("T")
 
 # What a broken or unreachable backend raises (redis-py wraps socket errors in RedisError;
-# asyncio timeouts are TimeoutError).
-BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, StorageError, OSError, TimeoutError)
+# asyncio timeouts are TimeoutError; the machine store's SQLite file says "disk is full" or
+# "database is locked" as sqlite3.Error).
+BACKEND_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError, StorageError, OSError, TimeoutError, sqlite3.Error,
+)
 
 
 class BackendUnavailable(Exception):
@@ -141,13 +145,16 @@ class Failover(Store):
             lambda: self.local.space(key, interval / self.share),
         )
 
-    async def pause(self, key: str, seconds: float) -> None:
+    async def pause(self, key: str, seconds: float, reason: str = "") -> None:
         await self._run(
-            lambda: self.primary.pause(key, seconds), lambda: self.local.pause(key, seconds)
+            lambda: self.primary.pause(key, seconds, reason),
+            lambda: self.local.pause(key, seconds, reason),
         )
 
-    async def paused(self, key: str) -> float:
-        return await self._run(lambda: self.primary.paused(key), lambda: self.local.paused(key))
+    async def paused_why(self, key: str) -> tuple[float, str]:
+        return await self._run(
+            lambda: self.primary.paused_why(key), lambda: self.local.paused_why(key)
+        )
 
     async def close(self) -> None:
         await self.primary.close()

@@ -71,10 +71,10 @@ return 0
 """
 )
 
-# KEYS[1] pause; ARGV ms → sets the pause unless a longer one is already running.
+# KEYS[1] pause; ARGV ms, reason → sets the pause unless a longer one is already running.
 _PAUSE = """
 local ms = tonumber(ARGV[1])
-if redis.call('PTTL', KEYS[1]) < ms then redis.call('SET', KEYS[1], '1', 'PX', ms) end
+if redis.call('PTTL', KEYS[1]) < ms then redis.call('SET', KEYS[1], ARGV[2], 'PX', ms) end
 return 0
 """
 
@@ -139,12 +139,21 @@ class RedisStore(Store):
         ms = await self._space(keys=[self._key("next", key)], args=[max(1, int(interval * 1000))])
         return int(ms) / 1000.0
 
-    async def pause(self, key: str, seconds: float) -> None:
-        await self._pause(keys=[self._key("pause", key)], args=[max(1, int(seconds * 1000))])
+    async def pause(self, key: str, seconds: float, reason: str = "") -> None:
+        await self._pause(
+            keys=[self._key("pause", key)], args=[max(1, int(seconds * 1000)), reason or "-"]
+        )
 
-    async def paused(self, key: str) -> float:
-        ms = await self.redis.pttl(self._key("pause", key))
-        return max(0, int(ms)) / 1000.0
+    async def paused_why(self, key: str) -> tuple[float, str]:
+        k = self._key("pause", key)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.pttl(k)
+            pipe.get(k)
+            ms, reason = await pipe.execute()
+        if int(ms) <= 0:
+            return 0.0, ""
+        text = reason.decode() if isinstance(reason, bytes) else str(reason or "")
+        return int(ms) / 1000.0, "" if text in ("-", "1") else text
 
     async def close(self) -> None:
         await self.redis.aclose()

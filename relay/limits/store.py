@@ -49,10 +49,10 @@ class Window:
         return replace(self, amount=max(1, math.floor(self.amount * share)))
 
     def describe(self) -> str:
-        return f"{self.amount} messages per {_span(self.seconds)}"
+        return f"{self.amount} messages per {span(self.seconds)}"
 
 
-def _span(seconds: int) -> str:
+def span(seconds: int) -> str:
     for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds == n:
             return unit
@@ -75,9 +75,11 @@ class Store(ABC):
 
     shared = False
 
-    def __init__(self, storage: Storage, node_id: str) -> None:
+    def __init__(
+        self, storage: Storage, node_id: str, sliding_storage: Storage | None = None
+    ) -> None:
         self._storage = storage
-        self._sliding: RateLimiter = SlidingWindowCounterRateLimiter(storage)
+        self._sliding: RateLimiter = SlidingWindowCounterRateLimiter(sliding_storage or storage)
         self._fixed: RateLimiter = FixedWindowRateLimiter(storage)
         self._node = node_id
         self._seq = itertools.count(1)
@@ -132,12 +134,17 @@ class Store(ABC):
         """0 and the next start is `interval` from now, or the seconds until one may start."""
 
     @abstractmethod
-    async def pause(self, key: str, seconds: float) -> None:
-        """Nothing under `key` starts for `seconds` (extends, never shortens, a pause)."""
+    async def pause(self, key: str, seconds: float, reason: str = "") -> None:
+        """Nothing under `key` starts for `seconds` (extends, never shortens, a pause);
+        `reason` says why, for people ("slow-down after: 421 4.7.0 ...")."""
 
     @abstractmethod
+    async def paused_why(self, key: str) -> tuple[float, str]:
+        """Seconds left of a pause under `key` (0 = not paused) and its reason."""
+
     async def paused(self, key: str) -> float:
         """Seconds left of a pause under `key` (0 = not paused)."""
+        return (await self.paused_why(key))[0]
 
     async def close(self) -> None:
         return None
@@ -149,8 +156,8 @@ class Store(ABC):
         return self.shared and limit is not None
 
     def local_share(self, limit: int) -> int:
-        """How much of a concurrency `limit` this process can ever hold (all of it unless
-        the limit is split between worker processes, relay/limits/partition.py)."""
+        """How much of a concurrency `limit` this process can ever hold (all of it: shared
+        stores hand slots to whichever process needs them)."""
         return limit
 
 
@@ -162,7 +169,7 @@ class MemoryStore(Store):
         super().__init__(MemoryStorage(), node_id)
         self._leases: dict[str, dict[str, float]] = {}
         self._next: dict[str, float] = {}
-        self._pauses: dict[str, float] = {}
+        self._pauses: dict[str, tuple[float, str]] = {}
 
     def _live(self, key: str) -> dict[str, float]:
         now = time.monotonic()
@@ -200,8 +207,12 @@ class MemoryStore(Store):
         self._next[key] = now + interval
         return 0.0
 
-    async def pause(self, key: str, seconds: float) -> None:
-        self._pauses[key] = max(self._pauses.get(key, 0.0), time.monotonic() + seconds)
+    async def pause(self, key: str, seconds: float, reason: str = "") -> None:
+        until = time.monotonic() + seconds
+        if until > self._pauses.get(key, (0.0, ""))[0]:
+            self._pauses[key] = (until, reason)
 
-    async def paused(self, key: str) -> float:
-        return max(0.0, self._pauses.get(key, 0.0) - time.monotonic())
+    async def paused_why(self, key: str) -> tuple[float, str]:
+        until, reason = self._pauses.get(key, (0.0, ""))
+        left = until - time.monotonic()
+        return (left, reason) if left > 0 else (0.0, "")

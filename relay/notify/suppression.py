@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import sqlite3
@@ -114,10 +115,15 @@ class _Local:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                     timeout=10.0)
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        # Workers open this file together at start: switching a new database to WAL needs
+        # it alone (SQLite answers "database is locked" at once, without waiting), so the
+        # set-up runs under an exclusive lock on a file beside it.
+        with open(path.with_name(path.name + ".init-lock"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            for stmt in _DDL.split(";\n"):
+                self.conn.execute(stmt)
         self.conn.execute("PRAGMA synchronous=FULL")
-        for stmt in _DDL.split(";\n"):
-            self.conn.execute(stmt)
         self.lock = asyncio.Lock()
 
     def _put(self, org: str, recipient: str, data: str | None) -> None:

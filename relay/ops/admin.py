@@ -27,6 +27,7 @@ from relay.delivery import DnsResolver
 from relay.events import MailLog, Metrics
 from relay.notify.suppression import SuppressionList
 from relay.notify.webhook import WebhookSender
+from relay.oauth import TokenBroker
 from relay.ops.http import error_response as _error
 from relay.ops.http import json_response as _json
 from relay.ops.http import start_tcp_site
@@ -37,6 +38,7 @@ from relay.ops.shape import BY, queue_shape
 from relay.ops.status import node_status
 from relay.ops.statuspage import COOKIE, cookie_valid, login_page, status_cookie
 from relay.ops.statuspage import render as render_status
+from relay.ops.verify import confirm, send_code
 from relay.policy.egress import as_dict, render
 from relay.scheduler import Scheduler
 from relay.spool import Spool
@@ -49,6 +51,7 @@ class RunningRelay(Protocol):
     scheduler: Scheduler
     spool: Spool
     metrics: Metrics
+    tokens: TokenBroker
     events: MailLog
     ready: bool
     reload_errors: list[str]
@@ -109,6 +112,9 @@ class AdminApi:
         r.add_get("/status/login", self.status_login)
         r.add_post("/status/login", self.status_login)
         r.add_post("/test-upstream", self.test_upstream)
+        r.add_get("/upstreams", self.upstreams)
+        r.add_post("/upstreams/{name:.+}/verify", self.verify_upstream)
+        r.add_post("/upstreams/{name:.+}/resume", self.resume_upstream)
         NotifyApi(self.relay).add_routes(r)  # /events, /trace, /suppression
         return app
 
@@ -166,6 +172,13 @@ class AdminApi:
         for upstream, (n, oldest) in depth.items():
             m.queue_depth.labels(upstream or "unrouted").set(n)
             m.queue_oldest.labels(upstream or "unrouted").set(max(0.0, now - oldest))
+        m.upstream_paused.clear()
+        for uid, p in self.relay.scheduler.health.snapshot().items():
+            m.upstream_paused.labels(uid, p["kind"]).set(1)
+        messages, held = await self.relay.spool.count()
+        m.waiting.clear()
+        for g in self.ops.waiting(messages, held, now):
+            m.waiting.labels(g["kind"]).inc(g["messages"])
         try:
             fs = os.statvfs(self.relay.spool.directory)
             m.spool_fs_avail.set(fs.f_bavail * fs.f_frsize)
@@ -344,13 +357,69 @@ class AdminApi:
                 timeout=timeout,
             )
             reports.append(rep.as_dict())
+        ok = all(r["ok"] for r in reports)
         log.info(
             "test-upstream %s from %s: %s",
             upstream.id,
             ", ".join(s.address for s in sources),
-            "ok" if all(r["ok"] for r in reports) else "failed",
+            "ok" if ok else "failed",
         )
-        return _json({"ok": all(r["ok"] for r in reports), "reports": reports})
+        resumed = False
+        if ok and opts["upstream"] and self.relay.scheduler.health.get(upstream.id) is not None:
+            self._resume(upstream.id)  # a test that succeeds ends a pause
+            resumed = True
+        return _json({"ok": ok, "reports": reports, "resumed": resumed})
+
+    # -- upstreams: pauses and the verified switch-over (relay/ops/verify.py) -------------
+    async def upstreams(self, request: web.Request) -> web.Response:
+        config, sched = self.relay.config, self.relay.scheduler
+        paused = sched.health.snapshot()
+        store = sched.verification
+        out = {}
+        for uid, u in sorted(config.upstreams.items()):
+            entry: dict[str, Any] = {"host": u.host, "port": u.port, "auth": u.auth,
+                                     "provider": u.provider, "paused": paused.get(uid)}
+            if u.verify:
+                entry["verification"] = store.status(u) if store else {"verified": False}
+                entry["previous"] = u.previous
+            out[uid] = entry
+        return _json({"upstreams": out})
+
+    async def verify_upstream(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = await self._body(request)
+        store = self.relay.scheduler.verification
+        config = self.relay.config
+        if store is None:
+            return _error(503, "verification is not available in this process")
+        try:
+            if body.get("code"):
+                out = confirm(config, store, name, str(body["code"]))
+                return _json({"upstream": name, "verified": out.ok, "text": out.text},
+                             200 if out.ok else 409)
+            if not body.get("send_to"):
+                return _error(400, "give send_to (an address to send the code to) or code")
+            resolver = DnsResolver(config.relay.dns.hosts, lifetime=config.relay.dns.timeout)
+            timeout = max(0.1, min(float(body.get("timeout") or 15.0), MAX_PROBE_TIMEOUT))
+            sent = await send_code(config, store, name, str(body["send_to"]), resolver,
+                                   timeout=timeout)
+        except (TargetError, ValueError, TypeError) as exc:
+            return _error(400 if not str(exc).startswith("unknown upstream") else 404, str(exc))
+        return _json(sent, 200 if sent["sent"] else 502)
+
+    async def resume_upstream(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.relay.config.upstreams:
+            return _error(404, f"unknown upstream '{name}'")
+        was = self.relay.scheduler.health.get(name) is not None
+        self._resume(name)
+        return _json({"upstream": name, "was_paused": was})
+
+    def _resume(self, name: str) -> None:
+        up = self.relay.config.upstreams.get(name)
+        if up is not None and up.oauth is not None:
+            self.relay.tokens.forget(up)  # no cached refusal or token from before the fix
+        self.relay.scheduler.resume(name)
 
     @staticmethod
     async def _body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 from relay.config.model import Config
 from relay.policy import applicable_limits, attribute, route
+from relay.policy.failover import chain
 
 
 def explain(
-    config: Config, sender: str, *, org: str | None, account: str | None, client: str
+    config: Config,
+    sender: str,
+    *,
+    org: str | None,
+    account: str | None,
+    client: str,
+    verified: Container[str] | None = None,
 ) -> dict[str, Any]:
+    """`verified`: the verified `verify: true` upstreams (relay/spool/verification.py)."""
     att = attribute(config, sender, tag_org=org, tag_account=account)
-    r = route(config, att)
+    r = route(config, att, verified)
     up = r.upstream
     o = config.orgs.get(att.org)
     return {
@@ -34,6 +43,9 @@ def explain(
             "from_address": up.from_address,
             "verify_tls": up.verify_tls,
             "unavailable": up.unavailable,
+            "auth": up.auth,
+            "provider": up.provider,
+            "oauth": up.oauth.describe() if up.oauth else None,
             "throttle": {
                 k: getattr(up.throttle, k)
                 for k in (
@@ -59,6 +71,22 @@ def explain(
             {"scope": lim.scope, "key": lim.key, "limit": lim.describe()}
             for lim in applicable_limits(config, att, sender, client)
         ],
+        "failover": None
+        if o is None or not o.failover
+        else {
+            "after_seconds": o.failover_after,
+            "after_deferrals": o.failover_deferrals,
+            "region": o.region,
+            "chain": [
+                {
+                    "upstream": step.upstream,
+                    "region": config.upstreams[step.upstream].region,
+                    "allowed": step.allowed,
+                    "note": step.note,
+                }
+                for step in chain(config, o, up)
+            ],
+        },
     }
 
 
@@ -80,8 +108,31 @@ def as_text(d: dict[str, Any]) -> str:
     t = {k: v for k, v in up["throttle"].items() if v}
     if t:
         lines.append("throttle:      " + ", ".join(f"{k}={v}" for k, v in t.items()))
+    if up.get("oauth"):
+        lines.append(f"oauth:         {up['oauth']}")
     if up["unavailable"]:
         lines.append(f"WARNING:       upstream unavailable: {up['unavailable']}")
     for lim in d["limits"]:
         lines.append(f"limit:         {lim['scope']} {lim['key']}: {lim['limit']}")
+    lines.extend(_failover_text(d.get("failover"), up["id"]))
     return "\n".join(lines)
+
+
+def _failover_text(f: dict[str, Any] | None, primary: str) -> list[str]:
+    if f is None:
+        return ["failover:      off (the organisation lists no failover upstreams)"]
+    when = f"{primary} unusable for {f['after_seconds']:g} s"
+    if f["after_deferrals"]:
+        when += f" or a message deferred {f['after_deferrals']} times"
+    out = [f"failover:      when {when}"
+           + (f"; bound to region {f['region']}" if f["region"] else "")]
+    for step in f["chain"]:
+        region = step["region"] or "unknown"
+        if step["allowed"]:
+            out.append(f"failover:      {step['upstream']} (region {region})")
+        else:
+            out.append(f"failover:      {step['upstream']} (region {region}) not used: "
+                       f"{step['note']}")
+    if not any(step["allowed"] for step in f["chain"]):
+        out.append(f"failover:      none allowed: mail waits for {primary}")
+    return out

@@ -43,7 +43,10 @@ from relay.delivery.connection import (
     _ssl_cause,
 )
 from relay.delivery.outcome import parse_reply
+from relay.delivery.providers import classify
 from relay.delivery.resolver import Resolver
+from relay.delivery.xoauth import mechanism, send_auth
+from relay.oauth import TokenBroker, TokenError
 
 log = logging.getLogger("relay.probe")
 
@@ -216,7 +219,11 @@ class _Probe:
         source: EgressSource,
         timeout: float,
         clock: Callable[[], float],
+        tokens: TokenBroker | None = None,
+        message: tuple[str, str] | None = None,
     ) -> None:
+        self.tokens = tokens
+        self.message = message  # (subject, text) of the test message; default: ours
         self.u = upstream
         self.src = source
         self.timeout = timeout
@@ -265,7 +272,11 @@ class _Probe:
             self.fail("TLS", detail, hint=hint)
         if isinstance(exc, aiosmtplib.SMTPResponseException):
             reply = parse_reply(exc.code, exc.message)
-            self.fail(name, str(reply), reply, reply_hint(name, reply, self.u, self.src))
+            # a provider's own advice first (relay.delivery.providers), else the generic hint
+            verdict = classify(self.u, reply)
+            specific = self.u.provider is not None or self.u.auth == "xoauth2"
+            hint = verdict.next_step if verdict.pause and specific else None
+            self.fail(name, str(reply), reply, hint or reply_hint(name, reply, self.u, self.src))
         if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
             hint = None
             if name == "greeting" and self.u.tls is not TlsMode.IMPLICIT:
@@ -501,8 +512,61 @@ class _Probe:
         self.ok("TLS", self._tls_detail(smtp))
         await self._ehlo(smtp, peer)
 
+    async def _token(self) -> str:
+        """The token step: ask the identity provider now (a test proves the credentials as
+        they are, not a cached token), and show who answered, for whom, for how long."""
+        u = self.u
+        assert u.oauth is not None
+        o = u.oauth
+        who = f"{o.idp.value} {o.flow.value}, " + ", ".join(
+            x for x in (f"tenant {o.tenant}" if o.tenant else "",
+                        f"client {o.client_id}" if o.client_id else "",
+                        f"for {u.username}") if x
+        )
+        self.restart_clock()
+        try:
+            token = await (self.tokens or TokenBroker()).token(u)
+        except TokenError as exc:
+            verdict = classify(u, Reply(454, f"4.7.0 {exc.text}", "4.7.0"))
+            hint = (
+                f"the token endpoint could not be reached from this machine: {exc.description}"
+                if exc.network else verdict.next_step
+            )
+            self.fail("token", f"{o.token_endpoint} ({who}): {exc.error}: {exc.description}",
+                      hint=hint)
+        self.ok("token", f"{o.token_endpoint} ({who}): access token valid"
+                f" {token.lifetime:.0f}s")
+        return token.value
+
+    async def _oauth(self, smtp: aiosmtplib.SMTP, peer: str) -> None:
+        u = self.u
+        if u.unavailable:
+            self.fail("token", f"not attempted: {u.unavailable}",
+                      hint="a credential reference cannot be resolved on this machine; fix it and"
+                      " run `relay reload` (or test through the admin API with --api).")
+        mech = mechanism(smtp)
+        if mech is None:
+            have = " ".join(m.upper() for m in smtp.server_auth_methods) or "none"
+            self.fail("AUTH", f"the server offers no XOAUTH2 or OAUTHBEARER (offered: {have})",
+                      hint="check host, port and TLS mode: Microsoft 365 is smtp.office365.com:587"
+                      " STARTTLS, Google smtp.gmail.com:587 STARTTLS.")
+        token = await self._token()
+        self.restart_clock()
+        try:
+            r = await send_auth(smtp, mech, u, token)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self.fail_exc(f"AUTH {mech}", exc, peer)
+        reply = parse_reply(r.code, r.message)
+        self.ok(f"AUTH {mech}", f"{reply} (as {u.username})", reply)
+
     async def _auth(self, smtp: aiosmtplib.SMTP, peer: str) -> None:
         u = self.u
+        if u.auth == "xoauth2":
+            await self._oauth(smtp, peer)
+            return
+        if u.auth == "none":
+            self.ok("AUTH", "skipped: auth: none")
+            return
         if not u.username:
             self.ok("AUTH", "skipped: no username configured for this upstream")
             return
@@ -568,6 +632,15 @@ class _Probe:
 
     def _test_message(self, sender: str, to: str) -> bytes:
         host = self.src.ehlo
+        if self.message is not None:
+            subject, text = self.message
+            body = "".join(f"{line}\r\n" for line in text.splitlines())
+            return (
+                f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
+                f"Date: {email.utils.formatdate(localtime=False)}\r\n"
+                f"Message-ID: {email.utils.make_msgid(domain=host)}\r\n"
+                "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + body
+            ).encode()
         return (
             f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: egress-relay test message\r\n"
             f"Date: {email.utils.formatdate(localtime=False)}\r\n"
@@ -589,6 +662,8 @@ async def probe(
     send_to: str | None = None,
     timeout: float | None = None,  # noqa: ASYNC109 - per step, not for the whole call
     clock: Callable[[], float] = time.monotonic,
+    tokens: TokenBroker | None = None,
+    message: tuple[str, str] | None = None,
 ) -> ProbeReport:
     """Run the test session; never raises for network or SMTP trouble (it is in the report).
 
@@ -600,7 +675,7 @@ async def probe(
     if upstream.password is not None:  # e.g. an ad-hoc upstream's: not in the config's set
         for value in auth_forms(upstream.password.reveal(), upstream.username):
             REDACTOR.add(value)
-    p = _Probe(upstream, source, t, clock)
+    p = _Probe(upstream, source, t, clock, tokens, message)
     try:
         async with asyncio.timeout(t * 12 + 5):  # every loop bounded: the whole probe too
             return await p.run(resolver, contexts or TlsContexts(log), mail_from, rcpt_to, send_to)

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.core.message import header_end
+from relay.core.waits import HELD, SPOOLED
 from relay.notify import model as ev
 from relay.scheduler import ACTIVE, READY, WAITING, Scheduler
+from relay.scheduler.why import Why, waiting_summary, why_entry, why_spooled
 from relay.spool import EventRow, Spool, SpoolMessage
 
 log = logging.getLogger("relay.queue")
@@ -58,7 +60,36 @@ class QueueOps:
         for group in ("by_upstream", "by_org"):
             for g in s[group].values():
                 g["oldest_age"] = age(g.get("oldest_received_at"))
+        # Upstreams paused for a person: why mail waits, and what to do (scheduler/health.py)
+        s["paused_upstreams"] = self.scheduler.health.snapshot()
+        s["waiting"] = self.waiting(s.get("messages", 0), s.get("held", 0), now)
         return s
+
+    def waiting(self, messages: int, held: int, now: float) -> list[dict[str, Any]]:
+        """Why the queue's messages wait, grouped (the summary's `waiting`, the metric)."""
+        out = waiting_summary(self.scheduler, now)
+        loaded = len(self.scheduler.entries)
+        held_loaded = sum(1 for e in self.scheduler.entries.values() if e.held)
+        held_spooled = max(0, held - held_loaded)
+        spooled = max(0, messages - loaded - held_spooled)
+        for kind, n, text in (
+            (HELD, held_spooled, "held by operator"),
+            (SPOOLED, spooled, "in the spool: loaded when the scheduler has room"
+                               " (or due later)"),
+        ):
+            if n:
+                out.append({"kind": kind, "upstream": None, "messages": n, "reason": text,
+                            "until": None})
+        return out
+
+    def why(self, m: SpoolMessage, now: float) -> Why:
+        """Why one queued message waits."""
+        last = next((r.last_reply for r in m.pending if r.last_reply), None)
+        e = self.scheduler.entries.get(m.queue_id)
+        if e is not None:
+            return why_entry(self.scheduler, e, now, last)
+        due = min((r.next_attempt for r in m.pending), default=0.0)
+        return why_spooled(m.held, due, now, last)
 
     async def messages(self, f: Filters) -> list[dict[str, Any]]:
         older = time.time() - f.older_than if f.older_than else None
@@ -69,13 +100,15 @@ class QueueOps:
             older_than=older,
             limit=max(1, min(f.limit, MAX_LIST)),
         )
-        return [self._brief(m) for m in rows]
+        now = time.time()
+        return [self._brief(m) | {"waiting": self.why(m, now).as_dict()} for m in rows]
 
     async def show(self, queue_id: str) -> dict[str, Any] | None:
         m = await self.spool.get(queue_id)
         if m is None:
             return None
         out = self._brief(m)
+        out["waiting"] = self.why(m, time.time()).as_dict()
         out["recipients"] = [
             {
                 "recipient": r.rcpt,

@@ -11,6 +11,9 @@ from typing import Any, Protocol
 
 from relay.config.model import Config
 from relay.events import MailLog, Metrics
+from relay.limits import limits_dir
+from relay.limits.usage import current_use
+from relay.ops.queueops import QueueOps
 from relay.ops.shape import merge_shapes, queue_shape
 from relay.policy.egress import as_dict
 from relay.scheduler import Scheduler
@@ -45,6 +48,22 @@ def _throttle(up: Any) -> dict[str, Any]:
     return out
 
 
+async def limit_use(config: Config, up: Any) -> list[str]:
+    """The upstream's limits as used now, e.g. ["hourly 7/10", "connections 2/5"]; shared by
+    the workers (spool/limits/limits.db) or the nodes (Redis), so one worker's view is all."""
+    t = up.throttle
+    if not (t.max_connections or t.hourly or t.daily or t.quotas):
+        return []
+    use = await current_use(config.relay.limits, [], up, limits_dir(config))
+    if "note" in use:
+        return [use["note"]]
+    u = use["upstream"]
+    out = [f"{q['limit']}: {q['used']} used" for q in u.get("quotas", [])]
+    if "connections" in u:
+        out.append(f"connections {u['connections']['used']}/{u['connections']['limit']}")
+    return out
+
+
 def upstream_states(config: Config, scheduler: Scheduler, now: float) -> list[dict[str, Any]]:
     """Each configured upstream: where it goes, its limits, and whether mail flows to it."""
     out = []
@@ -55,10 +74,15 @@ def upstream_states(config: Config, scheduler: Scheduler, now: float) -> list[di
     for uid, up in sorted(config.upstreams.items()):
         uq = scheduler.queues.get(uid)
         paused = uq.paused_until - now if uq is not None and uq.paused_until > now else 0.0
+        held = scheduler.health.get(uid)  # paused for a person (relay/scheduler/health.py)
         if up.unavailable:
             state, reason = "unavailable", up.unavailable
+        elif held is not None:
+            state, reason = "paused", f"{held.pause.kind}: {held.pause.reason} — {held.pause.next_step}"
         elif paused > 0:
-            state, reason = "paused", f"slowed down or not answering: paused {paused:.0f}s more"
+            state, reason = "paused", (
+                uq.why.reason if uq is not None and uq.why is not None
+                else f"slowed down or not answering: paused {paused:.0f}s more")
         else:
             state, reason = "active", None
         out.append({
@@ -98,8 +122,14 @@ async def node_status(node: StatusSource, *, worker: int | None = None) -> dict[
             "reload_errors": list(node.reload_errors),
         },
         "queue": summary,
+        # why the queued messages wait, grouped by reason and upstream (relay/scheduler/why.py)
+        "waiting": QueueOps(node.scheduler, node.spool).waiting(
+            summary.get("messages", 0), summary.get("held", 0), now),
         "shape": await queue_shape(node.spool, "upstream", now),
-        "upstreams": upstream_states(node.config, node.scheduler, now),
+        "upstreams": [
+            {**u, "use": await limit_use(node.config, node.config.upstreams[u["id"]])}
+            for u in upstream_states(node.config, node.scheduler, now)
+        ],
         "activity": node.events.activity.snapshot(),
         "egress": as_dict(node.config),
     }
@@ -123,10 +153,24 @@ def merge_status(parts: list[dict[str, Any]], *, workers: int, down: list[int]) 
         "unavailable_workers": down,
     }
     out["queue"] = _merge_queue([p["queue"] for p in parts])
+    out["waiting"] = _merge_waiting([p.get("waiting", []) for p in parts])
     out["shape"] = merge_shapes([p["shape"] for p in parts])
     out["upstreams"] = _merge_upstreams([p["upstreams"] for p in parts])
     out["activity"] = _merge_activity([p["activity"] for p in parts])
     return out
+
+
+def _merge_waiting(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Groups of the same reason kind and upstream added up (the first worker's words)."""
+    merged: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for part in parts:
+        for w in part:
+            k = (w["kind"], w.get("upstream"))
+            if k in merged:
+                merged[k]["messages"] += w["messages"]
+            else:
+                merged[k] = dict(w)
+    return sorted(merged.values(), key=lambda w: (-w["messages"], w["kind"]))
 
 
 def _oldest(values: list[Any]) -> Any:

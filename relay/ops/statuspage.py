@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
+from relay.config.units import format_age as age
+
 COOKIE = "relay_status"
 REFRESH_SECONDS = 15
 
@@ -43,15 +45,6 @@ def status_cookie(token: str) -> str:
 
 def cookie_valid(token: str | None, value: str | None) -> bool:
     return bool(token and value) and hmac.compare_digest(status_cookie(token or ""), value or "")
-
-
-def age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
 
 
 def _badge(state: str) -> str:
@@ -176,6 +169,8 @@ def render(status: dict[str, Any]) -> str:
     for u in status["upstreams"]:
         g = by_up.get(u["id"], {})
         limits = ", ".join(f"{k} {v}" for k, v in u["limits"].items()) or "-"
+        if u.get("use"):
+            limits += "; now " + ", ".join(u["use"])
         out.append(
             f"<tr><td>{escape(u['id'])}</td><td><code>{escape(u['host'])}:{u['port']}"
             f" ({escape(u['tls'])})</code></td><td>{escape(u['pool'])}</td>"
@@ -183,6 +178,16 @@ def render(status: dict[str, Any]) -> str:
             f"<td class=n>{age(g.get('oldest_age'))}</td><td class=n>{u['in_flight']}</td>"
             f"<td>{escape(limits)}</td><td>{escape(u.get('reason') or '')}</td></tr>"
         )
+    out.append("</table></section>")
+    # why mail waits
+    out.append('<section class="wide" id="waiting"><h2>Why mail waits</h2><table><tr>'
+               '<th class=n>messages</th><th>reason</th><th>upstream</th><th>why</th></tr>')
+    for w in status.get("waiting", []):
+        out.append(f"<tr><td class=n>{w['messages']}</td><td>{escape(w['kind'])}</td>"
+                   f"<td>{escape(w.get('upstream') or '-')}</td>"
+                   f"<td>{escape(w['reason'])}</td></tr>")
+    if not status.get("waiting"):
+        out.append('<tr><td colspan=4 class="muted">nothing is waiting</td></tr>')
     out.append("</table></section>")
     # organisations
     out.append('<section id="orgs"><h2>Queue by organisation</h2><table><tr><th>organisation'

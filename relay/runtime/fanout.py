@@ -26,6 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -108,6 +109,16 @@ class Fanout:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise WorkerDown(f"worker {worker}: {type(exc).__name__}: {exc}") from None
 
+    async def post_all(self, path: str, request: web.Request) -> None:
+        """POST `path` to every worker (with the caller's credentials); best effort."""
+        headers = {h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers}
+        for i, session in enumerate(self._sessions):
+            try:
+                async with session.post(f"http://worker{i}{path}", headers=headers) as resp:
+                    await resp.read()
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                log.warning("worker %d did not take %s", i, path)
+
     async def all(
         self, request: web.Request, body: bytes, path: str | None = None
     ) -> tuple[list[Answer], list[int]]:
@@ -160,9 +171,31 @@ def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for group in ("by_upstream", "by_org"):
             for name, g in p.get(group, {}).items():
                 _add_group(out[group].setdefault(name, {}), g)
+    # an upstream paused in any worker is paused (each worker finds out for itself)
+    out["paused_upstreams"] = {k: v for p in parts for k, v in p.get("paused_upstreams", {}).items()}
     for key in ("messages", "recipients_pending", "held", "oldest_received_at", "oldest_age"):
         out.setdefault(key, 0 if key in ("messages", "recipients_pending", "held") else None)
+    out["waiting"] = merge_waiting([p.get("waiting", []) for p in parts])
     return out
+
+
+def merge_waiting(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Why messages wait, from every worker: counts of one (reason, upstream) added; the
+    sentence of the one whose wait ends last (a shared quota or pause reads the same)."""
+    merged: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for part in parts:
+        for g in part:
+            k = (g["kind"], g.get("upstream"))
+            m = merged.get(k)
+            if m is None:
+                merged[k] = dict(g)
+                continue
+            m["messages"] += g["messages"]
+            earlier = g["kind"] == "retry"  # many deferred messages: the first one due
+            later = (g.get("until") or 0) > (m.get("until") or 0)
+            if g.get("until") and (later != earlier or not m.get("until")):
+                m["reason"], m["until"] = g["reason"], g["until"]
+    return [merged[k] for k in sorted(merged, key=lambda k: (k[0], k[1] or ""))]
 
 
 # Gauges where the relay's value is the largest of its workers', not their sum.
@@ -172,6 +205,8 @@ MAX_FAMILIES = frozenset({
     # every shard lives on the spool's one file system: the same figure from each worker
     "relay_spool_filesystem_avail_bytes",
     "relay_spool_filesystem_size_bytes",
+    "relay_upstream_paused",  # paused in any worker: paused
+    "relay_webhook_outbox_oldest_age_seconds",  # each worker's outbox: the oldest of them
 })
 
 
@@ -243,7 +278,10 @@ class FanoutApi:
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
         r.add_get("/egress-ips", self.first)
-        r.add_post("/test-upstream", self.first)
+        r.add_post("/test-upstream", self.test_upstream)
+        r.add_get("/upstreams", self.upstreams)
+        r.add_post("/upstreams/{name:.+}/verify", self.first)  # the state is one shared file
+        r.add_post("/upstreams/{name:.+}/resume", self.resume)
         r.add_get("/queue", self.queue_summary)
         r.add_get("/queue/messages", self.queue_list)
         r.add_get("/queue/shape", self.queue_shape)
@@ -301,6 +339,43 @@ class FanoutApi:
             except WorkerDown:
                 continue
         return _down(list(range(len(self.fanout.sockets))))
+
+    async def test_upstream(self, request: web.Request) -> web.Response:
+        """One worker tests; when it succeeds for a configured upstream, every worker ends
+        its pause of that upstream (each found the problem on its own)."""
+        body = await request.read()
+        for i in range(len(self.fanout.sockets)):
+            try:
+                answer = await self.fanout.call(i, request, body)
+            except WorkerDown:
+                continue
+            name = json.loads(body or b"{}").get("upstream") if answer.status == 200 else None
+            if name and answer.json().get("ok"):
+                await self.fanout.post_all(f"/upstreams/{quote(str(name), safe='/')}/resume",
+                                           request)
+            return _reply(answer)
+        return _down(list(range(len(self.fanout.sockets))))
+
+    async def resume(self, request: web.Request) -> web.Response:
+        answers, down = await self.fanout.all(request, b"")
+        if down:
+            return _down(down)
+        out = answers[0].json()
+        out["was_paused"] = any(a.json().get("was_paused") for a in answers if a.status == 200)
+        return _json(out, answers[0].status)
+
+    async def upstreams(self, request: web.Request) -> web.Response:
+        """Each worker's pauses (any worker paused: paused); verification from the first."""
+        answers, down, bad = await self._views(request)
+        if bad is not None:
+            return bad
+        merged: dict[str, Any] = {}
+        for a in answers:
+            for uid, entry in a.json().get("upstreams", {}).items():
+                have = merged.setdefault(uid, entry)
+                if have.get("paused") is None and entry.get("paused") is not None:
+                    have["paused"] = entry["paused"]
+        return _json({"upstreams": merged, "unavailable_workers": down})
 
     async def _views(self, request: web.Request) -> tuple[list[Answer], list[int], web.Response | None]:
         answers, down = await self.fanout.all(request, b"")

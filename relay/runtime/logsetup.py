@@ -67,12 +67,15 @@ def configure(level: str = "info", fmt: str = "json", stream: IO[str] | None = N
 
 def remember_config_secrets(config: Any, extra: Iterable[str] = ()) -> None:
     """Redact every resolved upstream password, with its AUTH LOGIN/PLAIN base64 forms, a
-    user name that came from a secret reference (a Mailjet API key), and `extra` (e.g. the
-    admin token)."""
+    user name that came from a secret reference (a Mailjet API key), every OAuth secret
+    (client secrets, private keys, service account keys, refresh tokens), and `extra` (e.g.
+    the admin token)."""
     values: list[str] = []
     for u in config.upstreams.values():
         if u.password is not None:
             values += auth_forms(u.password.reveal(), u.username)
         if u.id in config.username_refs and u.username:
             values += auth_forms(u.username)
+        if u.oauth is not None:
+            values += [s.reveal() for s in u.oauth.secrets()]
     REDACTOR.remember([*values, *extra])

@@ -26,7 +26,7 @@ from relay.notify.webhook import WebhookSender
 from relay.ops.admin import AdminServer
 from relay.policy.dsnroute import dsn_upstream_id
 from relay.runtime.logsetup import remember_config_secrets
-from relay.runtime.settings import admin_token, listener_settings, mail_log_path
+from relay.runtime.settings import admin_token, listener_settings, mail_log_path, token_broker
 from relay.runtime.slot import WorkerSlot
 from relay.runtime.startup import StartError, cannot_listen, checked_users, load_checked
 from relay.runtime.systemd import sd_notify
@@ -35,6 +35,7 @@ from relay.smtp.penalty import PenaltyBox
 from relay.smtp.server import Listener
 from relay.spool import Spool
 from relay.spool.shards import shard_path
+from relay.spool.verification import VerificationStore
 
 log = logging.getLogger("relay")
 
@@ -61,16 +62,21 @@ class Relay:
         spool_path = shard_path(cfg.spool_path, slot.index) if slot else cfg.spool_path
         self.spool = await Spool.open(spool_path)
         self.limits = Limits.from_config(cfg, self.metrics, self._partition())
+        self.tokens = token_broker(cfg)
         self.deliverer = Deliverer(
             DnsResolver(cfg.relay.dns.hosts, lifetime=cfg.relay.dns.timeout),
             unpooled=lambda up: self.limits.store.fresh_connections(up.throttle.max_connections),
+            tokens=self.tokens,
+            before_mail=lambda up: self.limits.gate.floor(up),
         )
+        self.limits.gate.trim = self.deliverer.trim
         self.scheduler = Scheduler(
             cfg, self.spool, self.deliverer, self.events,
             bounces=Bouncer(self.spool, self.events, clock=time.time,
                             dsn_upstream=lambda org: dsn_upstream_id(self.config, org)),
             gate=self.limits.gate,
         )
+        self.scheduler.verification = VerificationStore(cfg.spool_path / "upstreams")
         await self._start_notify(cfg)
         loaded = await self.scheduler.recover()
         queued, held = await self.spool.count()
@@ -122,8 +128,8 @@ class Relay:
     def _partition(self) -> Partition | None:
         if self.slot is None or self.slot.count <= 1:
             return None
-        # Minimum intervals are shared through files next to the shards (partition.py).
-        return Partition(self.slot.index, self.slot.count, self.config.spool_path / "limits")
+        # Upstream limits are shared through spool/limits/ (relay/limits/machine.py).
+        return Partition(self.slot.index, self.slot.count)
 
     def listening(self) -> dict[str, int]:
         """Listener name -> bound port (the admin API's /readyz)."""
@@ -198,6 +204,7 @@ class Relay:
             self.limits.reconfigure(new.relay.limits)
             return
         old, self.limits = self.limits, Limits.from_config(new, self.metrics, self._partition())
+        self.limits.gate.trim = self.deliverer.trim
         self.scheduler.gate = self.limits.gate
         await old.close()
 
@@ -218,6 +225,7 @@ class Relay:
         if hasattr(self, "deliverer"):
             await self.limits.close()
             await self.deliverer.close()
+            await self.tokens.close()
         if hasattr(self, "spool"):
             await self.spool.close()
         self.events.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 from relay.config.model import Config
 from relay.config.secrets import SecretUnavailable, resolve_secret
 from relay.core.model import TlsMode
+from relay.oauth import FileShare, RedisShare, TokenBroker
 from relay.smtp.server import ListenerSettings
 from relay.smtp.users import Users
 from relay.smtp.users import load_users as read_users
@@ -55,3 +56,14 @@ def admin_token(config: Config) -> str | None:
         return resolve_secret(ref, base_dir=config.base_dir).reveal()
     except SecretUnavailable:
         return None  # `relay check` warned; the API then fails closed (403)
+
+
+def token_broker(config: Config) -> TokenBroker:
+    """OAuth access tokens (auth: xoauth2), shared by the workers of this machine through
+    files under the (unsharded) spool directory, and between nodes through Redis when the
+    limits backend is Redis."""
+    files = FileShare(config.spool_path / "oauth")
+    lim = config.relay.limits
+    if lim.backend == "redis" and lim.redis_url:
+        return TokenBroker(RedisShare(lim.redis_url, files, timeout=lim.redis_timeout))
+    return TokenBroker(files)

@@ -9,7 +9,7 @@ bound, so a machine with N cores runs N workers. The supervisor:
    and a connection waiting in the accept queue is served by whichever worker is free;
 3. starts `relay serve --worker I/N` N times; each inherits the sockets and runs an
    ordinary relay on its own spool shard with its own scheduler and deliverer (limits
-   are split between workers, relay/limits/partition.py, or shared through Redis);
+   are shared between workers through spool/limits/, relay/limits/machine.py, or Redis);
 4. once every worker has written "ready" on its pipe, prints the `relay: listening …`
    lines, serves the admin API for all of them (relay/runtime/fanout.py) and tells systemd;
 5. restarts a worker that dies (backoff 1 s doubling to 30 s; its shard's mail waits in

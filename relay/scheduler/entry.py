@@ -29,6 +29,7 @@ class Entry:
     upstream: str = ""
     state: int = WAITING
     dsn: str | None = None  # RFC 3461 parameters as the spool keeps them (relay.core.dsn)
+    via: str = ""  # set when the policy's failover chose the upstream: why (the mail log says)
 
     def __post_init__(self) -> None:
         # One Entry per queued message stays in memory (200,000 queued ≈ 200,000 entries):

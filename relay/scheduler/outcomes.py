@@ -99,6 +99,8 @@ class Recorder:
             "upstream": upstream.id,
             "egress": source.address if source else None,
         }
+        if e.via:
+            base["failover"] = e.via  # which upstream took it instead, and why
         next_times: list[float] = []
         answered = {r.recipient for r in results}
         out.some_unanswered = any(r not in answered for r in e.pending)
@@ -126,6 +128,7 @@ class Recorder:
                 egress=source.address if source else None, tls=res.tls, attempt=attempts,
                 next_attempt=round(when, 3) if status is RcptStatus.PENDING else None,
                 dsn=True if e.is_dsn else None, operator=operator,
+                failover=e.via or None,  # the upstream that took it instead, and why
                 klass=klass,
             ))
             if status is RcptStatus.PENDING:
@@ -149,6 +152,40 @@ class Recorder:
         if e.pending:
             out.next_due = min(next_times) if next_times else now
         return out
+
+    async def paused(
+        self,
+        e: Entry,
+        upstream: Upstream,
+        source: EgressSource,
+        results: Sequence[RecipientResult],
+        retry_in: float,
+    ) -> None:
+        """An attempt that found its upstream needing a person (relay/scheduler/health.py):
+        not counted (attempts and due time unchanged), but the reply is kept as the
+        recipients' last reply, with an event and a mail-log line each saying `paused`."""
+        now = self.clock()
+        rows: list[EventRow] = []
+        updates: list[RecipientUpdate] = []
+        for res in results:
+            why = res.pause
+            attempts = e.pending.get(res.recipient, 0)
+            updates.append(RecipientUpdate(res.recipient, RcptStatus.PENDING, attempts, now,
+                                           str(res.reply)))
+            rows.append(ev.make_event(
+                ev.DEFERRED, ts=now, queue_id=e.queue_id, org=e.org, account=e.account,
+                sender=e.sender, recipient=res.recipient, reply=res.reply,
+                upstream=upstream.id, egress=source.address, tls=res.tls, attempt=attempts,
+                next_attempt=round(now + retry_in, 3), dsn=True if e.is_dsn else None,
+                operator=None, klass=why.kind if why else reply_class(res.reply),
+            ))
+            self.events.emit(
+                Disposition.DEFERRED, queue_id=e.queue_id, org=e.org, account=e.account,
+                upstream=upstream.id, egress=source.address, recipient=res.recipient,
+                attempt=attempts, reply=str(res.reply), paused=why.kind if why else None,
+                next_step=why.next_step if why else None, retry_in=retry_in,
+            )
+        await self.spool.update(e.queue_id, updates, upstream=upstream.id, events=rows)
 
     def next_state(
         self, e: Entry, res: RecipientResult, attempts: int, now: float

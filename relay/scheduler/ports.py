@@ -8,6 +8,7 @@ from typing import Protocol
 
 from relay.core.dsn import DsnParams
 from relay.core.model import EgressSource, RecipientResult, Reply, Upstream
+from relay.core.waits import Wait
 from relay.scheduler.entry import Entry
 
 
@@ -26,14 +27,15 @@ class Deliverer(Protocol):
 
 
 class Gate(Protocol):
-    """Upstream throttles (relay.limits.gate). `acquire` returns 0 when a delivery may start
-    now (and counts it), else the seconds to wait; `release` ends a started delivery.
-    `slow_down` is the pause after a rate-limit reply (growing while they repeat);
-    `recovered` tells it a delivery went through."""
+    """Upstream throttles (relay.limits.gate). `acquire` returns None when a delivery may
+    start now (and counts it), else a `Wait` (how long, and why); `release` ends a started
+    delivery. `slow_down` is the pause after a rate-limit reply or no answer (growing while
+    they repeat; `reason` is shown while it lasts); `recovered` tells it a delivery went
+    through."""
 
-    async def acquire(self, upstream: Upstream) -> float: ...
+    async def acquire(self, upstream: Upstream) -> Wait | None: ...
     async def release(self, upstream: Upstream) -> None: ...
-    def slow_down(self, upstream: Upstream) -> float: ...
+    def slow_down(self, upstream: Upstream, reason: str = "") -> float: ...
     def recovered(self, upstream: Upstream) -> None: ...
     def local_cap(self, limit: int) -> int:
         """This process's part of a concurrency limit (a worker of several: less)."""
@@ -43,8 +45,8 @@ class Gate(Protocol):
 class NoGate:
     """No throttles beyond the concurrency cap (used when nothing else is configured)."""
 
-    async def acquire(self, upstream: Upstream) -> float:
-        return 0.0
+    async def acquire(self, upstream: Upstream) -> Wait | None:
+        return None
 
     def local_cap(self, limit: int) -> int:
         return limit
@@ -52,7 +54,7 @@ class NoGate:
     async def release(self, upstream: Upstream) -> None:
         return None
 
-    def slow_down(self, upstream: Upstream) -> float:
+    def slow_down(self, upstream: Upstream, reason: str = "") -> float:
         return 30.0
 
     def recovered(self, upstream: Upstream) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from relay.core.waits import Wait
 from relay.scheduler.entry import Entry
 
 
@@ -20,6 +21,12 @@ class UpstreamQueue:
     size: int = 0
     paused_until: float = 0.0
     waking: bool = False
+    why: Wait | None = None  # the last "not yet" (a quota, a pause, ...): why its mail waits
+    # Every connection was held (by this process's deliveries or another worker's): run
+    # `slot_tasks` deliveries, and from `slots_until` on one more that asks for a connection
+    # (each that gets one lets one more ask). None: not short of connections.
+    slot_tasks: int | None = None
+    slots_until: float = 0.0
 
     def push(self, e: Entry) -> None:
         q = self.by_org.get(e.org)

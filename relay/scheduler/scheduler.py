@@ -30,17 +30,23 @@ from relay.core.model import (
     RecipientResult,
     Reply,
     Upstream,
+    UpstreamPause,
 )
+from relay.core.waits import SLOW_DOWN, Wait, clock_time
 from relay.events import MailLog
 from relay.policy import Attribution, route
 from relay.policy.dsnroute import dsn_route
+from relay.policy.failover import fail_over
 from relay.scheduler.entry import ACTIVE, READY, WAITING, Entry
+from relay.scheduler.health import UpstreamHealth
 from relay.scheduler.outcomes import Recorder
 from relay.scheduler.ports import BounceNotifier, Deliverer, Gate, NoGate
 from relay.scheduler.queues import UpstreamQueue
 from relay.scheduler.retry import RetryPolicy
+from relay.scheduler.unusable import UnusableSince
 from relay.scheduler.window import ActiveWindow
 from relay.spool import Spool, SpoolMessage
+from relay.spool.verification import VerificationStore
 
 log = logging.getLogger("relay.scheduler")
 
@@ -88,6 +94,11 @@ class Scheduler:
         self._rr: dict[str, int] = {}
         self.retry = self._retry_policy(config)
         self.recorder = Recorder(spool, events, self.retry, clock=clock, rand=self.rand)
+        # Upstreams paused for a person (credentials, configuration, a daily sending limit).
+        self.health = UpstreamHealth(clock=clock)
+        # Which verify: true upstreams are verified (set by the runtime; None: none are).
+        self.verification: VerificationStore | None = None
+        self.unusable = UnusableSince()  # since when upstreams are unusable (failover)
 
     @staticmethod
     def _retry_policy(config: Config) -> RetryPolicy:
@@ -131,6 +142,22 @@ class Scheduler:
         self.config = config
         self.retry = self.recorder.retry = self._retry_policy(config)
         self.window.max_entries = self._fixed_cap or config.relay.spool.active_messages
+        # A reload is how credentials and configuration get fixed: look again now.
+        for uid in self.health.clear_kinds(("auth", "policy")):
+            self.resume(uid)
+
+    def resume(self, upstream_id: str) -> bool:
+        """End a pause for a person (a test succeeded, a reload): its mail goes now."""
+        if self.health.clear(upstream_id):
+            log.info("upstream %s resumed; its mail goes now", upstream_id)
+        uq = self.queues.get(upstream_id)
+        if uq is None:
+            return False
+        uq.paused_until = 0.0
+        uq.waking = False
+        self._spawn(uq)
+        self.window.maybe_refill(self.clock())  # what was set aside for the pause
+        return True
 
     # -- intake ------------------------------------------------------------------------
     def enqueue(self, e: Entry) -> None:
@@ -189,7 +216,12 @@ class Scheduler:
     def route_entry(self, e: Entry) -> tuple[Upstream, EgressPool]:
         if e.is_dsn:  # to the sender, through the DSN upstream (relay/policy/dsnroute.py)
             return dsn_route(self.config, e.org)
-        r = route(self.config, Attribution(e.org, e.account, "queued"))
+        verified = self.verification.verified_ids(self.config) if self.verification else None
+        r = route(self.config, Attribution(e.org, e.account, "queued"), verified)
+        r, e.via = fail_over(
+            self.config, r, unusable=self.unusable.unusable,
+            deferrals=max(e.pending.values(), default=0), now=self.clock(),
+        )
         return r.upstream, r.pool
 
     def _dispatch(self, e: Entry) -> None:
@@ -204,6 +236,8 @@ class Scheduler:
 
     def _cap(self, upstream_id: str) -> int:
         up = self.config.upstreams.get(upstream_id)
+        if self.health.probing(upstream_id):
+            return 1  # a paused upstream is looked at again with one delivery
         if up is not None and up.throttle.max_connections:
             # Never more tasks than this process may hold leases: a task without one would
             # pause the whole upstream queue until a lease frees (LEASE_POLL).
@@ -213,10 +247,21 @@ class Scheduler:
     def _spawn(self, uq: UpstreamQueue) -> None:
         if not self._running or uq.waking:
             return
-        if uq.paused_until > self.clock():
-            self._wake_later(uq, uq.paused_until - self.clock())
+        until = max(uq.paused_until, self.health.until(uq.upstream_id))
+        if until > self.clock():
+            self._wake_later(uq, until - self.clock())
             return
-        while uq.active < self._cap(uq.upstream_id) and uq.active < uq.size:
+        cap = self._cap(uq.upstream_id)
+        if uq.slot_tasks is not None:  # short of connections: one more asks, when it may
+            now = self.clock()
+            if uq.slots_until > now:
+                cap = min(cap, uq.slot_tasks)
+                if uq.active == 0 and cap == 0:  # nobody left to ask then: wake up for it
+                    self._wake_later(uq, uq.slots_until - now)
+                    return
+            else:
+                cap = min(cap, uq.slot_tasks + 1)
+        while uq.active < cap and uq.active < uq.size:
             uq.active += 1
             t = asyncio.create_task(self._worker(uq), name=f"deliver-{uq.upstream_id}")
             self._tasks.add(t)
@@ -235,11 +280,16 @@ class Scheduler:
     async def _worker(self, uq: UpstreamQueue) -> None:
         try:
             while self._running:
-                if uq.paused_until > self.clock():
-                    self._wake_later(uq, uq.paused_until - self.clock())
+                until = max(uq.paused_until, self.health.until(uq.upstream_id))
+                if until > self.clock():
+                    self._wake_later(uq, until - self.clock())
                     return
+                if (uq.slot_tasks is not None and uq.active <= uq.slot_tasks
+                        and uq.slots_until <= self.clock()):
+                    self._spawn(uq)  # time to ask for one more connection
                 e = uq.pop()
                 if e is None:
+                    uq.slot_tasks = None
                     return
                 if self.entries.get(e.queue_id) is not e or e.held or e.state != READY:
                     continue
@@ -248,11 +298,24 @@ class Scheduler:
                     self._dispatch(e)
                     continue
                 wait = await self.gate.acquire(upstream)
-                if wait > 0:
+                if wait is not None:
                     uq.unpop(e)
-                    uq.paused_until = max(uq.paused_until, self.clock() + wait)
+                    uq.why = wait
                     self.events.metrics.limit_hits.labels("upstream").inc()
-                    continue
+                    if wait.whole_queue:
+                        uq.paused_until = max(uq.paused_until, self.clock() + wait.seconds)
+                        continue
+                    # Every connection is held: the deliveries holding them go on with the
+                    # queue; this one ends (the only one: it asks again shortly).
+                    uq.slot_tasks = uq.active - 1
+                    uq.slots_until = self.clock() + wait.seconds
+                    if uq.slot_tasks == 0:
+                        self._wake_later(uq, wait.seconds)
+                    return
+                if uq.slot_tasks is not None and uq.active > uq.slot_tasks:
+                    uq.slot_tasks = uq.active  # this one got a connection: one more may ask
+                    self._spawn(uq)
+                uq.why = None
                 e.state = ACTIVE
                 try:
                     await self._attempt(e, upstream, self._pick_source(pool))
@@ -280,7 +343,10 @@ class Scheduler:
             reply = Reply(
                 451, f"4.3.5 upstream {upstream.id} is unavailable: {upstream.unavailable}", "4.3.5"
             )
-            results = [RecipientResult(r, Outcome.DEFERRED, reply) for r in rcpts]
+            # A configuration problem: the upstream waits for a reload, no retry is counted.
+            why = UpstreamPause("policy", str(reply), "make the secret reference readable by the"
+                                " relay (env:, file: or credential:), then `relay reload`")
+            results = [RecipientResult(r, Outcome.DEFERRED, reply, pause=why) for r in rcpts]
         else:
             try:
                 body = await self.spool.body(e.queue_id)
@@ -297,6 +363,13 @@ class Scheduler:
                 results = await self.deliverer.deliver(
                     upstream, source, e.sender, rcpts, data, wire=body.wire
                 )
+        paused = [r for r in results if r.pause is not None]
+        if paused:
+            if len(paused) == len(results):  # unusable for now: the failover clock runs
+                self.unusable.note(upstream.id, results, self.clock())
+            self._pause(e, upstream, source, paused)
+            if len(paused) == len(results):
+                return  # not an attempt: it waits at the head of its queue, nothing counted
         self._note_health(upstream, results)
         # The upstream has answered: free the delivery slot now and commit the outcome in the
         # background (a slot waiting for the spool's fsync cost ~20% of a 100 ms upstream's
@@ -305,6 +378,44 @@ class Scheduler:
         t = asyncio.create_task(self._record_safely(e, upstream, source, results, data))
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+
+    def _pause(
+        self, e: Entry, upstream: Upstream, source: EgressSource, paused: list[RecipientResult]
+    ) -> None:
+        """The upstream needs a person: pause it (relay/scheduler/health.py), say so in the
+        mail log, and put the message back at the head of its queue."""
+        why = paused[0].pause
+        assert why is not None
+        p = self.health.pause(upstream.id, why)
+        retry_in = round(max(0.0, p.until - self.clock()), 1)
+        t = asyncio.create_task(self._note_paused(e, upstream, source, paused, retry_in))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        log.warning("upstream %s paused (%s), its mail waits: %s; next step: %s",
+                    upstream.id, why.kind, why.reason, why.next_step)
+        uq = self.queues.get(upstream.id)
+        if uq is None:
+            uq = self.queues[upstream.id] = UpstreamQueue(upstream.id)
+        # The queue's own pause too: the bounded window then sets its tail aside for others.
+        uq.paused_until = max(uq.paused_until, p.until)
+        if len(paused) == len(e.pending) and self.entries.get(e.queue_id) is e:
+            e.state = READY
+            uq.unpop(e)
+        # Organisations that fail over leave a paused upstream like a slowed-down one.
+        self._reroute_when_failover_may(uq, p.until - self.clock())
+
+    async def _note_paused(
+        self,
+        e: Entry,
+        upstream: Upstream,
+        source: EgressSource,
+        paused: list[RecipientResult],
+        retry_in: float,
+    ) -> None:
+        try:
+            await self.recorder.paused(e, upstream, source, paused, retry_in)
+        except Exception:  # the message is still queued; only the note is missing
+            log.exception("recording the pause of %s failed", e.queue_id)
 
     def _note_health(self, upstream: Upstream, results: Sequence[RecipientResult]) -> None:
         """A "slow down" reply, or no answer from the host, pauses the upstream's whole
@@ -317,15 +428,56 @@ class Scheduler:
         unreachable = bool(results) and all(
             r.outcome is Outcome.DEFERRED and r.reply.enhanced == "4.4.1" for r in results
         )
+        self.unusable.note(upstream.id, results, self.clock())
         if throttled or unreachable:
-            pause = self.gate.slow_down(upstream)
-            uq = self.queues.get(upstream.id)
-            if uq is not None:
-                uq.paused_until = max(uq.paused_until, self.clock() + pause)
+            first = next(r for r in results if r.throttled or unreachable)
+            reason = f"{'slow-down' if throttled else 'not answering'} after: {first.reply}"
+            pause = self.gate.slow_down(upstream, reason)
+            self.pause_upstream(upstream.id, pause, Wait(
+                pause, SLOW_DOWN,
+                f"upstream paused until {clock_time(time.time() + pause)} ({reason})"))
             why = "asked to slow down" if throttled else "is not answering"
             log.warning("upstream %s %s; pausing its queue %.0fs", upstream.id, why, pause)
         elif any(r.outcome is Outcome.DELIVERED for r in results):
             self.gate.recovered(upstream)
+            if self.health.clear(upstream.id):
+                log.info("upstream %s delivers again; its pause is over", upstream.id)
+
+    def pause_upstream(self, upstream_id: str, seconds: float, why: Wait) -> None:
+        """No delivery to `upstream_id` for `seconds`; `why` is what its mail shows. Where
+        its organisations fail over, the queue is routed again once that may apply."""
+        uq = self.queues.get(upstream_id)
+        if uq is None:
+            return
+        uq.paused_until = max(uq.paused_until, self.clock() + seconds)
+        uq.why = why
+        self._reroute_when_failover_may(uq, seconds)
+
+    def _reroute_when_failover_may(self, uq: UpstreamQueue, seconds: float) -> None:
+        """A queue paused for `seconds`: where its organisations fail over, route it again
+        once that may apply (their `failover_after` since the upstream became unusable)."""
+        afters = [o.failover_after for o in self.config.orgs.values() if o.failover]
+        if afters and self._running:
+            since = self.unusable.unusable.get(uq.upstream_id)
+            start = since.since if since is not None else self.clock()
+            delay = max(0.0, start + min(afters) - self.clock())
+            if delay < seconds:
+                asyncio.get_running_loop().call_later(delay + 0.01, self._reroute, uq)
+
+    def _reroute(self, uq: UpstreamQueue) -> None:
+        """Send the ready entries that the policy (failover) now routes elsewhere there."""
+        if not self._running:
+            return
+        keep: list[Entry] = []
+        while (e := uq.pop()) is not None:
+            if self.entries.get(e.queue_id) is not e or e.held or e.state != READY:
+                continue  # stale: the queue skips these anyway
+            if self.route_entry(e)[0].id != uq.upstream_id:
+                self._dispatch(e)
+            else:
+                keep.append(e)
+        for e in keep:
+            uq.push(e)
 
     async def _record_safely(
         self,
