@@ -46,6 +46,7 @@ from pathlib import Path
 
 from limits.aio.storage import MemoryStorage, Storage
 
+from relay.core.sqlitefile import open_shared
 from relay.limits.partition import Partition, part
 from relay.limits.store import Lease, MemoryStore, Store, Window
 
@@ -75,16 +76,11 @@ CREATE TABLE IF NOT EXISTS slots (key TEXT NOT NULL, worker INTEGER NOT NULL,
 
 
 def open_db(directory: Path) -> sqlite3.Connection:
-    directory.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(
-        directory / DB_NAME, isolation_level=None, timeout=10.0, check_same_thread=False
-    )
-    db.execute("PRAGMA journal_mode=WAL")
+    db = open_shared(directory / DB_NAME, _SCHEMA)
     db.execute("PRAGMA synchronous=NORMAL")
     # No checkpoint (and its fsync) on the event loop: MachineStore checkpoints every
     # second from a thread.
     db.execute("PRAGMA wal_autocheckpoint=0")
-    db.executescript(_SCHEMA)
     return db
 
 

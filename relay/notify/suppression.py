@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -36,6 +34,7 @@ from redis.exceptions import RedisError
 
 from relay.core.model import Reply
 from relay.core.redact import redact
+from relay.core.sqlitefile import open_shared
 
 log = logging.getLogger("relay.suppression")
 
@@ -112,17 +111,7 @@ class _Local:
     """The node's SQLite copy (shared by its workers)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                    timeout=10.0)
-        # Workers open this file together at start: switching a new database to WAL needs
-        # it alone (SQLite answers "database is locked" at once, without waiting), so the
-        # set-up runs under an exclusive lock on a file beside it.
-        with open(path.with_name(path.name + ".init-lock"), "a") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            for stmt in _DDL.split(";\n"):
-                self.conn.execute(stmt)
+        self.conn = open_shared(path, _DDL)
         self.conn.execute("PRAGMA synchronous=FULL")
         self.lock = asyncio.Lock()
 
