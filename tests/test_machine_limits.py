@@ -6,12 +6,10 @@ restart. The real thing, with `relay serve` and two workers, is in test_exact_li
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from relay.core.model import TlsMode, Upstream
 from relay.core.waits import SLOW_DOWN
@@ -20,6 +18,7 @@ from relay.limits.gate import UpstreamGate
 from relay.limits.machine import IDLE_GRACE, MachineStore, open_db
 from relay.limits.partition import Partition
 from relay.limits.store import Window
+from tests.together import failures_together
 
 HOURLY = Window("upstream up", 4, 3600, ("quota", "up", "3600"))
 
@@ -168,27 +167,11 @@ def test_a_slow_down_pause_outlives_a_restart_and_says_why(tmp_path: Path) -> No
     asyncio.run(go())
 
 
-def _open_machine_db(directory: str, barrier: Any) -> None:
-    barrier.wait()
-    open_db(Path(directory)).close()
-
-
 def test_workers_opening_a_new_limits_store_together_never_see_database_locked(
     tmp_path: Path,
 ) -> None:
     # Found in a full run: `workers: 2` starting on a fresh spool, worker 0 failed to start
     # with "database is locked" switching the new limits.db to WAL (SQLite does not wait for
     # that switch). 4 processes x 15 fresh directories, all opening at once.
-    ctx = multiprocessing.get_context("fork")
-    failed = 0
-    for i in range(15):
-        directory = str(tmp_path / f"l{i}")
-        barrier = ctx.Barrier(4)
-        procs = [ctx.Process(target=_open_machine_db, args=(directory, barrier))
-                 for _ in range(4)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(30)
-        failed += sum(p.exitcode != 0 for p in procs)
-    assert failed == 0
+    dirs = [str(tmp_path / f"l{i}") for i in range(15)]
+    assert failures_together(lambda d: open_db(Path(d)).close(), dirs) == 0

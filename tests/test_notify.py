@@ -4,10 +4,8 @@ their change, the outbox bounds (the rule when full), signatures, pruning."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -22,6 +20,7 @@ from relay.notify.signing import sign, verify
 from relay.notify.suppression import _Local
 from relay.notify.webhook import WebhookSender
 from relay.spool import RcptStatus, RecipientUpdate, Spool
+from tests.together import failures_together
 
 
 def R(code: int, text: str) -> Reply:
@@ -155,26 +154,11 @@ def test_message_ids_and_redacted_replies_in_events() -> None:
     assert "AGFiYwBk" not in row.data and json.loads(row.data)["reply"]["code"] == 535
 
 
-def _open_local(path: str, barrier: Any) -> None:
-    barrier.wait()
-    _Local(Path(path))
-
-
 def test_workers_opening_a_new_suppression_list_together_never_see_database_locked(
     tmp_path: Path,
 ) -> None:
     # Found in a full run: two workers starting at once, one failed with "database is
     # locked" switching the new file to WAL. 4 processes x 15 fresh files: it failed 8 in
     # 160 opens before the set-up took a lock.
-    ctx = multiprocessing.get_context("fork")
-    failed = 0
-    for i in range(15):
-        path = str(tmp_path / f"s{i}" / "suppression.db")
-        barrier = ctx.Barrier(4)
-        procs = [ctx.Process(target=_open_local, args=(path, barrier)) for _ in range(4)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(30)
-        failed += sum(p.exitcode != 0 for p in procs)
-    assert failed == 0
+    paths = [str(tmp_path / f"s{i}" / "suppression.db") for i in range(15)]
+    assert failures_together(lambda path: _Local(Path(path)), paths) == 0
