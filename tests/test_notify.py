@@ -158,7 +158,7 @@ def test_workers_opening_a_new_suppression_list_together_never_see_database_lock
     tmp_path: Path,
 ) -> None:
     # Found in a full run: two workers starting at once, one failed with "database is
-    # locked" switching the new file to WAL. 4 processes x 15 fresh files: it failed 8 in
-    # 160 opens before the set-up took a lock.
-    paths = [str(tmp_path / f"s{i}" / "suppression.db") for i in range(15)]
+    # locked" switching the new file to WAL. 4 processes x 15 fresh files failed 8 in 160
+    # opens before the set-up took a lock; now 8 processes x 25 files.
+    paths = [str(tmp_path / f"s{i}" / "suppression.db") for i in range(25)]
     assert failures_together(lambda path: _Local(Path(path)), paths) == 0

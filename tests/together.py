@@ -12,7 +12,7 @@ def _at_barrier(target: Callable[[str], object], arg: str, barrier: Any) -> None
     target(arg)
 
 
-def failures_together(target: Callable[[str], object], args: list[str], processes: int = 4) -> int:
+def failures_together(target: Callable[[str], object], args: list[str], processes: int = 8) -> int:
     """Run `target(arg)` in `processes` forked processes released together, for each arg in
     turn; how many of those processes failed (exit code not 0)."""
     ctx = multiprocessing.get_context("fork")
