@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import string
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -461,5 +462,37 @@ async def test_age_shape_counts_each_message_in_its_bucket_by_group(tmp_path: Pa
             "u1": [0, 0, 0, 2], "u2": [0, 0, 0, 1]}
         with pytest.raises(ValueError):
             await spool.age_shape(by="sender", edges=edges, now=put_at)
+    finally:
+        await spool.close()
+
+
+async def test_an_operator_read_in_progress_never_holds_up_a_delivery(tmp_path: Path) -> None:
+    # A summary over a million queued messages takes ~0.3 s (RESULTS.md §12); with one read
+    # connection, every status-page refresh and metrics scrape stalled the body reads of
+    # deliveries that long. Operator reads now have their own connection, both ways round.
+    spool = await Spool.open(tmp_path / "s", body_cache_bytes=0)
+    try:
+        qid = await spool.put(sender="a@x.example", recipients=["b@y.example"], data=b"hi\r\n",
+                              client="127.0.0.1", org="o", account="a", upstream="u")
+        release = threading.Event()
+
+        def slow(conn: sqlite3.Connection) -> int:  # an operator query that takes its time
+            release.wait(10)
+            return 0
+
+        inspecting = asyncio.ensure_future(spool._inspect(slow))
+        await asyncio.sleep(0.05)
+        assert (await asyncio.wait_for(spool.read_body(qid), 2)) == b"hi\r\n"
+        assert not inspecting.done()
+        release.set()
+        await inspecting
+
+        release.clear()
+        delivering = asyncio.ensure_future(spool._read(slow))  # a slow read on the mail path
+        await asyncio.sleep(0.05)
+        summary = await asyncio.wait_for(spool.summary(), 2)
+        assert summary["messages"] == 1 and not delivering.done()
+        release.set()
+        await delivering
     finally:
         await spool.close()

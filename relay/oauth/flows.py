@@ -7,6 +7,9 @@
   refresh-token grant.
 
 Both are synchronous (requests): every call here runs in a worker thread (relay.oauth.broker).
+Both are imported on the first token request, not with this module: together they are ~0.15 s
+of every `relay` command's start (cryptography, requests), and most relays never ask for a
+token.
 Every failure becomes a `TokenError` carrying the identity provider's own error code and
 description (`AADSTS7000215: Invalid client secret provided ...`), never a secret.
 """
@@ -19,14 +22,13 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import google.auth.exceptions
-import google.auth.transport.requests
-import google.oauth2.credentials
-import google.oauth2.service_account
-import msal
-import requests
+if TYPE_CHECKING:
+    import google.oauth2.credentials
+    import google.oauth2.service_account
+    import msal
+    import requests
 
 from relay.core.model import Flow, IdentityProvider, OAuthSettings
 
@@ -70,6 +72,8 @@ def http_session(ca_file: str | None, timeout: float) -> requests.Session:
     """A requests session that verifies TLS against `ca_file` (else the system's CAs) on
     every request: requests lets $REQUESTS_CA_BUNDLE override a session's own `verify`,
     but not a request's."""
+    import requests
+
     session = requests.Session()
     verify: str | bool = ca_file or True
     session.verify = verify
@@ -79,16 +83,16 @@ def http_session(ca_file: str | None, timeout: float) -> requests.Session:
     return session
 
 
-class _Request(google.auth.transport.requests.Request):
+def _google_request(session: requests.Session, timeout: float) -> Any:
     """google-auth's transport with our timeout on every call."""
+    import google.auth.transport.requests
 
-    def __init__(self, session: requests.Session, timeout: float) -> None:
-        super().__init__(session)
-        self._timeout = timeout
+    class _Request(google.auth.transport.requests.Request):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs["timeout"] = timeout
+            return super().__call__(*args, **kwargs)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["timeout"] = self._timeout
-        return super().__call__(*args, **kwargs)
+    return _Request(session)
 
 
 class Flows:
@@ -101,6 +105,9 @@ class Flows:
         self._lock = threading.Lock()
 
     def fetch(self, s: OAuthSettings, username: str, refresh_token: str | None) -> Grant:
+        import google.auth.exceptions
+        import requests
+
         try:
             if s.idp is IdentityProvider.MICROSOFT:
                 return self._microsoft(s, refresh_token)
@@ -135,6 +142,8 @@ class Flows:
 
     # -- Microsoft ----------------------------------------------------------------------
     def _app(self, s: OAuthSettings) -> msal.ClientApplication:
+        import msal
+
         if not s.token_endpoint.endswith(MS_SUFFIX):
             raise TokenError(s.token_endpoint, "configuration",
                              f"a Microsoft token endpoint ends with {MS_SUFFIX}")
@@ -166,6 +175,8 @@ class Flows:
         return app
 
     def _microsoft(self, s: OAuthSettings, refresh_token: str | None) -> Grant:
+        import msal
+
         app = self._app(s)
         scopes = s.scope.split()
         if s.flow is Flow.REFRESH_TOKEN:
@@ -191,8 +202,11 @@ class Flows:
 
     # -- Google -------------------------------------------------------------------------
     def _google(self, s: OAuthSettings, username: str, refresh_token: str | None) -> Grant:
+        import google.oauth2.credentials
+        import google.oauth2.service_account
+
         session = http_session(s.ca_file, s.timeout)
-        request = _Request(session, s.timeout)
+        request = _google_request(session, s.timeout)
         creds: google.oauth2.service_account.Credentials | google.oauth2.credentials.Credentials
         try:
             if s.flow is Flow.SERVICE_ACCOUNT:

@@ -166,6 +166,7 @@ class Spool:
         directory: Path,
         writer: Writer,
         reader: sqlite3.Connection,
+        inspector: sqlite3.Connection,
         lock_fd: int,
         segments: Segments,
         *,
@@ -176,8 +177,15 @@ class Spool:
         self.directory = directory
         self.db_path = directory / DB_NAME
         self._writer = writer
+        # Two read connections, each used by one thread at a time: `_reader` for the mail
+        # path (bodies to deliver, the scheduler's refills), `_inspector` for everything an
+        # operator, a metrics scrape, the status page or the webhooks ask. A summary over a
+        # million queued messages takes ~0.3 s; on one shared connection each status-page
+        # refresh or scrape held every delivery's body read up that long.
         self._reader = reader
         self._reader_lock = threading.Lock()
+        self._inspector = inspector
+        self._inspector_lock = threading.Lock()
         self._lock_fd = lock_fd
         self._segments = segments
         self._inline_max = inline_max
@@ -187,7 +195,7 @@ class Spool:
         self._bodies: dict[str, StoredBody] = {}
         self._body_bytes = 0
         self._body_cache_bytes = body_cache_bytes
-        self.events = EventLog(self._write, self._read)
+        self.events = EventLog(self._write, self._inspect)
 
     @classmethod
     async def open(
@@ -220,6 +228,7 @@ class Spool:
                 if missing:  # rows whose body is gone: set aside, never delivered empty
                     recovery.quarantine(conn, missing, segments)
                 reader = connect(directory / DB_NAME, readonly=True)
+                inspector = connect(directory / DB_NAME, readonly=True)
             except (sqlite3.Error, OSError) as exc:
                 os.close(lock_fd)
                 raise SpoolError(reason=f"cannot open spool {directory}: {exc}") from exc
@@ -229,6 +238,7 @@ class Spool:
                 directory,
                 writer,
                 reader,
+                inspector,
                 lock_fd,
                 segments,
                 body_cache_bytes=body_cache_bytes,
@@ -489,6 +499,18 @@ class Spool:
 
         return await asyncio.to_thread(blocking)
 
+    async def _inspect(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A read for an operator, a scrape, the status page or the events (not the mail
+        path: see `_reader`)."""
+        if self._closed:
+            raise SpoolError(reason="spool is closed")
+
+        def blocking() -> T:
+            with self._inspector_lock:
+                return fn(self._inspector)
+
+        return await asyncio.to_thread(blocking)
+
     async def read_body(self, queue_id: str) -> bytes:
         """The message bytes as received; KeyError if the id is unknown."""
         return (await self.body(queue_id)).data
@@ -535,7 +557,7 @@ class Spool:
             ).fetchone()
             return row
 
-        row = await self._read(fn)
+        row = await self._inspect(fn)
         if row is None:
             return None
         try:
@@ -559,7 +581,7 @@ class Spool:
         def fn(conn: sqlite3.Connection) -> list[str]:
             return [str(r[0]) for r in conn.execute(sql, args)]
 
-        return await self._read(fn)
+        return await self._inspect(fn)
 
     async def list(
         self,
@@ -580,7 +602,7 @@ class Spool:
             return conn.execute(sql, args).fetchall()
 
         out: list[SpoolMessage] = []
-        for row in await self._read(fn):
+        for row in await self._inspect(fn):
             try:
                 out.append(decode_message(row))
             except DamagedRow as exc:
@@ -604,7 +626,7 @@ class Spool:
                 )
             return groups[0], groups[1]
 
-        by_upstream_rows, by_org_rows = await self._read(fn)
+        by_upstream_rows, by_org_rows = await self._inspect(fn)
 
         def group(rows: list[Any]) -> dict[str, dict[str, Any]]:
             return {
@@ -666,7 +688,7 @@ class Spool:
             return conn.execute(sql, params).fetchall()
 
         out: dict[str, builtins.list[int]] = {}
-        for name, bucket, n in await self._read(fn):
+        for name, bucket, n in await self._inspect(fn):
             out.setdefault(str(name), [0] * (len(edges) + 1))[int(bucket)] += int(n)
         return out
 
@@ -679,7 +701,7 @@ class Spool:
             ).fetchone()
             return int(n), int(held)
 
-        return await self._read(fn)
+        return await self._inspect(fn)
 
     async def depth(self) -> dict[str, tuple[int, float]]:
         """(messages, oldest received_at) by upstream, for the queue gauges (covering index)."""
@@ -690,7 +712,7 @@ class Spool:
                 " INDEXED BY messages_upstream GROUP BY upstream"
             ).fetchall()
 
-        return {str(u): (int(n), float(oldest)) for u, n, oldest in await self._read(fn)}
+        return {str(u): (int(n), float(oldest)) for u, n, oldest in await self._inspect(fn)}
 
     def iter_pending(self) -> Iterator[SpoolMessage]:
         """Startup recovery: every message with a PENDING recipient, streamed page by page
@@ -708,4 +730,6 @@ class Spool:
         self._segments.close()
         with self._reader_lock:
             self._reader.close()
+        with self._inspector_lock:
+            self._inspector.close()
         os.close(self._lock_fd)
