@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"`relay queue summary` with the queue full: {ms(sc.summary_running_seconds)} ms "
                   f"(whole command); Spool.summary() on the stopped spool: "
                   f"{ms(sc.summary_offline_seconds)} ms; SIGTERM -> exit {sc.stop_seconds:.1f} s")
+            idle = ", ".join(ms(x) for x in sc.summary_idle_seconds)
+            print(f"`relay queue summary` once the relay is idle: {idle} ms (whole command; "
+                  f"importing relay.cli.main alone: {ms(sc.cli_import_seconds)} ms)")
             print(f"restart recovery (start -> listening, 'recovered {sc.recovered} unfinished "
                   f"messages'): {sc.recovery_seconds:.1f} s; RSS after recovery "
                   f"{sc.rss_after_recovery[0] / mb:.0f} MB; `relay queue summary` while it drains: "

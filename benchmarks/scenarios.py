@@ -200,6 +200,8 @@ class Scale:
     rss_after_ingest: tuple[int, int] = (0, 0)
     summary_running_seconds: float = float("nan")  # `relay queue summary`, relay up, queue full
     summary_output: str = ""
+    summary_idle_seconds: list[float] = field(default_factory=list)  # once the relay is idle
+    cli_import_seconds: float = float("nan")  # `python -c "import relay.cli.main"` alone
     stop_seconds: float = float("nan")
     summary_offline_seconds: float = float("nan")  # Spool.summary() on the stopped spool
     spool_bytes: int = 0
@@ -211,6 +213,16 @@ class Scale:
     drain_seconds: float = float("nan")
     rss_after_drain: tuple[int, int] = (0, 0)
     notes: list[str] = field(default_factory=list)
+
+
+def _wait_idle(relay: Relay, limit: float = 120.0) -> None:
+    """Until the relay used under 5% of a core over a second (at most `limit` seconds)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        c0 = relay.cpu_seconds()
+        time.sleep(1.0)
+        if relay.cpu_seconds() - c0 < 0.05:
+            return
 
 
 def _relay_queue(relay: Relay, *args: str, timeout: float = 600) -> tuple[float, str]:
@@ -290,6 +302,11 @@ def scale(base: Path, s: Settings) -> Scale:
         res.ingest_seconds = time.monotonic() - t0
         res.rss_after_ingest = relay.rss()
         res.summary_running_seconds, res.summary_output = _relay_queue(relay, "summary")
+        _wait_idle(relay)  # its last deferrals written: what an operator sees at a quiet moment
+        res.summary_idle_seconds = [_relay_queue(relay, "summary")[0] for _ in range(3)]
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import relay.cli.main"], check=True)
+        res.cli_import_seconds = time.monotonic() - t0
         res.stop_seconds = relay.stop()
     finally:
         relay.kill()
