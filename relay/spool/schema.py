@@ -282,3 +282,53 @@ CREATE INDEX IF NOT EXISTS messages_body ON messages (body_seg, body_off, size)
     WHERE body_seg IS NOT NULL
 """,
 ))
+
+# Queued messages, pending recipients and held messages per upstream and per organisation,
+# kept by triggers as rows change, so that a summary reads a few rows instead of scanning two
+# indexes (~0.3 s at a million queued messages; RESULTS.md §12). Every change to `messages`
+# goes through SQL, so the triggers see all of them (puts, outcomes, holds, re-routing,
+# deletes, quarantine, shard folding). Rows at 0 stay (one per name ever seen: few).
+_COUNT_KINDS = ("upstream", "org")
+
+
+def _add(kind: str, row: str, sign: str) -> str:
+    return (
+        f"INSERT INTO queue_counts (kind, name, messages, pending, held) VALUES ('{kind}',"
+        f" {row}.{kind}, {sign}1, {sign}{row}.pending, {sign}{row}.held) ON CONFLICT (kind, name)"
+        " DO UPDATE SET messages = messages + excluded.messages,"
+        " pending = pending + excluded.pending, held = held + excluded.held;"
+    )
+
+
+def _queue_counts(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS queue_counts (kind TEXT NOT NULL, name TEXT NOT NULL,"
+        " messages INTEGER NOT NULL, pending INTEGER NOT NULL, held INTEGER NOT NULL,"
+        " PRIMARY KEY (kind, name)) WITHOUT ROWID"
+    )
+    conn.execute("DELETE FROM queue_counts")
+    for kind in _COUNT_KINDS:
+        conn.execute(
+            "INSERT INTO queue_counts (kind, name, messages, pending, held)"
+            f" SELECT '{kind}', {kind}, count(*), total(pending), total(held) FROM messages"
+            f" GROUP BY {kind}"
+        )
+    adds_new = " ".join(_add(k, "NEW", "+") for k in _COUNT_KINDS)
+    subs_old = " ".join(_add(k, "OLD", "-") for k in _COUNT_KINDS)
+    conn.execute(
+        f"CREATE TRIGGER IF NOT EXISTS queue_counts_insert AFTER INSERT ON messages BEGIN"
+        f" {adds_new} END"
+    )
+    conn.execute(
+        f"CREATE TRIGGER IF NOT EXISTS queue_counts_delete AFTER DELETE ON messages BEGIN"
+        f" {subs_old} END"
+    )
+    conn.execute(
+        "CREATE TRIGGER IF NOT EXISTS queue_counts_update AFTER UPDATE OF upstream, org,"
+        " pending, held ON messages WHEN OLD.upstream IS NOT NEW.upstream OR OLD.org IS NOT"
+        " NEW.org OR OLD.pending IS NOT NEW.pending OR OLD.held IS NOT NEW.held"
+        f" BEGIN {subs_old} {adds_new} END"
+    )
+
+
+STEPS.append(("queue-counts", _queue_counts))
