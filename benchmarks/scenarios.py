@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks import procs
 from benchmarks.clients import ProbeResult, probe, run_smtp_source
 from benchmarks.mtas import Postfix, Relay
-from benchmarks.sinks import Sink
+from benchmarks.sinks import Sink, time_at
 from benchmarks.webhooksink import WebhookSink
 
 
@@ -187,6 +187,15 @@ def latency(kind: str, base: Path, s: Settings) -> Latency:
                 end = time.monotonic()
             res.seconds = end - t0
             res.steady_seconds = end - (sink.first_at or t0)
+            n = s.latency_messages
+            t10, t90 = time_at(sink.progress, n // 10), time_at(sink.progress, n * 9 // 10)
+            if t10 is not None and t90 is not None and t90 > t10:
+                rate = (n * 9 // 10 - n // 10) / (t90 - t10)
+                res.notes.append(
+                    f"from the 10th to the 90th percentile message: {rate:.1f} msg/s"
+                    f" ({100 * rate / res.ceiling:.1f}%); the first 10% took"
+                    f" {t10 - (sink.first_at or t0):.2f} s, the last 10% {end - t90:.2f} s"
+                    f" (at the ceiling: {n / 10 / res.ceiling:.2f} s each)")
             res.load = os.getloadavg()[0]
         finally:
             mta.stop()

@@ -24,6 +24,7 @@ class Sink:
         self.count = 0
         self.sessions = 0  # connections the sink has seen end
         self.first_at: float | None = None
+        self.progress: list[tuple[float, int]] = []  # (monotonic time, count) as reported
         self._cond = threading.Condition()
         self.proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -64,6 +65,7 @@ class Sink:
                     if n and self.first_at is None:
                         self.first_at = time.monotonic()
                     self.count = n
+                    self.progress.append((time.monotonic(), n))
                     self._cond.notify_all()
 
     def wait_for(self, n: int, deadline: float) -> float | None:
@@ -107,3 +109,8 @@ def wait_listening(port: int, timeout: float, proc: subprocess.Popen[bytes] | No
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nothing listens on 127.0.0.1:{port}") from None
             time.sleep(0.05)
+
+
+def time_at(progress: list[tuple[float, int]], n: int) -> float | None:
+    """When the sink's count first reached `n` (from its progress reports)."""
+    return next((t for t, count in progress if count >= n), None)
