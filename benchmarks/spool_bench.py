@@ -120,20 +120,24 @@ def report(name: str, elapsed: float, lat: list[float], commits: int) -> None:
     )
 
 
+async def _put_one(spool: Spool, n: int, body: bytes) -> str:
+    return await spool.put(
+        sender="a@example.com",
+        recipients=[f"r{n}@example.org"],
+        data=body,
+        client="127.0.0.1",
+        org="acme",
+        account="a@example.com",
+        upstream="sendgrid",
+    )
+
+
 async def bench_sqlite(base: Path, concurrency: int, total: int, size: int) -> None:
     spool = await Spool.open(base / f"sqlite-{concurrency}")
     body = b"x" * size
 
     async def put(n: int) -> str:
-        return await spool.put(
-            sender="a@example.com",
-            recipients=[f"r{n}@example.org"],
-            data=body,
-            client="127.0.0.1",
-            org="acme",
-            account="a@example.com",
-            upstream="sendgrid",
-        )
+        return await _put_one(spool, n, body)
 
     elapsed, lat = await drive(put, concurrency, total)
     report(f"sqlite WAL, {concurrency} putters", elapsed, lat, spool.stats.commits)
@@ -148,15 +152,7 @@ async def bench_lifecycle(
     body = (b"x" * 76 + b"\r\n") * max(1, size // 78)
 
     async def life(n: int) -> str:
-        qid = await spool.put(
-            sender="a@example.com",
-            recipients=[f"r{n}@example.org"],
-            data=body,
-            client="127.0.0.1",
-            org="acme",
-            account="a@example.com",
-            upstream="sendgrid",
-        )
+        qid = await _put_one(spool, n, body)
         assert len(await spool.read_body(qid)) == len(body)
         await spool.update(
             qid,

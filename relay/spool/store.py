@@ -490,24 +490,23 @@ class Spool:
     # --- reads (separate WAL reader connection, off the event loop) ----------------------
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise SpoolError(reason="spool is closed")
-
-        def blocking() -> T:
-            with self._reader_lock:
-                return fn(self._reader)
-
-        return await asyncio.to_thread(blocking)
+        """A read on the mail path (bodies to deliver, the scheduler's refills)."""
+        return await self._on(self._reader, self._reader_lock, fn)
 
     async def _inspect(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A read for an operator, a scrape, the status page or the events (not the mail
         path: see `_reader`)."""
+        return await self._on(self._inspector, self._inspector_lock, fn)
+
+    async def _on(
+        self, conn: sqlite3.Connection, lock: threading.Lock, fn: Callable[[sqlite3.Connection], T]
+    ) -> T:
         if self._closed:
             raise SpoolError(reason="spool is closed")
 
         def blocking() -> T:
-            with self._inspector_lock:
-                return fn(self._inspector)
+            with lock:
+                return fn(conn)
 
         return await asyncio.to_thread(blocking)
 
