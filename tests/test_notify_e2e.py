@@ -162,7 +162,12 @@ def test_trace_of_a_message_deferred_twice_then_delivered(tmp_path: Path,
                 capture_output=True, text=True, env={**HOOK_ENV, "PATH": "/usr/bin:/bin"},
                 timeout=30)
             status_r, by_rcpt, _ = http("GET", url + "/trace?q=ann@x.test")
+            unknown = subprocess.run(
+                [sys.executable, "-m", "relay.cli", "trace", "--url", url, "nobody@x.test"],
+                capture_output=True, text=True, env={**HOOK_ENV, "PATH": "/usr/bin:/bin"},
+                timeout=30)
     assert status == 200 and status_r == 200
+    assert unknown.returncode == 1 and "nothing known about nobody@x.test" in unknown.stdout
     [t] = by_mid["messages"]
     assert by_rcpt["messages"][0]["queue_id"] == qid == t["queue_id"]
     assert t["received"]["listener"] == "smtp" and t["received"]["client"] == "127.0.0.1"

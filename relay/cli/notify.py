@@ -41,6 +41,17 @@ def _fail(args: argparse.Namespace, status: int, data: Any) -> int:
     return 1
 
 
+def _ask(args: argparse.Namespace, method: str, path: str, body: Any = None,
+         query: dict[str, Any] | None = None, *, ok: tuple[int, ...] = (200,)
+         ) -> tuple[int, Any] | None:
+    """The admin API's answer when its status is one of `ok`; else None, the error printed."""
+    got = _call(args, method, path, body, query)
+    if got is not None and got[0] not in ok:
+        _fail(args, *got)
+        return None
+    return got
+
+
 def _print_event(e: dict[str, Any]) -> None:
     extra = " ".join(f"{k}={e[k]}" for k in ("upstream", "attempt", "class", "operator")
                      if e.get(k) is not None)
@@ -53,14 +64,12 @@ def cmd_events(args: argparse.Namespace) -> int:
     action = args.action or "list"
     if action == "list":
         since = None if args.since is None else _since(args.since)
-        got = _call(args, "GET", "/events", query={
+        got = _ask(args, "GET", "/events", query={
             "since": since, "type": args.type, "org": args.org, "limit": args.limit,
             "after": args.after})
         if got is None:
             return 1
-        status, data = got
-        if status != 200:
-            return _fail(args, status, data)
+        _, data = got
         if args.json:
             print(json.dumps(data, indent=2))
         elif not data["events"]:
@@ -69,12 +78,10 @@ def cmd_events(args: argparse.Namespace) -> int:
             _print_event(e)
         return 0
     if action == "outbox":
-        got = _call(args, "GET", "/events/outbox")
+        got = _ask(args, "GET", "/events/outbox")
         if got is None:
             return 1
-        status, data = got
-        if status != 200:
-            return _fail(args, status, data)
+        _, data = got
         if args.json:
             print(json.dumps(data, indent=2))
             return 0
@@ -97,12 +104,10 @@ def cmd_events(args: argparse.Namespace) -> int:
         body["event_id"] = args.event_id
     else:
         body["since"] = _since(args.since)
-    got = _call(args, "POST", "/events/replay", body)
+    got = _ask(args, "POST", "/events/replay", body)
     if got is None:
         return 1
-    status, data = got
-    if status != 200:
-        return _fail(args, status, data)
+    _, data = got
     print(json.dumps(data, indent=2) if args.json else "replay scheduled: the events go out again")
     return 0
 
@@ -122,15 +127,13 @@ def _since(text: str) -> float:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    got = _call(args, "GET", "/trace", query={"q": args.query})
+    got = _ask(args, "GET", "/trace", query={"q": args.query}, ok=(200, 404))
     if got is None:
         return 1
     status, data = got
     if status == 404:
         print(f"nothing known about {args.query} (events are kept for events.retention)")
         return 1
-    if status != 200:
-        return _fail(args, status, data)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -167,12 +170,10 @@ def cmd_suppression(args: argparse.Namespace) -> int:
     action = args.action or "list"
     if action in ("list", "export"):
         query = {"org": args.org, "format": "csv" if action == "export" else None}
-        got = _call(args, "GET", "/suppression", query=query)
+        got = _ask(args, "GET", "/suppression", query=query)
         if got is None:
             return 1
-        status, data = got
-        if status != 200:
-            return _fail(args, status, data)
+        _, data = got
         if action == "export" or args.json:
             print(data if isinstance(data, str) else json.dumps(data, indent=2), end="")
             return 0
@@ -184,18 +185,16 @@ def cmd_suppression(args: argparse.Namespace) -> int:
                   f" ({until})  {s['reason']}")
         return 0
     if action == "add":
-        got = _call(args, "POST", "/suppression", {
+        got = _ask(args, "POST", "/suppression", {
             "org": args.org, "recipient": args.recipient, "reason": args.reason,
-            "duration": args.duration})
+            "duration": args.duration}, ok=(200, 201))
     else:
         path = "/suppression/" + "/".join(urllib.parse.quote(x, safe="")
                                           for x in (args.org, args.recipient))
-        got = _call(args, "DELETE", path)
+        got = _ask(args, "DELETE", path)
     if got is None:
         return 1
-    status, data = got
-    if status not in (200, 201):
-        return _fail(args, status, data)
+    _, data = got
     print(json.dumps(data, indent=2) if args.json else f"{action}: {args.recipient} for {args.org}")
     return 0
 
