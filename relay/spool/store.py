@@ -615,21 +615,7 @@ class Spool:
         Its cost grows with the number of groups, not of messages."""
 
         def fn(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
-            groups: dict[str, list[Any]] = {"upstream": [], "org": []}
-            rows = conn.execute(
-                "SELECT kind, name, messages, pending, held FROM queue_counts"
-                " WHERE messages > 0 ORDER BY kind, name"
-            ).fetchall()
-            for kind, name, count, pending, held in rows:
-                if kind not in groups:
-                    continue
-                oldest = conn.execute(
-                    f"SELECT min(received_at) FROM messages INDEXED BY messages_{kind}"
-                    f" WHERE {kind} = ?",
-                    (name,),
-                ).fetchone()[0]
-                groups[kind].append((name, count, pending, oldest, held))
-            return groups["upstream"], groups["org"]
+            return _kept_groups(conn, "upstream"), _kept_groups(conn, "org")
 
         by_upstream_rows, by_org_rows = await self._inspect(fn)
 
@@ -641,7 +627,7 @@ class Spool:
                     "held": int(held),
                     "oldest_received_at": oldest,
                 }
-                for name, count, pending, oldest, held in rows
+                for name, count, pending, held, oldest in rows
             }
 
         by_upstream = group(by_upstream_rows)
@@ -712,22 +698,9 @@ class Spool:
     async def depth(self) -> dict[str, tuple[int, float]]:
         """(messages, oldest received_at) by upstream, for the queue gauges: the kept counts
         and one index seek per upstream."""
-
-        def fn(conn: sqlite3.Connection) -> list[Any]:
-            out = []
-            for name, n in conn.execute(
-                "SELECT name, messages FROM queue_counts WHERE kind = 'upstream' AND messages > 0"
-            ).fetchall():
-                oldest = conn.execute(
-                    "SELECT min(received_at) FROM messages INDEXED BY messages_upstream"
-                    " WHERE upstream = ?",
-                    (name,),
-                ).fetchone()[0]
-                if oldest is not None:
-                    out.append((name, n, oldest))
-            return out
-
-        return {str(u): (int(n), float(oldest)) for u, n, oldest in await self._inspect(fn)}
+        rows = await self._inspect(lambda conn: _kept_groups(conn, "upstream"))
+        return {str(u): (int(n), float(oldest)) for u, n, _, _, oldest in rows
+                if oldest is not None}
 
     def iter_pending(self) -> Iterator[SpoolMessage]:
         """Startup recovery: every message with a PENDING recipient, streamed page by page
@@ -748,3 +721,21 @@ class Spool:
         with self._inspector_lock:
             self._inspector.close()
         os.close(self._lock_fd)
+
+
+def _kept_groups(conn: sqlite3.Connection, kind: str) -> list[tuple[str, int, int, int, Any]]:
+    """(name, messages, pending recipients, held, oldest received_at) of each `kind` group
+    ("upstream" or "org") with queued mail: the counts the triggers keep (schema step
+    `queue-counts`) and one index seek per group for its oldest message."""
+    out = []
+    for name, count, pending, held in conn.execute(
+        "SELECT name, messages, pending, held FROM queue_counts WHERE kind = ? AND messages > 0"
+        " ORDER BY name",
+        (kind,),
+    ).fetchall():
+        oldest = conn.execute(
+            f"SELECT min(received_at) FROM messages INDEXED BY messages_{kind} WHERE {kind} = ?",
+            (name,),
+        ).fetchone()[0]
+        out.append((name, count, pending, held, oldest))
+    return out
