@@ -13,6 +13,7 @@ import ssl
 from typing import Any
 
 from relay.core.model import TlsMode
+from relay.smtp.bodycheck import vector_scan
 from relay.smtp.interfaces import Intake, ListenerSettings, SessionInfo
 from relay.smtp.replies import R_SHUTDOWN
 from relay.smtp.session import CLOSE_FLUSH_TIMEOUT, SmtpSession
@@ -69,6 +70,7 @@ class Listener:
         the supervisor (relay/runtime/supervisor.py)."""
         loop = asyncio.get_running_loop()
         s = self.settings
+        vector_scan()  # the large-body checks' library, loaded before the first message
         ctx = None if s.tls is TlsMode.NONE else self._tls_context()
         starttls_ctx = ctx if s.tls is TlsMode.STARTTLS else None
         extra: dict[str, Any] = {}
