@@ -15,6 +15,7 @@ from relay.smtp.bodycheck import (
     body_problem,
     clean_by_splitting,
     clean_by_vector,
+    examine,
     first_problem,
 )
 from tests import test_listener as kit
@@ -57,6 +58,25 @@ def test_both_screens_agree_and_never_pass_what_the_line_reader_refuses(
     if by_splitting:
         assert first_problem(body[2:].replace(b"\x00", b"a"), MAX_LINE, NO_LIMIT) is None
     assert body_problem(body, MAX_LINE, NO_LIMIT) == first_problem(body[2:], MAX_LINE, NO_LIMIT)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_line, max_size=12), st.booleans())
+def test_examine_gives_the_refusal_and_whether_a_line_was_stuffed(
+    lines: list[bytes], vector: bool
+) -> None:
+    """The session's one call at the end of DATA, on either path (VECTOR_FROM moved so
+    that short generated bodies take the numpy one)."""
+    body = _body(lines)
+    saved = bodycheck.VECTOR_FROM
+    bodycheck.VECTOR_FROM = 0 if vector else 1 << 30
+    try:
+        assert examine(body, MAX_LINE, NO_LIMIT) == (
+            body_problem(body, MAX_LINE, NO_LIMIT),
+            b"\r\n." in body,
+        )
+    finally:
+        bodycheck.VECTOR_FROM = saved
 
 
 @pytest.mark.parametrize(
@@ -129,3 +149,24 @@ async def test_a_large_body_with_a_fault_near_its_end_is_refused(
     await c.cmd("QUIT", "221 2.0.0")
     assert len(intake.submitted) == 1
     assert intake.submitted[0][1].data.endswith(clean)
+
+
+@pytest.mark.parametrize("size", [100, 300_000], ids=["small", "large"])
+async def test_a_stuffed_line_is_unstuffed_and_the_body_is_not_sent_as_received(
+    make_listener: MakeListener, size: int
+) -> None:
+    listener, intake = await make_listener()
+    c = await Client.connect(listener.port)
+    await c.ehlo()
+    for stuffed in (False, True):
+        await c.cmd("MAIL FROM:<app@example.com>", "250 2.1.0")
+        await c.cmd("RCPT TO:<user@example.org>", "250 2.1.5")
+        await c.cmd("DATA", "354 ")
+        tail = b"..a line that starts with a dot\r\n" if stuffed else b"a.b\r\n"
+        await c.send(_mime_lines(size) + tail + b"last\r\n.\r\n")
+        await c.expect("250 2.0.0")
+    await c.cmd("QUIT", "221 2.0.0")
+    plain, dotted = (envelope for _, envelope in intake.submitted)
+    assert plain.wire and plain.data.endswith(b"a.b\r\nlast\r\n")
+    assert not dotted.wire
+    assert dotted.data.endswith(b"\r\n.a line that starts with a dot\r\nlast\r\n")

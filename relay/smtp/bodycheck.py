@@ -64,20 +64,29 @@ def clean_by_vector(lines: bytes | bytearray, max_line: int) -> bool:
     """The same screen as numpy array operations: every LF has a CR just before it, there
     are no other CRs, and no two LFs (nor the start and the first, nor the last and the end)
     are further apart than a `max_line` - 2 line and its CRLF allow."""
+    return _vector_scan(lines, max_line)[0]
+
+
+def _vector_scan(lines: bytes | bytearray, max_line: int) -> tuple[bool, bool]:
+    """(clean, a line after the first starts with "."): the screen, and from the same LF
+    positions whether the body has a dot-stuffed line."""
     np = vector_scan()
     octets = np.frombuffer(lines, dtype=np.uint8)
     lfs = np.flatnonzero(octets == 10)
     n = len(octets)
     if len(lfs) == 0:
-        return n <= max_line - 2 and b"\r" not in lines
+        return n <= max_line - 2 and b"\r" not in lines, False
+    dotted = bool((octets[lfs[:-1] + 1] == 46).any()) or (
+        int(lfs[-1]) + 1 < n and octets[int(lfs[-1]) + 1] == 46
+    )
     if lfs[0] == 0 or np.count_nonzero(octets == 13) != len(lfs):
-        return False
+        return False, dotted
     if not bool((octets[lfs - 1] == 13).all()):
-        return False
+        return False, dotted
     longest = max(int(lfs[0]) - 1, n - 1 - int(lfs[-1]))  # the first and a last open line
     if len(lfs) > 1:
         longest = max(longest, int(np.diff(lfs).max()) - 2)
-    return longest <= max_line - 2
+    return longest <= max_line - 2, dotted
 
 
 def first_problem(lines: bytes, max_line: int, limit: int) -> str | None:
@@ -110,3 +119,14 @@ def body_problem(lines: bytes | bytearray, max_line: int, limit: int) -> str | N
         if screen(lines, max_line):  # line or the data at a NUL
             return None
     return first_problem(bytes(lines[2:]), max_line, limit)
+
+
+def examine(lines: bytes | bytearray, max_line: int, limit: int) -> tuple[str | None, bool]:
+    """(the refusal or None, whether a line starts with "." and so was dot-stuffed) for
+    DATA `lines` as `body_problem` takes them. A large body is screened and searched for
+    stuffed lines in one numpy pass over its line ends."""
+    if len(lines) >= VECTOR_FROM and len(lines) - 2 <= limit and b"\x00" not in lines:
+        clean, dotted = _vector_scan(lines, max_line)
+        if clean:
+            return None, dotted
+    return body_problem(lines, max_line, limit), b"\r\n." in lines

@@ -60,7 +60,7 @@ from relay.core.dsn import DsnParams, RcptDsn
 from relay.core.errors import PermanentError, RelayError, to_reply
 from relay.core.model import Envelope, TlsMode
 from relay.smtp.addresses import AddressSyntaxError, parse_mailbox, parse_params, split_path
-from relay.smtp.bodycheck import body_problem
+from relay.smtp.bodycheck import body_problem, examine
 from relay.smtp.dsnparams import mail_dsn, rcpt_dsn
 from relay.smtp.interfaces import ConnectionObserver, Intake, SessionInfo, SessionOwner, is_observer
 from relay.smtp.proxyproto import ProxyError
@@ -103,7 +103,7 @@ _RCPT_EXTRA_LENGTH = 500 + 50
 CLOSE_FLUSH_TIMEOUT = 5.0
 # The end of DATA (RFC 5321 § 4.1.1.4); the body buffer starts with the DATA line's CRLF.
 _END_OF_DATA = b"\r\n.\r\n"
-_DOT_LINE = b"\r\n."  # a line starting with ".": dot-stuffed, or the end marker
+_END = b"\r\n.\r\n"  # the end of DATA (the DATA line's CRLF starts the buffer)
 
 # Session states: what the next complete line is (_PROXY: a PROXY protocol header first).
 _COMMAND, _DATA, _SASL, _PROXY = 0, 1, 2, 3
@@ -135,7 +135,6 @@ class SmtpSession(asyncio.Protocol):
         self._state = _COMMAND
         self._skipping = False  # discarding the rest of an over-long line
         self._scan = 0  # DATA: where to look for the end marker next
-        self._dotted = False  # DATA: a dot-stuffed line was seen (unstuffing needed)
         self._data_problem: str | None = None  # DATA: refused already, reading to the end
         self._sasl_step: Callable[[bytes], None] | None = None
         self._login_user = b""
@@ -899,7 +898,6 @@ class SmtpSession(asyncio.Protocol):
             return
         self._state = _DATA
         self._scan = 0
-        self._dotted = False
         self._data_problem = None
         # The DATA line's own CRLF starts the body buffer: then <CRLF>.<CRLF> ends the data
         # even right away, and unstuffing is one replace of CRLF "." by CRLF.
@@ -930,31 +928,22 @@ class SmtpSession(asyncio.Protocol):
         return True
 
     def _find_end(self, buf: bytearray) -> int:
-        """Where the end marker starts, or -1 (then `_scan` says where to go on). One search
-        for lines starting with "." finds the marker and notes a dot-stuffed line on the way
-        (most bodies have none: one scan of the bytes instead of two)."""
-        pos = self._scan
-        n = len(buf)
-        while True:
-            hit = buf.find(_DOT_LINE, pos)
-            if hit < 0:
-                self._scan = max(n - 4, pos)  # a marker may straddle the next segment
-                return -1
-            if hit + 5 > n:  # too few bytes yet to tell a stuffed line from the marker
-                self._scan = hit
-                return -1
-            if buf[hit + 3] == 13 and buf[hit + 4] == 10:  # "\r\n.\r\n"
-                return hit
-            self._dotted = True
-            pos = hit + 3
+        """Where the end marker starts, or -1 (then `_scan` says where to go on: a marker
+        may straddle the next segment). The first CRLF "." CRLF is the end: a stuffed line
+        is never one."""
+        hit = buf.find(_END, self._scan)
+        if hit < 0:
+            self._scan = max(len(buf) - 4, self._scan)
+        return hit
 
     def _end_of_data(self, stuffed: bytearray) -> None:
         """`stuffed`: CRLF + the body as sent, through its last CRLF (or just the last
         bytes of a body already refused)."""
         s = self._settings
         problem = self._data_problem
+        dotted = False
         if problem is None:
-            problem = body_problem(stuffed, s.max_line_length, s.max_message_size)
+            problem, dotted = examine(stuffed, s.max_line_length, s.max_message_size)
         if problem is not None:
             self._log.info("%s:%d DATA refused: %s", self._peer_ip, self._peer_port, problem)
             self._set_rset_state()
@@ -963,7 +952,6 @@ class SmtpSession(asyncio.Protocol):
         # RFC 5321 § 4.5.2: a line starting with "." was sent with another one. Most bodies
         # have none: then the bytes as sent are the message and the wire form at once (one
         # copy, below, from the receive buffer to the message with our Received: field).
-        dotted = self._dotted
         content = stuffed.replace(b"\r\n.", b"\r\n") if dotted else stuffed
         intake = self._txn_intake
         assert intake is not None
