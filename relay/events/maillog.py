@@ -7,12 +7,12 @@ agree. The mail log is for people and log shippers; debug tracing goes to the `r
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import threading
 import time
 from typing import IO, Any
 
+from relay.core import jsonline
 from relay.core.model import Disposition
 from relay.events.activity import Activity
 from relay.events.metrics import Metrics
@@ -37,7 +37,7 @@ class MailLog:
     def emit(self, event: Disposition, **fields: Any) -> None:
         record = {"ts": round(time.time(), 3), "event": event.value}
         record.update({k: v for k, v in fields.items() if v is not None})
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
+        line = jsonline.dumps(record)
         m = self.metrics
         if event is Disposition.RECEIVED:
             m.received.labels(fields.get("org", "")).inc()

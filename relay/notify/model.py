@@ -9,10 +9,10 @@ webhook sender adds `stream` and `seq` (the shard's order, for gap checks) when 
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
+from relay.core import jsonline
 from relay.core.model import Reply
 from relay.core.redact import redact
 from relay.spool import EventRow, new_queue_id
@@ -65,7 +65,7 @@ def make_event(kind: str, *, queue_id: str, org: str = "", account: str = "",
     return EventRow(
         id=eid, ts=when, type=kind, queue_id=queue_id, message_id=message_id, org=org,
         recipient=recipient,
-        data=json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str),
+        data=jsonline.dumps(data),
     )
 
 
