@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import string
 import threading
@@ -25,7 +26,7 @@ from relay.spool import (
     new_queue_id,
     schema,
 )
-from relay.spool.queue_id import decode, encode
+from relay.spool.queue_id import QueueIdFactory, decode, encode
 from relay.spool.schema import connect
 from relay.spool.segments import Segments
 
@@ -68,6 +69,23 @@ def test_queue_ids_are_short_unique_sortable_and_reply_safe() -> None:
     assert all(len(i) == 16 and set(i) <= allowed and is_queue_id(i) for i in ids)
     assert not is_queue_id("../etc/passwd!!!")
     assert not is_queue_id("0123")
+
+
+def test_a_forked_child_draws_other_random_bits_than_its_parent() -> None:
+    """Ids made in the same microsecond by two processes must still differ: a process forked
+    after an id was made must not go on with its parent's random pool."""
+    factory = QueueIdFactory()
+    factory()  # the pool is filled before the fork
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next random bits, then leave at once
+        os.write(write_end, factory._random_bits().to_bytes(4, "big"))
+        os._exit(0)
+    os.close(write_end)
+    child_bits = int.from_bytes(os.read(read_end, 4), "big")
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert child_bits != factory._random_bits()
 
 
 @given(st.integers(min_value=0, max_value=(1 << 80) - 1))

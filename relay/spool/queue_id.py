@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 
 # Crockford's base32 alphabet: no I, L, O, U (no confusion when read aloud from a log), and
 # its characters are in ascending ASCII order, so string order equals numeric order.
@@ -52,15 +53,16 @@ class QueueIdFactory:
         self._lock = threading.Lock()
         self._pool = b""
         self._pos = 0
-        self._pid = 0
+        # A forked child starts with an empty pool, so that two processes never share one
+        # (a getpid() per id instead cost a system call each: three per message).
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget_pool(ref))
 
     def _random_bits(self) -> int:
-        """28 random bits from the pool (under the lock); a new pool after a fork, so that
-        two processes never share one."""
-        if self._pos + 4 > len(self._pool) or self._pid != os.getpid():
+        """28 random bits from the pool (under the lock)."""
+        if self._pos + 4 > len(self._pool):
             self._pool = os.urandom(_POOL_BYTES)
             self._pos = 0
-            self._pid = os.getpid()
         value = int.from_bytes(self._pool[self._pos : self._pos + 4], "big") & _RANDOM_MASK
         self._pos += 4
         return value
@@ -73,6 +75,13 @@ class QueueIdFactory:
                 value = self._last + 1
             self._last = value
         return encode(value)
+
+
+def _forget_pool(ref: weakref.ref[QueueIdFactory]) -> None:
+    factory = ref()
+    if factory is not None:
+        factory._pool = b""
+        factory._pos = 0
 
 
 new_queue_id = QueueIdFactory()
