@@ -222,6 +222,36 @@ async def test_concurrent_puts_share_commits(spool: Spool) -> None:
         assert msg is not None and msg.recipients[0].rcpt == f"r{i}@example.org"
 
 
+async def test_a_busy_writer_gathers_later_operations_into_its_commit(tmp_path: Path) -> None:
+    """Two operations queued together (behind a slow one) make the writer wait
+    (commit_gather) for more: one that arrives meanwhile shares their commit. Without the
+    wait it takes a commit of its own."""
+    for gather, commits_expected in ((1.0, 2), (0.0, 3)):
+        spool = await Spool.open(tmp_path / f"spool-{gather}", commit_gather=gather)
+        try:
+            before = spool.stats.commits
+            slow = spool._writer.submit(lambda conn: time.sleep(0.3))  # the writer is busy
+            await asyncio.sleep(0.1)  # and has taken that one alone (no company: no wait)
+            first = asyncio.gather(put(spool), put(spool))  # queued together behind it
+            await asyncio.sleep(0.5)  # the slow one is done, the two were taken together
+            third = await put(spool)
+            await asyncio.gather(slow, first)
+            assert spool.stats.commits - before == commits_expected
+            assert await spool.get(third) is not None
+        finally:
+            await spool.close()
+
+
+async def test_a_lone_operation_never_waits_for_company(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool", commit_gather=5.0)
+    try:
+        started = time.monotonic()
+        await put(spool)
+        assert time.monotonic() - started < 2.5  # far below the 5 s it would wait
+    finally:
+        await spool.close()
+
+
 # --- update / hold / delete ----------------------------------------------------------------
 
 

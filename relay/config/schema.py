@@ -238,6 +238,10 @@ class SpoolConf(Strict):
     # only in the spool and are loaded in due order as room frees (like Postfix's
     # qmgr_message_active_limit). Bounds the relay's memory however large the queue grows.
     active_messages: Annotated[int, Field(ge=1)] = 20_000
+    # When several sessions are writing at once, the spool writer waits this long for more
+    # before it commits: fewer fsyncs and WAL pages per message (~10% less CPU at 5 KB) for
+    # about this much on the reply after DATA. A lone message never waits. 0 turns it off.
+    commit_gather: Annotated[Duration, Field(ge=0.0, le=0.05)] = 0.002
 
 
 class RetryConf(Strict):

@@ -60,7 +60,7 @@ class Relay:
         cfg = self.config
         slot = self.slot
         spool_path = shard_path(cfg.spool_path, slot.index) if slot else cfg.spool_path
-        self.spool = await Spool.open(spool_path)
+        self.spool = await Spool.open(spool_path, commit_gather=cfg.relay.spool.commit_gather)
         self.limits = Limits.from_config(cfg, self.metrics, self._partition())
         self.tokens = token_broker(cfg)
         self.deliverer = Deliverer(

@@ -40,7 +40,7 @@ from relay.spool.types import (
     SpoolRecipient,
     StoredBody,
 )
-from relay.spool.writer import Writer, WriterStats
+from relay.spool.writer import GATHER_SECONDS, Writer, WriterStats
 
 log = logging.getLogger("relay.spool")
 
@@ -205,6 +205,7 @@ class Spool:
         max_bytes: int | None = None,
         body_cache_bytes: int = BODY_CACHE_BYTES,
         inline_max: int = INLINE_MAX,
+        commit_gather: float = GATHER_SECONDS,
     ) -> Spool:
         """Open (creating if needed) the spool in directory `path`.
 
@@ -212,6 +213,7 @@ class Spool:
         with SpoolError (451), so a full queue answers "try later" instead of filling the
         disk. body_cache_bytes bounds the in-memory copy of recently committed bodies (0
         disables it). Bodies larger than inline_max bytes go to body segments.
+        commit_gather: how long a busy writer waits for more operations (writer.Writer).
         """
         directory = Path(path)
 
@@ -232,7 +234,7 @@ class Spool:
             except (sqlite3.Error, OSError) as exc:
                 os.close(lock_fd)
                 raise SpoolError(reason=f"cannot open spool {directory}: {exc}") from exc
-            writer = Writer(conn, hooks=segments)
+            writer = Writer(conn, hooks=segments, gather=commit_gather)
             writer.start()
             return cls(
                 directory,

@@ -16,6 +16,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -30,6 +31,8 @@ Operation = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH_OPS = 512
 MAX_BATCH_BYTES = 64 * 1024 * 1024
+# How long a busy writer waits for more operations before its transaction (see `gather`).
+GATHER_SECONDS = 0.002
 
 
 @dataclass(slots=True)
@@ -113,8 +116,14 @@ class Writer:
         *,
         name: str = "spool-writer",
         hooks: CommitHooks | None = None,
+        gather: float = GATHER_SECONDS,
     ) -> None:
+        """`gather`: when the queue held more than one operation (others are writing at the
+        same time) and is empty now, wait this long once for more before the transaction: a
+        commit then carries about twice the operations (half the fsyncs and WAL pages per
+        message). A lone operation never waits. 0 turns it off."""
         self._conn = conn
+        self._gather = gather
         self._hooks: CommitHooks = hooks if hooks is not None else _NoHooks()
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -153,6 +162,7 @@ class Writer:
             batch: list[_Job] = []
             size = 0
             item = first
+            gathered = False
             while True:
                 if item is _STOP:
                     stopping = True
@@ -165,7 +175,14 @@ class Writer:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    if gathered or len(batch) < 2 or self._gather <= 0:
+                        break
+                    gathered = True
+                    time.sleep(self._gather)
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
             if batch:
                 try:
                     self._run_batch(batch)
