@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from limits.errors import StorageError
 
 from relay.config.schema import LimitsConf
 from relay.core.errors import RateLimited
@@ -35,6 +36,7 @@ from relay.limits import (
     UpstreamGate,
     Window,
 )
+from relay.limits.store import BackendError
 from relay.policy import AppliedLimit
 from tests.redisproc import RedisServer
 from tests.relayproc import RelayConfig
@@ -269,6 +271,27 @@ async def test_redis_down_falls_back_to_scaled_local_limits_and_comes_back(
     assert metrics.limits_degraded._value.get() == 0
     assert any("reachable again" in r.getMessage() for r in caplog.records)
     await limits.close()
+
+
+async def test_a_stopped_redis_reaches_callers_as_backend_errors_only(
+    redis_server: RedisServer,
+) -> None:
+    """Every operation of the Redis store fails as BackendError (its own scripts and calls)
+    or StorageError (the `limits` library's windows), the errors Failover catches without
+    importing redis-py; none of redis-py's own escapes."""
+    store = RedisStore(redis_server.url, node_id="n1", timeout=0.3)
+    await store.ping()
+    redis_server.stop()
+    w = Window("upstream x", 10, 3600, ("quota", "x", "3600"))
+    calls = [
+        store.ping(), store.lease("k", 2, 5.0), store.leases("k"), store.space("k", 1.0),
+        store.pause("k", 1.0), store.paused_why("k"), store.used(w, fixed=True),
+    ]
+    for call in calls:
+        with pytest.raises((BackendError, StorageError)) as info:
+            await call
+        assert not type(info.value).__module__.startswith("redis"), info.value
+    await store.close()
 
 
 async def test_redis_down_with_tempfail_refuses_intake_and_holds_deliveries(

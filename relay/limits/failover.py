@@ -19,19 +19,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from limits.errors import StorageError
-from redis.exceptions import RedisError
 
-from relay.limits.store import Lease, MemoryStore, Store, Window
+from relay.limits.store import BackendError, Lease, MemoryStore, Store, Window
 
 log = logging.getLogger("relay.limits")
 
 T = TypeVar("T")
 
-# What a broken or unreachable backend raises (redis-py wraps socket errors in RedisError;
-# asyncio timeouts are TimeoutError; the machine store's SQLite file says "disk is full" or
-# "database is locked" as sqlite3.Error).
+# What a broken or unreachable backend raises (the Redis store turns redis-py's errors into
+# BackendError, the `limits` library's into StorageError; asyncio timeouts are TimeoutError;
+# the machine store's SQLite file says "disk is full" or "database is locked" as
+# sqlite3.Error).
 BACKEND_ERRORS: tuple[type[BaseException], ...] = (
-    RedisError, StorageError, OSError, TimeoutError, sqlite3.Error,
+    BackendError, StorageError, OSError, TimeoutError, sqlite3.Error,
 )
 
 

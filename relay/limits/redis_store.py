@@ -10,14 +10,16 @@ noticed in well under a second so the node can fall back (relay.limits.failover)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import redis.asyncio as aioredis
 from limits.aio.storage import RedisStorage
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from relay.limits.store import Lease, Store
+from relay.core import redisclient
+from relay.limits.store import BackendError, Lease, Store
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 PREFIX = "relay"
 
@@ -79,24 +81,32 @@ return 0
 """
 
 
-def client(url: str, timeout: float) -> aioredis.Redis:
-    """A client that fails fast: short socket timeouts, no retries."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
+def _translated(
+    method: Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]]:
+    """Redis's own errors leave the store as BackendError (relay.limits.failover catches
+    that, and never imports redis-py)."""
+
+    async def wrapper(self: RedisStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, *args, **kwargs)
+        except self.redis_error as exc:
+            raise BackendError(f"Redis: {exc}") from exc
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
 
 
 class RedisStore(Store):
     shared = True
 
     def __init__(self, url: str, *, node_id: str, timeout: float = 0.5) -> None:
-        self.redis = client(url, timeout)
+        self.redis = redisclient.client(url, timeout)
+        self.redis_error = redisclient.redis_error()
         storage = RedisStorage(
             "async+" + url,
+            wrap_exceptions=True,  # the library's errors as limits.errors.StorageError
             implementation="redispy",
             key_prefix=f"{PREFIX}:limits",
             connection_pool=self.redis.connection_pool,  # type: ignore[arg-type]
@@ -112,9 +122,11 @@ class RedisStore(Store):
     def _key(kind: str, key: str) -> str:
         return f"{PREFIX}:{kind}:{key}"
 
+    @_translated
     async def ping(self) -> None:
         await self.redis.ping()
 
+    @_translated
     async def lease(self, key: str, limit: int, ttl: float) -> Lease | None:
         token = self._token()
         got = await self._lease(
@@ -122,9 +134,11 @@ class RedisStore(Store):
         )
         return Lease(self, key, token) if int(got) else None
 
+    @_translated
     async def unlease(self, lease: Lease) -> None:
         await self.redis.zrem(self._key("lease", lease.key), lease.token)
 
+    @_translated
     async def renew(self, leases: Sequence[Lease], ttl: float) -> None:
         by_key: dict[str, list[str]] = {}
         for lease in leases:
@@ -132,18 +146,22 @@ class RedisStore(Store):
         for key, tokens in by_key.items():
             await self._renew(keys=[self._key("lease", key)], args=[int(ttl * 1000), *tokens])
 
+    @_translated
     async def leases(self, key: str) -> int:
         return int(await self._count(keys=[self._key("lease", key)]))
 
+    @_translated
     async def space(self, key: str, interval: float) -> float:
         ms = await self._space(keys=[self._key("next", key)], args=[max(1, int(interval * 1000))])
         return int(ms) / 1000.0
 
+    @_translated
     async def pause(self, key: str, seconds: float, reason: str = "") -> None:
         await self._pause(
             keys=[self._key("pause", key)], args=[max(1, int(seconds * 1000)), reason or "-"]
         )
 
+    @_translated
     async def paused_why(self, key: str) -> tuple[float, str]:
         k = self._key("pause", key)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -155,5 +173,6 @@ class RedisStore(Store):
         text = reason.decode() if isinstance(reason, bytes) else str(reason or "")
         return int(ms) / 1000.0, "" if text in ("-", "1") else text
 
+    @_translated
     async def close(self) -> None:
         await self.redis.aclose()

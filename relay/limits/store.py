@@ -26,6 +26,12 @@ from limits.aio.strategies import (
     SlidingWindowCounterRateLimiter,
 )
 
+
+class BackendError(Exception):
+    """A shared store's backend failed (Redis unreachable, a script error): what a store
+    raises for its backend's own errors, so callers need not import the backend's library."""
+
+
 # A denied window is tried again after at least this long (Redis reports expiry in whole
 # seconds, so "reset now" can come a little early).
 MIN_WAIT = 0.2

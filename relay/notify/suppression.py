@@ -25,16 +25,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
+from relay.core import redisclient
 from relay.core.model import Reply
 from relay.core.redact import redact
 from relay.core.sqlitefile import open_shared
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger("relay.suppression")
 
@@ -153,11 +152,13 @@ class SuppressionList:
     def __init__(self, directory: Path, *, redis_url: str | None = None,
                  redis_timeout: float = 0.5, clock: Callable[[], float] = time.time) -> None:
         self._local = _Local(directory / DB_NAME)
-        self._redis: aioredis.Redis | None = None
+        self._redis: Redis | None = None
+        # What a failing Redis raises (OSError alone while there is none: redis-py is
+        # imported only with the first client).
+        self._redis_errors: tuple[type[Exception], ...] = (OSError,)
         if redis_url:
-            self._redis = aioredis.Redis.from_url(
-                redis_url, socket_timeout=redis_timeout, socket_connect_timeout=redis_timeout,
-                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+            self._redis = redisclient.client(redis_url, redis_timeout)
+            self._redis_errors = (redisclient.redis_error(), OSError)
         self._clock = clock
         self._index: dict[str, Suppression] = {}
         self._local_seq = 0
@@ -210,7 +211,7 @@ class SuppressionList:
                 p.xadd(REDIS_STREAM, {"k": key, "v": data or ""}, maxlen=STREAM_MAXLEN,
                        approximate=True)
                 await p.execute()
-        except (RedisError, OSError) as exc:
+        except self._redis_errors as exc:
             log.warning("suppression of %s for %s kept on this node only: Redis: %s",
                         recipient, org, exc)
 
@@ -227,7 +228,7 @@ class SuppressionList:
         try:
             last = await self._redis.xrevrange(REDIS_STREAM, count=1)
             entries = await self._redis.hgetall(REDIS_HASH)
-        except (RedisError, OSError) as exc:
+        except self._redis_errors as exc:
             log.warning("suppression list: Redis unreachable (%s); using this node's copy", exc)
             return
         self._stream_id = _text(last[0][0]) if last else "0-0"
@@ -263,7 +264,7 @@ class SuppressionList:
             return
         try:
             got = await self._redis.xread({REDIS_STREAM: self._stream_id}, count=10_000)
-        except (RedisError, OSError):
+        except self._redis_errors:
             return
         streams: list[Any] = list(got or [])
         for _, items in streams:

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
+from relay.core import redisclient
 
 log = logging.getLogger("relay.oauth")
 
@@ -127,9 +127,7 @@ class RedisShare:
     """Tokens shared between nodes through Redis; refresh tokens also kept in `files`."""
 
     def __init__(self, url: str, files: FileShare, *, timeout: float = 0.5) -> None:
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        self._redis = redisclient.client(url, timeout)
         self._files = files
         self._node = uuid.uuid4().hex
 
