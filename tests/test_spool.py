@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sqlite3
 import string
@@ -222,20 +223,27 @@ async def test_concurrent_puts_share_commits(spool: Spool) -> None:
         assert msg is not None and msg.recipients[0].rcpt == f"r{i}@example.org"
 
 
+def _occupy(running: threading.Event, seconds: float, conn: sqlite3.Connection) -> None:
+    """A writer operation that says when it starts, then keeps the writer busy."""
+    running.set()
+    time.sleep(seconds)
+
+
 async def test_a_busy_writer_gathers_later_operations_into_its_commit(tmp_path: Path) -> None:
     """Two operations queued together (behind a slow one) make the writer wait
     (commit_gather) for more: one that arrives meanwhile shares their commit. Without the
     wait it takes a commit of its own."""
-    for gather, commits_expected in ((1.0, 2), (0.0, 3)):
+    for gather, commits_expected in ((2.0, 2), (0.0, 3)):
         spool = await Spool.open(tmp_path / f"spool-{gather}", commit_gather=gather)
         try:
             before = spool.stats.commits
-            slow = spool._writer.submit(lambda conn: time.sleep(0.3))  # the writer is busy
-            await asyncio.sleep(0.1)  # and has taken that one alone (no company: no wait)
+            running = threading.Event()
+            busy = spool._writer.submit(functools.partial(_occupy, running, 0.2))  # alone
+            assert await asyncio.to_thread(running.wait, 10.0)
             first = asyncio.gather(put(spool), put(spool))  # queued together behind it
-            await asyncio.sleep(0.5)  # the slow one is done, the two were taken together
+            await asyncio.sleep(0.6)  # the slow one is done, the two were taken together
             third = await put(spool)
-            await asyncio.gather(slow, first)
+            await asyncio.gather(busy, first)
             assert spool.stats.commits - before == commits_expected
             assert await spool.get(third) is not None
         finally:
