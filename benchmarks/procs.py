@@ -11,6 +11,7 @@ tree spent in that window.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -141,3 +142,26 @@ def loop_threads_cpu(pid: int) -> dict[int, float]:
     """user+sys seconds of the main thread (the event loop) of `pid` and of each live
     descendant (a relay with workers: the supervisor and every worker), by pid."""
     return {p: thread_cpu(p).get(p, 0.0) for p in [pid, *descendants(pid)]}
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of the whole machine; iowait counts as busy (a disk still
+    writing the last run's data is not a settled machine)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[3], sum(fields[:8])
+
+
+def settle(*, idle: float = 0.9, window: float = 0.5, limit: float = 30.0) -> float:
+    """Flush dirty pages, then wait until the machine has been at least `idle` idle over
+    one `window` (at most `limit` seconds): each run then starts from the same quiet
+    machine, whichever MTA ran before it. Returns the seconds waited."""
+    t0 = time.monotonic()
+    os.sync()
+    while time.monotonic() - t0 < limit:
+        i0, n0 = _cpu_times()
+        time.sleep(window)
+        i1, n1 = _cpu_times()
+        if n1 > n0 and (i1 - i0) / (n1 - n0) >= idle:
+            break
+    return time.monotonic() - t0

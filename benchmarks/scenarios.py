@@ -100,6 +100,9 @@ def throughput(kind: str, base: Path, s: Settings, *, with_probe: bool = True) -
             if s.profile is not None and kind.startswith("relay"):
                 s.profile.parent.mkdir(parents=True, exist_ok=True)
                 spy = _py_spy(mta.pid, s.profile, s.deadline(s.messages, 200))
+            # The MTA that ran before may still be writing back (Postfix's queue, the
+            # relay's segments): every run starts from a quiet machine.
+            res.notes.append(f"machine settled in {procs.settle():.1f} s")
             cpu0 = mta.cpu_seconds()
             main0 = procs.loop_threads_cpu(mta.pid)
             t0 = time.monotonic()

@@ -250,6 +250,51 @@ async def test_a_busy_writer_gathers_later_operations_into_its_commit(tmp_path: 
             await spool.close()
 
 
+def _change_then_fail(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "INSERT INTO webhook_cursors (endpoint, acked, updated_at) VALUES ('half-done', 1, 0)"
+    )
+    raise ValueError("failed after changing a row")
+
+
+def _fail_at_once(conn: sqlite3.Connection) -> None:
+    raise ValueError("failed before changing anything")
+
+
+@pytest.mark.parametrize("failing", [_fail_at_once, _change_then_fail])
+async def test_an_operation_that_fails_fails_alone_in_its_batch(
+    tmp_path: Path, failing: Any
+) -> None:
+    """Operations of one batch around a failing one are committed; the failing one's
+    caller gets its error and none of its changes are kept, whether it failed before
+    changing anything or after (then the batch is run again, a SAVEPOINT per operation)."""
+    spool = await Spool.open(tmp_path / "spool", commit_gather=0.0)
+    try:
+        running = threading.Event()
+        busy = spool._writer.submit(functools.partial(_occupy, running, 0.2))
+        assert await asyncio.to_thread(running.wait, 10.0)
+        before = spool.stats.commits
+        results = await asyncio.gather(  # queued together behind the busy one: one batch
+            put(spool), spool._writer.submit(failing), put(spool), return_exceptions=True
+        )
+        await busy
+        assert isinstance(results[1], ValueError)
+        ids = [r for r in results if isinstance(r, str)]
+        assert len(ids) == 2
+        assert spool.stats.commits - before == 2  # the busy one's, and the batch's
+        assert spool.stats.largest_batch >= 3
+        for qid in ids:
+            assert await spool.get(qid) is not None
+        assert "half-done" not in await spool.events.cursors()
+    finally:
+        await spool.close()
+    reopened = await Spool.open(tmp_path / "spool")
+    try:
+        assert sorted(m.queue_id for m in reopened.iter_pending()) == sorted(ids)
+    finally:
+        await reopened.close()
+
+
 async def test_a_lone_operation_never_waits_for_company(tmp_path: Path) -> None:
     spool = await Spool.open(tmp_path / "spool", commit_gather=5.0)
     try:

@@ -3,9 +3,10 @@
 Every write to the spool database goes through one thread and one connection. The thread
 takes everything queued (up to a cap), runs it in one transaction and commits once, so N
 concurrent DATA replies share one WAL fsync (group commit). Each operation runs inside its
-own SAVEPOINT: an operation that fails on its own (e.g. the size cap is hit) is rolled back
-alone; a failure that loses the transaction (I/O error, failed COMMIT) fails every operation
-in the batch. Futures are resolved only after COMMIT has returned, with one
+own failure: one that fails having changed nothing (e.g. the size cap is hit) fails alone;
+one that fails after changing rows has the batch run again with a SAVEPOINT per operation,
+so that it is rolled back alone; a failure that loses the transaction for good (I/O error,
+failed COMMIT) fails every operation in the batch. Futures are resolved only after COMMIT has returned, with one
 `call_soon_threadsafe` per event loop per batch.
 """
 
@@ -76,6 +77,11 @@ class _NoHooks:
 
 _STOP = object()
 _Settlement = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def _failure(exc: Exception) -> BaseException:
+    """What an operation's caller gets for its exception: storage errors as SpoolError."""
+    return to_spool_error(exc) if isinstance(exc, sqlite3.Error | OSError) else exc
 
 
 def to_spool_error(exc: BaseException) -> SpoolError:
@@ -205,12 +211,49 @@ class Writer:
             log.warning("spool writer: closing the database failed: %s", exc)
 
     def _run_batch(self, batch: list[_Job]) -> None:
+        """One transaction for the batch, its operations one after the other. One that fails
+        having changed nothing (its failed statement undid itself, as SQLite statements do)
+        fails alone. One that fails after changing rows, or with the transaction lost, has
+        the batch undone and run again with each operation in its own SAVEPOINT, so that
+        its failure stays with it. Nothing fails on the common path: two statements per
+        operation saved there."""
+        if not self._begin(batch):
+            return
         conn = self._conn
+        settled: list[tuple[_Job, Any, BaseException | None]] = []
+        for job in batch:
+            before = conn.total_changes
+            try:
+                value = job.op(conn)
+            except Exception as exc:
+                if conn.in_transaction and conn.total_changes == before:
+                    settled.append((job, None, _failure(exc)))
+                    continue
+                self._rollback()
+                self._hooks.after_failure()
+                if self._begin(batch):
+                    again = self._each_in_savepoint(batch)
+                    if again is not None:
+                        self._commit(batch, again)
+                return
+            settled.append((job, value, None))
+        self._commit(batch, settled)
+
+    def _begin(self, batch: list[_Job]) -> bool:
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self._fail(batch, to_spool_error(exc))
-            return
+            return False
+        return True
+
+    def _each_in_savepoint(
+        self, batch: list[_Job]
+    ) -> list[tuple[_Job, Any, BaseException | None]] | None:
+        """Run each operation in its own SAVEPOINT: one that fails is rolled back alone and
+        settles with its error. None when the whole transaction was lost (then every
+        operation has been failed)."""
+        conn = self._conn
         settled: list[tuple[_Job, Any, BaseException | None]] = []
         for job in batch:
             try:
@@ -222,18 +265,23 @@ class Writer:
                     # SQLite rolled the whole transaction back itself (SQLITE_IOERR,
                     # SQLITE_FULL, ...): every operation in the batch is lost, fail them all.
                     self._fail(batch, to_spool_error(exc))
-                    return
+                    return None
                 try:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                 except sqlite3.Error as exc2:
                     self._rollback()
                     self._fail(batch, to_spool_error(exc2))
-                    return
-                failure = to_spool_error(exc) if isinstance(exc, sqlite3.Error | OSError) else exc
-                settled.append((job, None, failure))
+                    return None
+                settled.append((job, None, _failure(exc)))
             else:
                 settled.append((job, value, None))
+        return settled
+
+    def _commit(
+        self, batch: list[_Job], settled: list[tuple[_Job, Any, BaseException | None]]
+    ) -> None:
+        conn = self._conn
         try:
             self._hooks.before_commit(conn)
             conn.execute("COMMIT")
