@@ -18,6 +18,7 @@ from relay.smtp.bodycheck import (
     examine,
     first_problem,
 )
+from relay.smtp.replies import R_BARE_NEWLINE
 from tests import test_listener as kit
 from tests.test_listener import Client, MakeListener
 
@@ -103,20 +104,27 @@ def _mime_lines(size: int) -> bytes:
 
 
 def test_the_large_body_path_is_the_vector_screen(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A body from VECTOR_FROM bytes on goes through the numpy screen (its result decides:
-    a screen made to fail sends the body to the line reader, which then accepts it)."""
+    """A body from VECTOR_FROM bytes on goes through the numpy screen, a smaller one not;
+    a body the screen does not pass goes to the line reader, which decides (and the stuffed
+    lines are then looked for with a bytes search)."""
     calls: list[int] = []
+    real = bodycheck._vector_scan
 
-    def spy(lines: bytes | bytearray, max_line: int) -> bool:
+    def spy(lines: bytes | bytearray, max_line: int) -> tuple[bool, bool]:
         calls.append(len(lines))
-        return clean_by_vector(lines, max_line)
+        return real(lines, max_line)
 
-    monkeypatch.setattr(bodycheck, "clean_by_vector", spy)
+    monkeypatch.setattr(bodycheck, "_vector_scan", spy)
     large = b"\r\n" + _mime_lines(VECTOR_FROM)
     small = b"\r\n" + _mime_lines(VECTOR_FROM // 4)
     assert body_problem(large, 1000, NO_LIMIT) is None
     assert body_problem(small, 1000, NO_LIMIT) is None
     assert calls == [len(large)]
+
+    monkeypatch.setattr(bodycheck, "_vector_scan", lambda lines, max_line: (False, False))
+    dotted = large + b"..stuffed\r\n"
+    assert examine(dotted, 1000, NO_LIMIT) == (None, True)
+    assert examine(dotted + b"bare\nLF\r\n", 1000, NO_LIMIT)[0] == R_BARE_NEWLINE
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ first offending line."""
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 from relay.smtp.replies import R_BARE_NEWLINE, R_LINE_TOO_LONG, R_NUL, R_TOO_BIG
@@ -15,16 +14,14 @@ _SPLIT_WINDOW = 1 << 18
 # class, one gather, one difference of line-end positions): 33 µs instead of 192 µs at 100
 # KB, 0.3 instead of 1.9 ms at 1 MB; below it both take ~10 µs (benchmarks/RESULTS.md § 13).
 VECTOR_FROM = 16_384
-_numpy: ModuleType | None = None
 
 
 def vector_scan() -> ModuleType:
     """numpy, imported on first use (~60 ms: the listener loads it when it starts, so that
     neither the first large message nor a CLI command that never checks a body pays)."""
-    global _numpy
-    if _numpy is None:
-        _numpy = importlib.import_module("numpy")
-    return _numpy
+    import numpy
+
+    return numpy
 
 
 def _breaks_and_longest(content: bytes | bytearray) -> tuple[int, int]:
@@ -110,23 +107,30 @@ def first_problem(lines: bytes, max_line: int, limit: int) -> str | None:
     return None
 
 
+def _screen(lines: bytes | bytearray, max_line: int, limit: int) -> tuple[bool, bool | None]:
+    """(clean, whether a line was dot-stuffed when the screen found that out on the way):
+    whole-buffer scans in C, as numpy array operations from VECTOR_FROM bytes on. A NUL is
+    never clean: a lenient next hop may end a line or the data at one."""
+    if len(lines) - 2 > limit or b"\x00" in lines:
+        return False, None
+    if len(lines) >= VECTOR_FROM:
+        return _vector_scan(lines, max_line)
+    return clean_by_splitting(lines, max_line), None
+
+
 def body_problem(lines: bytes | bytearray, max_line: int, limit: int) -> str | None:
     """The refusal for dot-stuffed DATA `lines` (the DATA line's CRLF, then whole CRLF-ended
-    lines), or None. Whole-buffer scans in C screen the body; only a body that fails them
-    goes through the line-by-line `first_problem` for the exact reply."""
-    if len(lines) - 2 <= limit and b"\x00" not in lines:  # a lenient next hop may end a
-        screen = clean_by_vector if len(lines) >= VECTOR_FROM else clean_by_splitting
-        if screen(lines, max_line):  # line or the data at a NUL
-            return None
-    return first_problem(bytes(lines[2:]), max_line, limit)
+    lines), or None. Only a body the screen does not pass goes through the line-by-line
+    `first_problem` for the exact reply."""
+    return examine(lines, max_line, limit)[0]
 
 
 def examine(lines: bytes | bytearray, max_line: int, limit: int) -> tuple[str | None, bool]:
     """(the refusal or None, whether a line starts with "." and so was dot-stuffed) for
-    DATA `lines` as `body_problem` takes them. A large body is screened and searched for
-    stuffed lines in one numpy pass over its line ends."""
-    if len(lines) >= VECTOR_FROM and len(lines) - 2 <= limit and b"\x00" not in lines:
-        clean, dotted = _vector_scan(lines, max_line)
-        if clean:
-            return None, dotted
-    return body_problem(lines, max_line, limit), b"\r\n." in lines
+    DATA `lines` as `body_problem` takes them. A large clean body answers both from one
+    numpy pass over its line ends."""
+    clean, dotted = _screen(lines, max_line, limit)
+    if clean and dotted is not None:
+        return None, dotted
+    problem = None if clean else first_problem(bytes(lines[2:]), max_line, limit)
+    return problem, b"\r\n." in lines

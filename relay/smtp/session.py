@@ -103,7 +103,6 @@ _RCPT_EXTRA_LENGTH = 500 + 50
 CLOSE_FLUSH_TIMEOUT = 5.0
 # The end of DATA (RFC 5321 § 4.1.1.4); the body buffer starts with the DATA line's CRLF.
 _END_OF_DATA = b"\r\n.\r\n"
-_END = b"\r\n.\r\n"  # the end of DATA (the DATA line's CRLF starts the buffer)
 
 # Session states: what the next complete line is (_PROXY: a PROXY protocol header first).
 _COMMAND, _DATA, _SASL, _PROXY = 0, 1, 2, 3
@@ -931,7 +930,7 @@ class SmtpSession(asyncio.Protocol):
         """Where the end marker starts, or -1 (then `_scan` says where to go on: a marker
         may straddle the next segment). The first CRLF "." CRLF is the end: a stuffed line
         is never one."""
-        hit = buf.find(_END, self._scan)
+        hit = buf.find(_END_OF_DATA, self._scan)
         if hit < 0:
             self._scan = max(len(buf) - 4, self._scan)
         return hit

@@ -79,10 +79,11 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=OFF")
     conn.execute("PRAGMA cache_size=-16384")  # 16 MiB
-    # The writer gives each operation a SAVEPOINT; its sub-journal (the pages an operation
-    # changes, kept to undo it alone) spilled past 64 KiB to a temporary file: ~60 pwrite
-    # calls per message in the relay. In memory it is at most a batch of operations' pages
-    # (writer.MAX_BATCH_OPS), freed at COMMIT; durability is the WAL's, not this file's.
+    # Statement and SAVEPOINT sub-journals (the pages a statement or an operation changes,
+    # kept to undo it alone) spilled past 64 KiB to a temporary file: ~37 pwrite calls per
+    # message when the writer gave every operation a SAVEPOINT. In memory they hold at most
+    # a batch of operations' pages (writer.MAX_BATCH_OPS), freed at COMMIT; durability is
+    # the WAL's, not theirs.
     conn.execute("PRAGMA temp_store=MEMORY")
     if readonly:
         conn.execute("PRAGMA query_only=ON")

@@ -2,12 +2,12 @@
 
 Every write to the spool database goes through one thread and one connection. The thread
 takes everything queued (up to a cap), runs it in one transaction and commits once, so N
-concurrent DATA replies share one WAL fsync (group commit). Each operation runs inside its
-own failure: one that fails having changed nothing (e.g. the size cap is hit) fails alone;
-one that fails after changing rows has the batch run again with a SAVEPOINT per operation,
-so that it is rolled back alone; a failure that loses the transaction for good (I/O error,
-failed COMMIT) fails every operation in the batch. Futures are resolved only after COMMIT has returned, with one
-`call_soon_threadsafe` per event loop per batch.
+concurrent DATA replies share one WAL fsync (group commit). Each operation's failure stays
+its own: one that fails having changed nothing (e.g. the size cap is hit) fails alone; one
+that fails after changing rows has the batch run again with a SAVEPOINT per operation, so
+that it is rolled back alone; a failure that loses the transaction for good (I/O error,
+failed COMMIT) fails every operation in the batch. Futures are resolved only after COMMIT
+has returned, with one `call_soon_threadsafe` per event loop per batch.
 """
 
 from __future__ import annotations
