@@ -92,7 +92,7 @@ def print_throughput(runs: list[Throughput]) -> None:
                   f"max {ms(max(p.latencies, default=float('nan')))} ms")
         if r.mta.startswith("relay"):
             print(f"  {r.mta}: event-loop threads {1000 * r.main_thread_cpu / r.messages:.3f} ms/msg "
-                  f"({100 * r.main_thread_cpu / r.seconds / r.loop_processes:.0f}% of one core in "
+                  f"({100 * r.main_thread_cpu / r.seconds / max(1, r.loop_processes):.0f}% of one core in "
                   f"each of {r.loop_processes} busy processes); other threads "
                   f"(spool writer, readers) {1000 * (r.cpu_seconds - r.main_thread_cpu) / r.messages:.3f} ms/msg")
         for n in r.notes:
