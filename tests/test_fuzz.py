@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from relay.bounce.dsn import build_dsn
 from relay.config import ConfigErrors, load_config
 from relay.config.yamlsrc import load_yaml
-from relay.core.message import header_end, header_values, remove_headers
+from relay.core.message import header_end, header_values, remove_headers, take_headers
 from relay.core.model import Outcome, Reply
 from relay.delivery import outcome
 
@@ -71,6 +71,19 @@ def test_remove_headers_is_idempotent_and_never_touches_the_body(
         assert header_values(once, name) == []
     # Only whole header fields went: what is left of the header block is a subsequence.
     assert len(once) <= len(data)
+
+
+@FUZZ
+@given(data=message_bytes, wanted=st.lists(names, min_size=1, max_size=3))
+def test_take_headers_is_header_values_and_remove_headers_in_one_parse(
+    data: bytes, wanted: list[str]
+) -> None:
+    # The intake reads the two tag headers and strips them with one call (issue 17).
+    values, rest = take_headers(data, wanted)
+    assert values == [next(iter(header_values(data, n)), None) for n in wanted]
+    assert rest == remove_headers(data, wanted)
+    if rest == data:
+        assert rest is data  # nothing to strip: no copy of the message
 
 
 # ---- the configuration loader --------------------------------------------------------------

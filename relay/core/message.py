@@ -4,7 +4,7 @@ headers. Only the header block is parsed; the body is spliced, never parsed as M
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 CRLF = b"\r\n"
 
@@ -52,12 +52,39 @@ def header_values(data: bytes, name: str) -> list[str]:
     return values
 
 
+def take_headers(data: bytes, names: Sequence[str]) -> tuple[list[str | None], bytes]:
+    """The first value of each header in `names` (None where absent) and the message
+    without any of them: what `header_values` and `remove_headers` give, from one parse of
+    the header block. The message is returned as is (same object) when none is present."""
+    keys = [n.lower().encode("ascii") for n in names]
+    end = header_end(data)
+    block = data[:end]
+    lower = block.lower()
+    if not any(k in lower for k in keys):  # most messages: no field can be called that
+        return [None] * len(keys), data
+    first: list[str | None] = [None] * len(keys)
+    drop: list[tuple[int, int]] = []
+    for fname, start, stop in _fields(block):
+        if fname in keys:
+            drop.append((start, stop))
+            for i, key in enumerate(keys):
+                if key == fname and first[i] is None:
+                    raw = block[start:stop].split(b":", 1)[1]
+                    first[i] = raw.replace(b"\r\n", b"").decode("utf-8", "replace").strip()
+    return first, _without(data, block, drop)
+
+
 def remove_headers(data: bytes, names: Iterable[str]) -> bytes:
     """The message without any header in `names`; unchanged (same object) if none present."""
     keys = {n.lower().encode("ascii") for n in names}
     end = header_end(data)
     block = data[:end]
     drop = [(s, e) for fname, s, e in _fields(block) if fname in keys]
+    return _without(data, block, drop)
+
+
+def _without(data: bytes, block: bytes, drop: list[tuple[int, int]]) -> bytes:
+    """`data` without the (start, end) ranges of its header `block`, in order."""
     if not drop:
         return data
     parts = []
