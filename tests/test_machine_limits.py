@@ -15,7 +15,7 @@ from relay.core.model import TlsMode, Upstream
 from relay.core.waits import SLOW_DOWN
 from relay.events import Metrics
 from relay.limits.gate import UpstreamGate
-from relay.limits.machine import IDLE_GRACE, MachineStore, open_db
+from relay.limits.machine import IDLE_GRACE, PAUSES_FRESH, MachineStore, open_db
 from relay.limits.partition import Partition
 from relay.limits.store import Window
 from tests.together import failures_together
@@ -128,6 +128,28 @@ def test_a_pause_is_shared_and_survives_a_restart_with_its_reason(tmp_path: Path
         again = MachineStore(tmp_path)
         assert 28 < await again.paused("up") <= 30
         await again.close()
+
+    asyncio.run(go())
+
+
+def test_another_workers_pause_is_seen_within_pauses_fresh(tmp_path: Path) -> None:
+    # Every delivery asks whether its upstream is paused; a worker reads the pauses at most
+    # every PAUSES_FRESH seconds (issue 17), its own at once, another's within that time.
+    async def go() -> None:
+        w0 = MachineStore(tmp_path, Partition(0, 2))
+        w1 = MachineStore(tmp_path, Partition(1, 2))
+        assert await w1.paused_why("up") == (0.0, "")  # w1 has read: nothing paused
+        await w0.pause("up", 30.0, "slow-down after: 421 4.7.0 slow down")
+        assert 29 < await w0.paused("up") <= 30  # its own: at once
+        started = time.monotonic()
+        while await w1.paused("up") == 0.0:
+            assert time.monotonic() - started < PAUSES_FRESH + 0.5
+            await asyncio.sleep(0.01)
+        assert time.monotonic() - started > 0.05  # from its last reading, not a query each
+        left, why = await w1.paused_why("up")
+        assert 29 < left <= 30 and why.startswith("slow-down after: 421")
+        await w0.close()
+        await w1.close()
 
     asyncio.run(go())
 

@@ -11,7 +11,8 @@ transaction, so it is atomic across workers:
   `SqliteStorage` (table `counters`, expiry in wall-clock time, so a window that started
   before a restart is still the same window after it);
 - slow-down pauses (`pauses`: until when, wall clock, and why), seen by every worker and
-  kept across restarts;
+  kept across restarts; each worker reads them all at most every PAUSES_FRESH seconds
+  (every delivery asks), so another worker's pause reaches it within that time;
 - minimum intervals (`spacing`): the next allowed start, CLOCK_MONOTONIC (one clock for
   every process of a boot; a stamp further ahead than the interval is from another boot);
 - connections (`slots`): how many connections to an upstream each worker holds. A worker
@@ -61,6 +62,7 @@ BALANCE_EVERY = 0.05  # how often a worker holding idle slots looks for waiters
 # 8,000 messages without it); longer would keep idle connections from a worker with mail.
 IDLE_GRACE = 0.1
 CHECKPOINT_EVERY = 1.0
+PAUSES_FRESH = 0.25
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL,
@@ -155,6 +157,8 @@ class MachineStore(Store):
         self._holdings: dict[str, _Holding] = {}
         self._limits: dict[str, int] = {}
         self._background: asyncio.Task[None] | None = None
+        self._pauses: dict[str, tuple[float, str]] = {}  # key: (until, why), as last read
+        self._pauses_read = -math.inf  # when (monotonic)
         # A restarted worker starts with no connections: whatever its index held is free.
         self.db.execute("DELETE FROM slots WHERE worker = ?", (self.worker,))
 
@@ -337,15 +341,23 @@ class MachineStore(Store):
             " until = MAX(until, excluded.until)",
             (key, until, reason),
         )
+        self._pauses_read = -math.inf  # this worker sees its own pause at once
 
     async def paused(self, key: str) -> float:
         return (await self.paused_why(key))[0]
 
     async def paused_why(self, key: str) -> tuple[float, str]:
         now = time.time()
-        row = self.db.execute("SELECT until, reason FROM pauses WHERE key = ? AND until > ?",
-                              (key, now)).fetchone()
-        return (float(row[0]) - now, str(row[1])) if row else (0.0, "")
+        tick = time.monotonic()
+        if tick - self._pauses_read >= PAUSES_FRESH:
+            self._pauses = {
+                str(k): (float(until), str(reason))
+                for k, until, reason in self.db.execute(
+                    "SELECT key, until, reason FROM pauses WHERE until > ?", (now,))
+            }
+            self._pauses_read = tick
+        until, reason = self._pauses.get(key, (0.0, ""))
+        return (until - now, reason) if until > now else (0.0, "")
 
     # -- lifecycle -------------------------------------------------------------------------
     def _ensure_background(self) -> None:
