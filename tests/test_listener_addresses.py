@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+import unicodedata
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.core.errors import to_reply
+from relay.delivery.deliverer import _has_control
 from relay.smtp.addresses import (
+    _CONTROL,
     AddressError,
     AddressSyntaxError,
     parse_mailbox,
@@ -162,3 +167,13 @@ def test_generated_valid_addresses_pass(local: str, labels: list[str]) -> None:
     mailbox = f"{local}@{'.'.join(labels)}"
     assert parse_mailbox(mailbox, smtputf8=False) == mailbox
     assert split_path(f"<{mailbox}> SIZE=1") == (mailbox, "SIZE=1")
+
+
+def test_control_characters_are_unicodes_cc_category_exactly() -> None:
+    # The address checks search one regex (issue 17) where they asked unicodedata for the
+    # category of every character: the same set, checked over every code point.
+    for cp in range(sys.maxunicode + 1):
+        c = chr(cp)
+        assert (_CONTROL.search(c) is not None) == (unicodedata.category(c) == "Cc"), hex(cp)
+        assert _has_control(c) == (cp < 32 or cp == 127), hex(cp)
+    assert _CONTROL.search("a@b.test") is None and _CONTROL.search("a@b\r.test") is not None

@@ -92,7 +92,7 @@ def test_a_forked_child_draws_other_random_bits_than_its_parent() -> None:
 @given(st.integers(min_value=0, max_value=(1 << 80) - 1))
 def test_queue_id_encoding_round_trips_and_keeps_order(value: int) -> None:
     # The digits, most significant first, in Crockford's alphabet: the text ids had before
-    # encode() went through base64 (issue 17), so old and new ids sort together.
+    # encode() became table lookups (issue 17), so old and new ids sort together.
     alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
     assert encode(value) == "".join(alphabet[(value >> (5 * i)) & 31] for i in range(15, -1, -1))
     assert decode(encode(value)) == value

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
@@ -39,8 +40,11 @@ class _StaleConnection(Exception):
     """A pooled connection turned out dead before the transaction began: nothing was sent."""
 
 
+_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _has_control(address: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in address)
+    return _ASCII_CONTROL.search(address) is not None
 
 
 def _path(address: str, encoding: str) -> bytes:

@@ -56,6 +56,11 @@ class AddressSyntaxError(AddressError):
     client_text = "Syntax error in parameters or arguments"
 
 
+# Unicode's Cc category, which is exactly these 65 code points (C0, DEL, C1): one regex
+# search instead of a category lookup per character (twice per message, MAIL and RCPT).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _check_chars(s: str) -> None:
     # A surrogate comes from the listener's surrogateescape decoding of invalid UTF-8.
     try:
@@ -64,7 +69,7 @@ def _check_chars(s: str) -> None:
         raise AddressSyntaxError("Invalid UTF-8 in argument") from None
     # CR, LF and NUL (and any other control) never belong in a command argument: a
     # bare CR here is how a header or command gets smuggled (RFC 5321 § 2.3.8).
-    if any(unicodedata.category(c) == "Cc" for c in s):
+    if _CONTROL.search(s) is not None:
         raise AddressSyntaxError("Control character in argument")
 
 

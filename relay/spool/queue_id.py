@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import threading
 import time
@@ -20,16 +19,19 @@ _MAX = (1 << (5 * _LENGTH)) - 1
 _POOL_BYTES = 4096
 
 
-# RFC 4648's base32 digits, in the order of their values, spelt in Crockford's alphabet.
-_FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+# Every pair of digits (10 bits) spelt out: an id is eight lookups (~0.5 µs, where a loop over
+# its 16 digits, or base64's base32, written in Python, took ~1.3).
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
 
 
 def encode(value: int) -> str:
-    """The fixed-width base32 text of an 80-bit integer (the standard library's base32 of
-    its 10 bytes, translated: ~0.5 µs, where a loop over 16 digits took ~2)."""
+    """The fixed-width base32 text of an 80-bit integer, most significant digit first."""
     if not 0 <= value <= _MAX:
         raise ValueError("queue id value out of range")
-    return base64.b32encode(value.to_bytes(10, "big")).translate(_FROM_RFC4648).decode()
+    p = _PAIRS
+    return (p[value >> 70] + p[(value >> 60) & 1023] + p[(value >> 50) & 1023]
+            + p[(value >> 40) & 1023] + p[(value >> 30) & 1023] + p[(value >> 20) & 1023]
+            + p[(value >> 10) & 1023] + p[value & 1023])
 
 
 def decode(text: str) -> int:
