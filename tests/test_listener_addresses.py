@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import unicodedata
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -15,6 +16,8 @@ from relay.smtp.addresses import (
     _CONTROL,
     AddressError,
     AddressSyntaxError,
+    _closing_bracket,
+    _closing_bracket_scanned,
     parse_mailbox,
     parse_params,
     split_path,
@@ -177,3 +180,18 @@ def test_control_characters_are_unicodes_cc_category_exactly() -> None:
         assert (_CONTROL.search(c) is not None) == (unicodedata.category(c) == "Cc"), hex(cp)
         assert _has_control(c) == (cp < 32 or cp == 127), hex(cp)
     assert _CONTROL.search("a@b.test") is None and _CONTROL.search("a@b\r.test") is not None
+
+
+@given(st.text(alphabet='<>"\\ ab@.', max_size=24))
+def test_the_closing_bracket_found_by_find_is_where_the_scan_finds_it(tail: str) -> None:
+    # Paths without a quoted local part skip the character-by-character scan (issue 17):
+    # the same index, or the same refusal, as the scan gives.
+    path = "<" + tail
+
+    def outcome(find: Callable[[str], int]) -> int | str:
+        try:
+            return find(path)
+        except AddressSyntaxError as exc:
+            return str(exc)
+
+    assert outcome(_closing_bracket) == outcome(_closing_bracket_scanned)

@@ -89,6 +89,29 @@ def split_path(arg: str) -> tuple[str, str]:
         if ">" in path:
             raise AddressSyntaxError("Unbalanced '>' in path")
         return path, rest.strip(" ")
+    i = _closing_bracket(s)
+    rest = s[i + 1 :]
+    if rest and not rest.startswith(" "):
+        raise AddressSyntaxError("Expected space after path")
+    return s[1:i], rest.strip(" ")
+
+
+def _closing_bracket(s: str) -> int:
+    """Where the `>` closing the path `s` (which starts with `<`) is. Without a quoted local
+    part (nearly every path) that is the first `>`, found by `str.find`; otherwise the
+    characters are scanned one by one, quoted pairs and all."""
+    if '"' not in s:
+        close = s.find(">", 1)
+        opening = s.find("<", 1)
+        if opening != -1 and (close == -1 or opening < close):
+            raise AddressSyntaxError("Unexpected '<' in path")
+        if close == -1:
+            raise AddressSyntaxError("Missing '>' at end of path")
+        return close
+    return _closing_bracket_scanned(s)
+
+
+def _closing_bracket_scanned(s: str) -> int:
     i = 1
     quoted = False
     while i < len(s):
@@ -101,10 +124,7 @@ def split_path(arg: str) -> tuple[str, str]:
         elif c == '"':
             quoted = True
         elif c == ">":
-            rest = s[i + 1 :]
-            if rest and not rest.startswith(" "):
-                raise AddressSyntaxError("Expected space after path")
-            return s[1:i], rest.strip(" ")
+            return i
         elif c == "<":
             raise AddressSyntaxError("Unexpected '<' in path")
         i += 1
