@@ -17,7 +17,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay.config import load_config
 from relay.core.errors import SpoolError, to_reply
+from relay.runtime.node import Relay
 from relay.spool import (
     RcptStatus,
     RecipientUpdate,
@@ -30,6 +32,7 @@ from relay.spool import (
 from relay.spool.queue_id import QueueIdFactory, decode, encode
 from relay.spool.schema import connect
 from relay.spool.segments import Segments
+from tests.relayproc import RelayConfig
 
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -307,6 +310,20 @@ async def test_a_lone_operation_never_waits_for_company(tmp_path: Path) -> None:
         assert time.monotonic() - started < 2.5  # far below the 5 s it would wait
     finally:
         await spool.close()
+
+
+@pytest.mark.parametrize(("setting", "seconds"), [("0s", 0.0), ("20ms", 0.02)])
+async def test_spool_commit_gather_reaches_the_running_spool(
+    tmp_path: Path, setting: str, seconds: float
+) -> None:
+    # relay.yaml -> Relay.start -> Spool.open -> the writer (not only the default, 2 ms).
+    path = RelayConfig(tmp_path / "relay", spool={"path": "spool", "commit_gather": setting}).write()
+    node = Relay(load_config(str(path)), str(path))
+    await node.start()
+    try:
+        assert node.spool._writer._gather == seconds
+    finally:
+        await node.stop()
 
 
 # --- update / hold / delete ----------------------------------------------------------------
