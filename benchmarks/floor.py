@@ -18,7 +18,6 @@ It reads the generated `relay.yaml` (workers, the sink's port, max_connections),
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import signal
 import socket
@@ -187,7 +186,7 @@ def main() -> int:
     doc = yaml.safe_load((directory / "relay.yaml").read_text())
     sink = doc["upstreams"][doc["default_upstream"]]
     workers = doc.get("workers", 1)
-    workers = os.cpu_count() or 1 if workers == "auto" else int(workers)
+    workers = (os.cpu_count() or 1) if workers == "auto" else int(workers)
     connections = max(1, int(sink.get("throttle", {}).get("max_connections", 20)) // workers)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -209,8 +208,8 @@ def main() -> int:
             os.kill(p, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
-    counts = collections.Counter(os.waitpid(p, 0)[1] for p in children)
-    return 0 if set(counts) == {0} else 1
+    statuses = [os.waitpid(p, 0)[1] for p in children]
+    return 0 if all(status == 0 for status in statuses) else 1
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ async def test_allowlist_answers_are_remembered_and_bounded(tmp_path: Path) -> N
             assert intake.allowlisted(ip) is expected, ip
             assert len(intake._allowed) <= ALLOWED_CACHE
         assert intake.allowlisted("127.0.0.1") and not intake.allowlisted("192.0.2.7")
+        assert intake._allowed.get("192.0.2.7") is False  # the answer was kept
     finally:
         events.close()
         await spool.close()

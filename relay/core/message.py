@@ -4,7 +4,7 @@ headers. Only the header block is parsed; the body is spliced, never parsed as M
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 CRLF = b"\r\n"
 
@@ -39,23 +39,10 @@ def _fields(block: bytes) -> list[tuple[bytes, int, int]]:
     return out
 
 
-def header_values(data: bytes, name: str) -> list[str]:
-    """Unfolded values of every header called `name` (case-insensitive)."""
-    end = header_end(data)
-    block = data[:end]
-    key = name.lower().encode("ascii")
-    values = []
-    for fname, start, stop in _fields(block):
-        if fname == key:
-            raw = block[start:stop].split(b":", 1)[1]
-            values.append(raw.replace(b"\r\n", b"").decode("utf-8", "replace").strip())
-    return values
-
-
 def take_headers(data: bytes, names: Sequence[str]) -> tuple[list[str | None], bytes]:
-    """The first value of each header in `names` (None where absent) and the message
-    without any of them: what `header_values` and `remove_headers` give, from one parse of
-    the header block. The message is returned as is (same object) when none is present."""
+    """The first unfolded value of each header in `names` (case-insensitive; None where
+    absent) and the message without any header so called, from one parse of the header
+    block. The message is returned as is (same object) when none is present."""
     keys = [n.lower().encode("ascii") for n in names]
     end = header_end(data)
     block = data[:end]
@@ -72,15 +59,6 @@ def take_headers(data: bytes, names: Sequence[str]) -> tuple[list[str | None], b
                     raw = block[start:stop].split(b":", 1)[1]
                     first[i] = raw.replace(b"\r\n", b"").decode("utf-8", "replace").strip()
     return first, _without(data, block, drop)
-
-
-def remove_headers(data: bytes, names: Iterable[str]) -> bytes:
-    """The message without any header in `names`; unchanged (same object) if none present."""
-    keys = {n.lower().encode("ascii") for n in names}
-    end = header_end(data)
-    block = data[:end]
-    drop = [(s, e) for fname, s, e in _fields(block) if fname in keys]
-    return _without(data, block, drop)
 
 
 def _without(data: bytes, block: bytes, drop: list[tuple[int, int]]) -> bytes:
