@@ -312,6 +312,17 @@ async def test_a_lone_operation_never_waits_for_company(tmp_path: Path) -> None:
         await spool.close()
 
 
+async def test_the_writer_thread_runs_under_sched_batch_and_the_loop_does_not(spool: Spool) -> None:
+    # The writer must not preempt the event loop on each wake-up (writer.batch_scheduling);
+    # the policy is per thread: the loop's own thread keeps the default.
+    await put(spool)  # the writer has started and taken its policy
+    writer_tid = spool._writer._thread.native_id
+    assert writer_tid is not None
+    assert os.sched_getscheduler(writer_tid) == os.SCHED_BATCH
+    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
 @pytest.mark.parametrize(("setting", "seconds"), [("0s", 0.0), ("20ms", 0.02)])
 async def test_spool_commit_gather_reaches_the_running_spool(
     tmp_path: Path, setting: str, seconds: float

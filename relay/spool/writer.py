@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -103,6 +104,26 @@ def _copy(exc: SpoolError) -> SpoolError:
     return err
 
 
+def batch_scheduling() -> None:
+    """Put the calling thread under SCHED_BATCH (Linux; elsewhere nothing happens).
+
+    The writer wakes a few times per message (an operation queued, an fsync done, the GIL
+    back after each SQLite step). Under the default policy each wake-up may preempt the
+    event loop on its CPU: ~5,000 involuntary switches a second per worker at full load.
+    SCHED_BATCH keeps the thread's fair share of CPU but never preempts on wake-up; it
+    runs when a CPU is free or at the next tick. Measured at 5 KB, 2 workers: 0.62 ->
+    0.53 ms CPU per message, +10% msg/s, final-dot-to-250 p99 unchanged
+    (benchmarks/RESULTS.md §15). Durability is untouched: 250 still waits for the fsync."""
+    setter = getattr(os, "sched_setscheduler", None)
+    policy = getattr(os, "SCHED_BATCH", None)
+    if setter is None or policy is None:
+        return
+    try:
+        setter(0, policy, os.sched_param(0))  # 0: the calling thread (Linux takes a tid)
+    except OSError as exc:  # a seccomp filter or an odd kernel: run as before
+        log.debug("spool writer: SCHED_BATCH refused: %s", exc)
+
+
 def _settle(items: list[_Settlement]) -> None:
     for future, value, exc in items:
         if future.done():  # the caller was cancelled; the write itself stands
@@ -162,6 +183,7 @@ class Writer:
     # --- writer thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        batch_scheduling()
         stopping = False
         while not stopping:
             first = self._queue.get()
