@@ -323,6 +323,27 @@ async def test_the_writer_thread_runs_under_sched_batch_and_the_loop_does_not(sp
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
+async def test_a_refused_sched_batch_is_said_once_and_the_spool_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A seccomp filter without sched_setscheduler answers EPERM (the kernel is faked here).
+    def refuse(pid: int, policy: int, param: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    caplog.set_level("INFO", logger="relay.spool")
+    spool = await Spool.open(tmp_path / "spool")
+    try:
+        qid = await put(spool)
+        assert await spool.get(qid) is not None
+        tid = spool._writer._thread.native_id
+        assert tid is not None and os.sched_getscheduler(tid) == os.SCHED_OTHER
+    finally:
+        await spool.close()
+    said = [r.getMessage() for r in caplog.records if "SCHED_BATCH refused" in r.getMessage()]
+    assert len(said) == 1 and "Operation not permitted" in said[0]
+
+
 @pytest.mark.parametrize(("setting", "seconds"), [("0s", 0.0), ("20ms", 0.02)])
 async def test_spool_commit_gather_reaches_the_running_spool(
     tmp_path: Path, setting: str, seconds: float
