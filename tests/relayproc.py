@@ -165,7 +165,11 @@ class RelayProcess:
         path = self.config_dir / "mail.log"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+        # Read while the relay writes: a last line without its newline is still being
+        # written (a test once parsed half of one); it is read whole the next time.
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def events(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.mail_log() if e["event"] == kind]

@@ -6,11 +6,14 @@ from __future__ import annotations
 import gc
 import re
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from relay.config import load_config
+from relay.runtime.node import Relay
 from relay.runtime.serve import GC_YOUNG, settle_gc
 from tests.relayproc import RelayConfig, RelayProcess
 
@@ -50,3 +53,25 @@ def test_a_serving_relay_settles_its_gc_once_started(tmp_path: Path) -> None:
         assert int(found.group(2)) == GC_YOUNG
         listening = next(i for i, line in enumerate(relay.stderr) if "listening" in line)
         assert relay.stderr.index(found.string) > listening  # after the node started
+
+
+async def test_replaced_configurations_are_freed_after_settle_gc(
+    tmp_path: Path, restored_gc: None
+) -> None:
+    # Freezing keeps start-up's objects from the collector; what replaces them on a reload
+    # must still go (reference counting for the frozen first configuration, the collector
+    # for later ones): nothing may pile up per reload.
+    path = RelayConfig(tmp_path / "relay").write()
+    node = Relay(load_config(str(path)), str(path))
+    await node.start()
+    try:
+        settle_gc()
+        replaced: list[weakref.ref[object]] = []
+        for _ in range(5):
+            replaced.append(weakref.ref(node.config))
+            assert await node.reload()
+        gc.collect()
+        assert [r for r in replaced if r() is not None] == []
+        assert weakref.ref(node.config)() is node.config
+    finally:
+        await node.stop()

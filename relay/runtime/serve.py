@@ -32,9 +32,9 @@ def settle_gc() -> None:
     recovered queue) leaves the cyclic collector's sight (`gc.freeze`), and the youngest
     generation is collected every GC_YOUNG allocations instead of 700. Every full
     collection had walked all of it again, a young one ran every ~2 messages; 5 KB, 2
-    workers: -3 to -5% CPU per message (benchmarks/RESULTS.md §15). Frozen objects are
-    still freed by reference counting; only a reference cycle among them (an old
-    configuration's, after a reload) would stay until exit."""
+    workers: -1 to -4% CPU per message (benchmarks/RESULTS.md §15). Frozen objects are
+    still freed by reference counting; only a reference cycle among them, once dropped,
+    stays until exit. Objects made later (a reload's) are collected as usual."""
     gc.freeze()
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(max(gen0, GC_YOUNG), gen1, gen2)
