@@ -320,7 +320,6 @@ async def test_the_writer_thread_runs_under_sched_batch_and_the_loop_does_not(sp
     assert writer_tid is not None
     assert os.sched_getscheduler(writer_tid) == os.SCHED_BATCH
     assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 async def test_a_refused_sched_batch_is_said_once_and_the_spool_works(

@@ -42,7 +42,6 @@ def settle_gc() -> None:
               " every %d allocations", gc.get_freeze_count(), gc.get_threshold()[0])
 
 
-
 async def run(location: str | None, slot: WorkerSlot | None = None) -> int:
     try:
         config, _users = load_checked(location)

@@ -122,7 +122,8 @@ def body_problem(lines: bytes | bytearray, max_line: int, limit: int) -> str | N
     """The refusal for dot-stuffed DATA `lines` (the DATA line's CRLF, then whole CRLF-ended
     lines), or None. Only a body the screen does not pass goes through the line-by-line
     `first_problem` for the exact reply."""
-    return examine(lines, max_line, limit)[0]
+    clean, _ = _screen(lines, max_line, limit)
+    return None if clean else first_problem(bytes(lines[2:]), max_line, limit)
 
 
 def examine(lines: bytes | bytearray, max_line: int, limit: int) -> tuple[str | None, bool]:
