@@ -121,8 +121,10 @@ async def test_bytes_of_a_put_that_did_not_commit_are_never_read_and_go_with_the
     spool = await Spool.open(tmp_path)
     try:
         first = await put(spool, 1)
-        # The same queue id again: the body is appended, then the row's INSERT fails and
-        # its savepoint is rolled back: bytes no committed row points at.
+        # The same queue id again: the body is appended, then the row's INSERT fails. The
+        # batch's bulk run (relay/spool/bulk.py) is undone and the put runs again alone in
+        # a savepoint that is rolled back: its body is written twice, and no committed row
+        # points at either copy.
         with pytest.raises(SpoolError):
             await put(spool, 2, data=b"never acknowledged\r\n" * 100, queue_id=first)
         second = await put(spool, 3)
@@ -130,7 +132,7 @@ async def test_bytes_of_a_put_that_did_not_commit_are_never_read_and_go_with_the
         assert await spool.read_body(second) == body(3)
         [name] = seg_files(tmp_path)
         size = (tmp_path / SEGMENT_DIR / name).stat().st_size
-        assert size == len(body(1)) + 2000 + len(body(3))
+        assert size == len(body(1)) + 2 * 2000 + len(body(3))
     finally:
         await spool.close()
     spool = await Spool.open(tmp_path)  # after a restart: nothing appended to the old one

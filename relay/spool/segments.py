@@ -23,6 +23,7 @@ import os
 import re
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ SEGMENT_DIR = "bodies"
 # A segment is closed for appends past this size; its file goes when its last body does.
 SEGMENT_BYTES = 64 * 1024 * 1024
 _NAME = re.compile(r"^([0-9]{8,})\.seg$")
+# Buffers per pwritev (the kernel's UIO_MAXIOV); a batch has at most 512 puts anyway.
+_IOV_MAX = 1024
 
 
 class MissingBody(Exception):
@@ -145,6 +148,29 @@ class Segments:
             self._bytes += written
         self._dirty = True
         return self._number, offset
+
+    def append_many(self, bodies: Sequence[bytes]) -> list[tuple[int, int]]:
+        """`append` for each body, in order, with one `pwritev` per segment they land in
+        (one GIL hand-over instead of one per body: relay/spool/bulk.py)."""
+        places: list[tuple[int, int]] = []
+        i = 0
+        while i < len(bodies):
+            if self._fd < 0 or self._offset >= self.segment_bytes:
+                self._roll()
+            start = end = self._offset
+            j = i
+            # As `append`: a body goes in while the segment is short of its size.
+            while j < len(bodies) and end < self.segment_bytes and j - i < _IOV_MAX:
+                places.append((self._number, end))
+                end += len(bodies[j])
+                j += 1
+            _pwrite_all(self._fd, bodies[i:j], start)
+            self._offset = end
+            with self._lock:
+                self._bytes += end - start
+            self._dirty = True
+            i = j
+        return places
 
     def stored(self, size: int) -> None:
         """A row pointing at an appended body of `size` bytes is in the transaction (the
@@ -261,6 +287,21 @@ class Segments:
             os.close(fd)
         return data
 
+
+def _pwrite_all(fd: int, bodies: Sequence[bytes], offset: int) -> None:
+    """Write the bodies one after the other from `offset`, whatever a call writes short."""
+    written = os.pwritev(fd, bodies, offset)
+    for body in bodies:  # a short write (rare on a regular file): the rest one by one
+        if written >= len(body):
+            written -= len(body)
+            offset += len(body)
+            continue
+        view = memoryview(body)[written:]
+        offset += written
+        written = 0
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
 
 
 def fsync_dir(path: Path) -> None:

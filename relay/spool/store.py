@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import errno
 import fcntl
 import logging
 import os
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 
 from relay.core.errors import SpoolError
 from relay.spool import recovery
+from relay.spool.bulk import Bulk, Outcome, Put
 from relay.spool.eventlog import EventLog, insert
 from relay.spool.queue_id import new_queue_id
 from relay.spool.recovery import DueBatch
@@ -26,8 +26,6 @@ from relay.spool.schema import (
     DamagedRow,
     connect,
     decode_message,
-    decode_recipients,
-    due_of,
     encode_recipients,
     init_schema,
 )
@@ -138,18 +136,6 @@ def _delete_row(
         segments.released(seg, size)
 
 
-def _check_cap(conn: sqlite3.Connection, segments: Segments, size: int, max_bytes: int) -> None:
-    """The size cap covers the database and the bodies in segments (dead bytes of a segment
-    still in use are not counted: they go with it): a body that would pass it fails its put
-    as a full disk would (451, the spool-full warning)."""
-    pages, page_size = (
-        conn.execute("PRAGMA page_count").fetchone()[0],
-        conn.execute("PRAGMA page_size").fetchone()[0],
-    )
-    if pages * page_size + segments.live_bytes + size > max_bytes:
-        raise OSError(errno.ENOSPC, f"spool size cap of {max_bytes} bytes reached")
-
-
 class Spool:
     """Durable queue on SQLite (WAL, synchronous=FULL) with one group-committing writer.
 
@@ -169,6 +155,7 @@ class Spool:
         inspector: sqlite3.Connection,
         lock_fd: int,
         segments: Segments,
+        bulk: Bulk,
         *,
         body_cache_bytes: int = BODY_CACHE_BYTES,
         inline_max: int = INLINE_MAX,
@@ -188,6 +175,7 @@ class Spool:
         self._inspector_lock = threading.Lock()
         self._lock_fd = lock_fd
         self._segments = segments
+        self._bulk = bulk  # puts and outcomes, alone or a batch's run of them together
         self._inline_max = inline_max
         self._max_bytes = max_bytes
         self._closed = False
@@ -234,7 +222,8 @@ class Spool:
             except (sqlite3.Error, OSError) as exc:
                 os.close(lock_fd)
                 raise SpoolError(reason=f"cannot open spool {directory}: {exc}") from exc
-            writer = Writer(conn, hooks=segments, gather=commit_gather)
+            bulk = Bulk(segments, max_bytes)
+            writer = Writer(conn, hooks=segments, gather=commit_gather, bulk=bulk)
             writer.start()
             return cls(
                 directory,
@@ -243,6 +232,7 @@ class Spool:
                 inspector,
                 lock_fd,
                 segments,
+                bulk,
                 body_cache_bytes=body_cache_bytes,
                 inline_max=inline_max,
                 max_bytes=max_bytes,
@@ -308,11 +298,15 @@ class Spool:
             dsn,
             int(wire),
         )
-        segments = self._segments if len(data) > self._inline_max else None
-        max_bytes = self._max_bytes
+        item = Put(row, data, events)
+        if len(data) > self._inline_max:  # the body goes to a segment: relay/spool/bulk.py
+            run = self._bulk
 
-        def op(conn: sqlite3.Connection) -> None:
-            if segments is None:
+            def op(conn: sqlite3.Connection) -> None:
+                run(conn, [item])
+        else:  # a BLOB row, the form of spools before segments (tests and benchmarks)
+
+            def op(conn: sqlite3.Connection) -> None:
                 cur = conn.execute(
                     "INSERT INTO messages (queue_id, received_at, sender, client, org, account,"
                     " upstream, size, held, is_dsn, pending, recipients, dsn, wire)"
@@ -320,22 +314,11 @@ class Spool:
                     row,
                 )
                 conn.execute("INSERT INTO bodies (id, data) VALUES (?, ?)", (cur.lastrowid, data))
-            else:
-                if max_bytes is not None:
-                    _check_cap(conn, segments, len(data), max_bytes)
-                seg, off = segments.append(data)
-                conn.execute(
-                    "INSERT INTO messages (queue_id, received_at, sender, client, org, account,"
-                    " upstream, size, held, is_dsn, pending, recipients, dsn, wire, body_seg,"
-                    " body_off) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (*row, seg, off),
-                )
-            insert(conn, events)
-            if segments is not None:
-                segments.stored(len(data))
+                insert(conn, events)
 
         try:
-            await self._writer.submit(op, size=len(data))
+            await self._writer.submit(op, size=len(data),
+                                      bulk=item if len(data) > self._inline_max else None)
         except SpoolError:
             raise
         except Exception as exc:  # the listener must only ever see SpoolError (451)
@@ -374,42 +357,13 @@ class Spool:
         """Record delivery outcomes (and optionally a re-routed upstream). When no recipient
         remains PENDING the message and its body are deleted. Unknown ids are ignored (an
         operator may have deleted the message meanwhile)."""
-        by_rcpt = {u.rcpt: u for u in updates}
         # After an attempt the body has served its purpose; a retry reads it from disk.
         self._forget_body(queue_id)
-        segments = self._segments
-
-        def op(conn: sqlite3.Connection) -> None:
-            row = conn.execute(
-                "SELECT id, recipients, body_seg, size FROM messages WHERE queue_id = ?",
-                (queue_id,),
-            ).fetchone()
-            if row is None:
-                return
-            insert(conn, events)
-            rowid, raw, seg, size = row
-            try:
-                rcpts = decode_recipients(raw)
-            except DamagedRow as exc:
-                raise SpoolError(reason=f"spool row {queue_id} is damaged: {exc}") from exc
-            for r in rcpts:
-                u = by_rcpt.get(r.rcpt)
-                if u is not None:
-                    r.status = u.status
-                    r.attempts = u.attempts
-                    r.next_attempt = u.next_attempt
-                    r.last_reply = u.last_reply
-            pending = sum(1 for r in rcpts if r.status is RcptStatus.PENDING)
-            if pending == 0:
-                _delete_row(conn, segments, rowid, seg, size)
-                return
-            conn.execute(
-                "UPDATE messages SET recipients = ?, pending = ?, due = ?,"
-                " upstream = coalesce(?, upstream) WHERE id = ?",
-                (encode_recipients(rcpts), pending, due_of(rcpts), upstream, rowid),
-            )
-
-        await self._write(op)
+        if self._closed:
+            raise SpoolError(reason="spool is closed")
+        item = Outcome(queue_id, {u.rcpt: u for u in updates}, upstream, events)
+        run = self._bulk
+        await self._writer.submit(lambda conn: run(conn, [item]), bulk=item)
 
     async def set_held(
         self,

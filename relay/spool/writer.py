@@ -30,6 +30,8 @@ log = logging.getLogger("relay.spool")
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
+# Runs consecutive operations' bulk forms together (relay/spool/bulk.py); each returns None.
+BulkRunner = Callable[[sqlite3.Connection, list[Any]], None]
 
 MAX_BATCH_OPS = 512
 MAX_BATCH_BYTES = 64 * 1024 * 1024
@@ -53,6 +55,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     size: int
+    bulk: Any = None  # the same change for the bulk runner (its result is None)
 
 
 class CommitHooks(Protocol):
@@ -145,12 +148,17 @@ class Writer:
         name: str = "spool-writer",
         hooks: CommitHooks | None = None,
         gather: float = GATHER_SECONDS,
+        bulk: BulkRunner | None = None,
     ) -> None:
         """`gather`: when the queue held more than one operation (others are writing at the
         same time) and is empty now, wait this long once for more before the transaction: a
         commit then carries about twice the operations (half the fsyncs and WAL pages per
-        message). A lone operation never waits. 0 turns it off."""
+        message). A lone operation never waits. 0 turns it off.
+        `bulk`: runs the bulk forms of consecutive operations that have one, in a few
+        statements for all of them; `op` is what runs when the batch is run again one
+        operation at a time."""
         self._conn = conn
+        self._bulk = bulk
         self._gather = gather
         self._hooks: CommitHooks = hooks if hooks is not None else _NoHooks()
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
@@ -162,15 +170,16 @@ class Writer:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, op: Operation, *, size: int = 0) -> asyncio.Future[Any]:
+    def submit(self, op: Operation, *, size: int = 0, bulk: Any = None) -> asyncio.Future[Any]:
         """Queue op (called on the writer thread with the connection, inside a transaction);
-        the returned future resolves once its transaction has committed."""
+        the returned future resolves once its transaction has committed. `bulk`: the same
+        change in the form the bulk runner takes (then the result is None)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._stopping:
             future.set_exception(SpoolError(reason="spool is closed"))
             return future
-        self._queue.put(_Job(op, loop, future, size))
+        self._queue.put(_Job(op, loop, future, size, bulk if self._bulk is not None else None))
         return future
 
     async def stop(self) -> None:
@@ -234,17 +243,26 @@ class Writer:
             log.warning("spool writer: closing the database failed: %s", exc)
 
     def _run_batch(self, batch: list[_Job]) -> None:
-        """One transaction for the batch, its operations one after the other. One that fails
-        having changed nothing (its failed statement undid itself, as SQLite statements do)
-        fails alone. One that fails after changing rows, or with the transaction lost, has
-        the batch undone and run again with each operation in its own SAVEPOINT, so that
-        its failure stays with it. Nothing fails on the common path: two statements per
-        operation saved there."""
+        """One transaction for the batch, its operations one after the other, except that
+        consecutive ones with a bulk form run together (relay/spool/bulk.py). One that
+        fails having changed nothing (its failed statement undid itself, as SQLite
+        statements do) fails alone. One that fails after changing rows, a failed bulk run,
+        or a lost transaction has the batch undone and run again with each operation in
+        its own SAVEPOINT, so that its failure stays with it. Nothing fails on the common
+        path: two statements per operation saved there."""
         if not self._begin(batch):
             return
         conn = self._conn
         settled: list[tuple[_Job, Any, BaseException | None]] = []
+        run: list[_Job] = []
         for job in batch:
+            if job.bulk is not None:
+                run.append(job)
+                continue
+            if run and not self._run_bulk(run, settled):
+                self._again(batch)
+                return
+            run = []
             before = conn.total_changes
             try:
                 value = job.op(conn)
@@ -252,15 +270,32 @@ class Writer:
                 if conn.in_transaction and conn.total_changes == before:
                     settled.append((job, None, _failure(exc)))
                     continue
-                self._rollback()
-                self._hooks.after_failure()
-                if self._begin(batch):
-                    again = self._each_in_savepoint(batch)
-                    if again is not None:
-                        self._commit(batch, again)
+                self._again(batch)
                 return
             settled.append((job, value, None))
+        if run and not self._run_bulk(run, settled):
+            self._again(batch)
+            return
         self._commit(batch, settled)
+
+    def _run_bulk(self, run: list[_Job], settled: list[tuple[_Job, Any, BaseException | None]]
+                  ) -> bool:
+        assert self._bulk is not None
+        try:
+            self._bulk(self._conn, [job.bulk for job in run])
+        except Exception:
+            return False
+        settled.extend((job, None, None) for job in run)
+        return True
+
+    def _again(self, batch: list[_Job]) -> None:
+        """Undo the batch and run it again, each operation in its own SAVEPOINT."""
+        self._rollback()
+        self._hooks.after_failure()
+        if self._begin(batch):
+            again = self._each_in_savepoint(batch)
+            if again is not None:
+                self._commit(batch, again)
 
     def _begin(self, batch: list[_Job]) -> bool:
         try:
