@@ -187,6 +187,37 @@ def test_the_bodies_of_a_run_go_in_one_write_per_segment(
         seg.close()
 
 
+def test_a_call_writes_about_a_megabyte_at_most(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large bodies go one to a call (a whole batch of 1 MB bodies in one call cost the
+    writer 30% more CPU), small ones many to a call."""
+    calls: list[int] = []
+    real = os.pwritev
+
+    def spy(fd: int, buffers: Sequence[bytes], offset: int) -> int:
+        calls.append(len(buffers))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", spy)
+    seg = Segments(tmp_path)
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE messages (body_seg INTEGER, body_off INTEGER, size INTEGER)")
+    conn.execute("CREATE INDEX messages_body ON messages (body_seg, body_off, size)")
+    seg.open(conn)
+    try:
+        big = [bytes([65 + i]) * 1_000_000 for i in range(3)]
+        small = [bytes([97 + i % 26]) * 5000 for i in range(300)]
+        places = seg.append_many(big + small)
+        # Up to 1 MiB (1,048,576 bytes) a call: a big one alone, the last with the first
+        # nine small ones (1,045,000 bytes), then 209 small ones, then the rest.
+        assert calls == [1, 1, 10, 209, 82]
+        assert [seg.read(s, o, len(b)) for (s, o), b in zip(places, big + small,
+                                                           strict=True)] == big + small
+    finally:
+        seg.close()
+
+
 # --- through the spool: a failure in a run stays with its own operation -------------------
 
 

@@ -35,6 +35,10 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 _NAME = re.compile(r"^([0-9]{8,})\.seg$")
 # Buffers per pwritev (the kernel's UIO_MAXIOV); a batch has at most 512 puts anyway.
 _IOV_MAX = 1024
+# Bytes per pwritev, about: one call of a whole batch of 1 MB bodies (up to 64 MB) cost the
+# writer 30% more CPU per message than a call per body (the kernel throttles a large dirtying
+# write in the writer's own time); small bodies still go ~200 to a call.
+_WRITE_BYTES = 1 << 20
 
 
 class MissingBody(Exception):
@@ -150,8 +154,9 @@ class Segments:
         return self._number, offset
 
     def append_many(self, bodies: Sequence[bytes]) -> list[tuple[int, int]]:
-        """`append` for each body, in order, with one `pwritev` per segment they land in
-        (one GIL hand-over instead of one per body: relay/spool/bulk.py)."""
+        """`append` for each body, in order, with one `pwritev` for as many as fit in
+        _WRITE_BYTES of one segment (one GIL hand-over instead of one per small body:
+        relay/spool/bulk.py)."""
         places: list[tuple[int, int]] = []
         i = 0
         while i < len(bodies):
@@ -159,8 +164,10 @@ class Segments:
                 self._roll()
             start = end = self._offset
             j = i
-            # As `append`: a body goes in while the segment is short of its size.
-            while j < len(bodies) and end < self.segment_bytes and j - i < _IOV_MAX:
+            # As `append`: a body goes in while the segment is short of its size; and if
+            # the call stays within _WRITE_BYTES (or it is the call's first).
+            while (j < len(bodies) and end < self.segment_bytes and j - i < _IOV_MAX
+                   and (j == i or end - start + len(bodies[j]) <= _WRITE_BYTES)):
                 places.append((self._number, end))
                 end += len(bodies[j])
                 j += 1
