@@ -3,7 +3,8 @@
 SQLite in WAL mode with synchronous=FULL holds the metadata; one writer thread batches every
 queued write into one transaction and one commit (group commit), so `await spool.put(...)`
 returning means the message, its body and its recipients are fsynced, and concurrent DATA
-replies share one fsync.
+replies share one fsync. Within a batch, consecutive puts and delivery outcomes run together
+in a few statements (relay/spool/bulk.py), not a few each.
 
 Bodies live in append-only segment files (`bodies/<n>.seg`, relay/spool/segments.py), not in
 the database: the writer appends each body of a batch to the open segment, fdatasyncs it
