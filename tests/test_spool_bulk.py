@@ -159,9 +159,9 @@ def test_rows_go_in_chunks_of_powers_of_two_in_their_order() -> None:
     assert conn.execute("SELECT a, b, c FROM t ORDER BY rowid").fetchall() == rows
 
 
-def test_the_bodies_of_a_run_go_in_one_write_per_segment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def spied_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                   **kw: Any) -> tuple[Segments, list[int]]:
+    """Open segments (on an empty table), and the number of buffers of each `pwritev`."""
     calls: list[int] = []
     real = os.pwritev
 
@@ -170,11 +170,18 @@ def test_the_bodies_of_a_run_go_in_one_write_per_segment(
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(os, "pwritev", spy)
-    seg = Segments(tmp_path, segment_bytes=1000)
+    seg = Segments(tmp_path, **kw)
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE messages (body_seg INTEGER, body_off INTEGER, size INTEGER)")
     conn.execute("CREATE INDEX messages_body ON messages (body_seg, body_off, size)")
     seg.open(conn)
+    return seg, calls
+
+
+def test_the_bodies_of_a_run_go_in_one_write_per_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seg, calls = spied_segments(tmp_path, monkeypatch, segment_bytes=1000)
     bodies = [bytes([65 + i]) * 300 for i in range(7)]
     try:
         places = seg.append_many(bodies)
@@ -192,19 +199,7 @@ def test_a_call_writes_about_a_megabyte_at_most(
 ) -> None:
     """Large bodies go one to a call (a whole batch of 1 MB bodies in one call cost the
     writer 30% more CPU), small ones many to a call."""
-    calls: list[int] = []
-    real = os.pwritev
-
-    def spy(fd: int, buffers: Sequence[bytes], offset: int) -> int:
-        calls.append(len(buffers))
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "pwritev", spy)
-    seg = Segments(tmp_path)
-    conn = sqlite3.connect(":memory:")
-    conn.execute("CREATE TABLE messages (body_seg INTEGER, body_off INTEGER, size INTEGER)")
-    conn.execute("CREATE INDEX messages_body ON messages (body_seg, body_off, size)")
-    seg.open(conn)
+    seg, calls = spied_segments(tmp_path, monkeypatch)
     try:
         big = [bytes([65 + i]) * 1_000_000 for i in range(3)]
         small = [bytes([97 + i % 26]) * 5000 for i in range(300)]

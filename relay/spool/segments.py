@@ -3,7 +3,7 @@ the same group commit as their rows, and unlinked when their last message leaves
 
 A spool keeps its bodies under `bodies/` as numbered, append-only files (`<n>.seg`); a
 message row says where its body is (`body_seg`, `body_off`, `size`). Only the spool's
-writer thread appends: each put of a batch writes its body at the end of the open segment,
+writer thread appends: the puts of a batch write their bodies at the end of the open segment,
 and before the batch's COMMIT the segment is fdatasync'ed (the directory too when the
 segment is new), so a committed row always points at bytes on disk. A crash can leave bytes
 that no committed row points at (a put whose transaction never committed): they are never
@@ -59,7 +59,7 @@ class SegmentStats:
 
 
 class Segments:
-    """The body files of one spool directory. `append`, `released`, `before_commit`,
+    """The body files of one spool directory. `append_many`, `released`, `before_commit`,
     `after_commit` and `after_failure` run on the writer thread only; `read` on any thread."""
 
     def __init__(self, directory: Path, *, segment_bytes: int | None = None) -> None:
@@ -136,27 +136,12 @@ class Segments:
 
     # --- writer thread --------------------------------------------------------------------
 
-    def append(self, data: bytes) -> tuple[int, int]:
-        """Write `data` at the end of the open segment; (segment, offset). Durable only
-        after `before_commit`. OSError (no space, …) leaves the segment usable: the next
-        append overwrites whatever part was written."""
-        if self._fd < 0 or self._offset >= self.segment_bytes:
-            self._roll()
-        offset = self._offset
-        view = memoryview(data)
-        written = 0
-        while written < len(view):
-            written += os.pwrite(self._fd, view[written:], offset + written)
-        self._offset = offset + written
-        with self._lock:
-            self._bytes += written
-        self._dirty = True
-        return self._number, offset
-
     def append_many(self, bodies: Sequence[bytes]) -> list[tuple[int, int]]:
-        """`append` for each body, in order, with one `pwritev` for as many as fit in
-        _WRITE_BYTES of one segment (one GIL hand-over instead of one per small body:
-        relay/spool/bulk.py)."""
+        """Write each body at the end of the open segment, in order; their (segment, offset).
+        Durable only after `before_commit`. One `pwritev` for as many as fit in _WRITE_BYTES
+        of one segment (one GIL hand-over instead of one per small body: relay/spool/bulk.py).
+        OSError (no space, …) leaves the segment usable: the next append overwrites whatever
+        part was written."""
         places: list[tuple[int, int]] = []
         i = 0
         while i < len(bodies):
@@ -164,8 +149,8 @@ class Segments:
                 self._roll()
             start = end = self._offset
             j = i
-            # As `append`: a body goes in while the segment is short of its size; and if
-            # the call stays within _WRITE_BYTES (or it is the call's first).
+            # A body goes in while the segment is short of its size (it is closed past it)
+            # and if the call stays within _WRITE_BYTES (or it is the call's first).
             while (j < len(bodies) and end < self.segment_bytes and j - i < _IOV_MAX
                    and (j == i or end - start + len(bodies[j]) <= _WRITE_BYTES)):
                 places.append((self._number, end))
