@@ -72,24 +72,32 @@ class _Row:
     gone: bool = False
 
 
-def _chunks(n: int) -> list[int]:
-    """n as powers of two, largest first: 13 -> [8, 4, 1]."""
+# Bound parameters per statement: SQLite before 3.32 allowed 999 (32,766 since).
+MAX_VARIABLES = 999
+
+
+def _chunks(n: int, largest: int = 512) -> list[int]:
+    """n as powers of two of at most `largest` (a power of two), largest first:
+    13 -> [8, 4, 1]; 70 with largest 32 -> [32, 32, 4, 2]."""
     out = []
-    bit = 1 << max(0, n.bit_length() - 1)
+    bit = min(largest, 1 << max(0, n.bit_length() - 1))
     while n:
         if n >= bit:
             out.append(bit)
             n -= bit
-        bit >>= 1
+        else:
+            bit >>= 1
     return out
 
 
 def insert_rows(conn: sqlite3.Connection, table: str, columns: str, width: int,
                 rows: Sequence[Sequence[Any]]) -> None:
-    """INSERT every row, in order, in one step per power of two in len(rows)."""
+    """INSERT every row, in order, in one step per power of two in len(rows) (at most
+    MAX_VARIABLES parameters a step: 32 messages, 64 events)."""
     one = "(" + ",".join("?" * width) + ")"
+    largest = 1 << ((MAX_VARIABLES // width).bit_length() - 1)
     start = 0
-    for n in _chunks(len(rows)):
+    for n in _chunks(len(rows), largest):
         params = [value for row in rows[start:start + n] for value in row]
         conn.execute(f"INSERT INTO {table} ({columns}) VALUES " + ",".join([one] * n), params)
         start += n
