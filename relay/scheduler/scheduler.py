@@ -533,8 +533,14 @@ class Scheduler:
 
     # -- operator actions (relay/ops/queueops.py) --------------------------------------
     def operator_due(self, queue_id: str, when: float) -> None:
-        """An operator made a message that is not in memory due at `when` (retry, release):
-        the spool already says so; the next refill loads it."""
+        """An operator made a message that was not in memory due at `when` (retry, release):
+        the spool already says so; the next refill loads it. A refill may have loaded it,
+        with its old due time, while the spool was being written: then it is due here."""
+        e = self.entries.get(queue_id)
+        if e is not None and not e.held and e.state == WAITING and e.next_attempt > when:
+            e.next_attempt = when
+            self._dispatch(e)
+            return
         self.window.operator_due(queue_id, when)
 
     def adopt(self, m: SpoolMessage) -> Entry | None:
