@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -30,7 +30,7 @@ import orjson
 from relay.core.errors import SpoolError
 from relay.spool.schema import DamagedRow, decode_recipients, due_of, encode_recipients
 from relay.spool.segments import Segments
-from relay.spool.types import EventRow, RcptStatus, RecipientUpdate
+from relay.spool.types import EventRow, RcptStatus, RecipientUpdate, SpoolRecipient
 
 PUT_COLUMNS = (
     "queue_id, received_at, sender, client, org, account, upstream, size, held, is_dsn,"
@@ -68,8 +68,8 @@ class _Row:
     rowid: int
     segment: int | None
     size: int
-    recipients: Any = field(default=None)
-    gone: bool = False
+    recipients: list[SpoolRecipient]
+    gone: bool = False  # an earlier outcome of the run deleted it
 
 
 # Bound parameters per statement: SQLite before 3.32 allowed 999 (32,766 since).
@@ -114,7 +114,6 @@ class Bulk:
         puts = [item for item in items if isinstance(item, Put)]
         outcomes = [item for item in items if isinstance(item, Outcome)]
         segments = self._segments
-        places: list[tuple[int, int]] = []
         if puts:
             size = sum(len(p.data) for p in puts)
             if self._max_bytes is not None:
@@ -159,8 +158,13 @@ class Bulk:
             "SELECT json_group_array(json_array(queue_id, id, recipients, body_seg, size))"
             " FROM messages WHERE queue_id IN (SELECT value FROM json_each(?))", (ids,)
         ).fetchone()
-        return {qid: _Row(rowid, seg, size, raw)
-                for qid, rowid, raw, seg, size in orjson.loads(text)}
+        rows = {}
+        for qid, rowid, raw, seg, size in orjson.loads(text):
+            try:
+                rows[qid] = _Row(rowid, seg, size, decode_recipients(raw))
+            except DamagedRow as exc:  # run alone, that outcome alone fails
+                raise SpoolError(reason=f"spool row {qid} is damaged: {exc}") from exc
+        return rows
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, outcomes: Sequence[Outcome],
@@ -174,11 +178,6 @@ class Bulk:
             if row is None or row.gone:
                 continue
             applied.add(id(o))
-            if isinstance(row.recipients, str):
-                try:
-                    row.recipients = decode_recipients(row.recipients)
-                except DamagedRow as exc:  # run alone, that outcome alone fails
-                    raise SpoolError(reason=f"spool row {o.queue_id} is damaged: {exc}") from exc
             rcpts = row.recipients
             for r in rcpts:
                 u = o.updates.get(r.rcpt)

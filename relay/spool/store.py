@@ -298,9 +298,9 @@ class Spool:
             dsn,
             int(wire),
         )
-        item = Put(row, data, events)
+        item: Put | None = None
         if len(data) > self._inline_max:  # the body goes to a segment: relay/spool/bulk.py
-            run = self._bulk
+            item, run = Put(row, data, events), self._bulk
 
             def op(conn: sqlite3.Connection) -> None:
                 run(conn, [item])
@@ -317,8 +317,7 @@ class Spool:
                 insert(conn, events)
 
         try:
-            await self._writer.submit(op, size=len(data),
-                                      bulk=item if len(data) > self._inline_max else None)
+            await self._writer.submit(op, size=len(data), bulk=item)
         except SpoolError:
             raise
         except Exception as exc:  # the listener must only ever see SpoolError (451)

@@ -280,6 +280,7 @@ class Writer:
 
     def _run_bulk(self, run: list[_Job], settled: list[tuple[_Job, Any, BaseException | None]]
                   ) -> bool:
+        """The run's bulk forms together; False when they failed (the batch is redone)."""
         assert self._bulk is not None
         try:
             self._bulk(self._conn, [job.bulk for job in run])
