@@ -190,6 +190,20 @@ async def test_minimum_interval(store: Store) -> None:
     assert secs(await gate.acquire(up)) == 0
 
 
+async def test_the_floor_leaves_a_receiver_room_for_its_own_jitter(store: Store) -> None:
+    """`floor` spaces two MAIL commands by min_interval plus a margin of at least 10 ms: a
+    receiver's clock, network and scheduling delay one arrival a few ms more than the next
+    (CI saw 3.5 ms on loopback), and a provider's limit is hard. Each `floor` returns just
+    before its MAIL is written, so the time between the returns is the gap as sent."""
+    gate = UpstreamGate(store, Metrics())
+    up = upstream(min_interval=0.3)
+    await gate.floor(up)
+    first = time.monotonic()
+    await gate.floor(up)
+    gap = time.monotonic() - first
+    assert 0.31 <= gap < 0.5, gap
+
+
 async def test_quota_is_exact_per_window_and_opens_again(store: Store) -> None:
     gate = UpstreamGate(store, Metrics())
     up = upstream(quotas=((3, 1),))
