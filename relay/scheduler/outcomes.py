@@ -1,6 +1,7 @@
 """Recording an attempt's outcome: each recipient's next state (delivered, bounced, expired,
 or pending with its next attempt), written to the spool in one update together with one
-event per recipient (relay.notify: in the same transaction), and one mail-log line each."""
+event per recipient (relay.notify: in the same transaction), and one mail-log line each
+once that transaction has committed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from relay.core.model import Disposition, EgressSource, Outcome, RecipientResult, Reply, Upstream
 from relay.delivery.replyclass import reply_class
@@ -102,6 +103,7 @@ class Recorder:
         if e.via:
             base["failover"] = e.via  # which upstream took it instead, and why
         next_times: list[float] = []
+        lines: list[tuple[Disposition, dict[str, Any]]] = []  # the mail log's, once recorded
         answered = {r.recipient for r in results}
         out.some_unanswered = any(r not in answered for r in e.pending)
         for res in results:
@@ -132,16 +134,17 @@ class Recorder:
                 klass=klass,
             ))
             if status is RcptStatus.PENDING:
-                self.events.emit(Disposition.DEFERRED, **fields, retry_in=round(when - now, 1))
+                lines.append((Disposition.DEFERRED, {**fields, "retry_in": round(when - now, 1)}))
                 e.pending[res.recipient] = attempts
                 next_times.append(when)
                 continue
-            self.events.emit(_FINAL_EVENT[status], **fields)
+            lines.append((_FINAL_EVENT[status], fields))
             e.pending.pop(res.recipient, None)
             if status is not RcptStatus.DELIVERED:
                 out.failed.append((res.recipient, status.value, res.reply))
                 out.classes[res.recipient] = klass
         await self.spool.update(e.queue_id, updates, upstream=upstream.id, events=rows)
+        self._say(lines)
         if self.suppressor is not None and not e.is_dsn and operator is None:
             for rcpt, _, reply in out.failed:
                 try:
@@ -167,6 +170,7 @@ class Recorder:
         now = self.clock()
         rows: list[EventRow] = []
         updates: list[RecipientUpdate] = []
+        lines: list[tuple[Disposition, dict[str, Any]]] = []
         for res in results:
             why = res.pause
             attempts = e.pending.get(res.recipient, 0)
@@ -179,13 +183,22 @@ class Recorder:
                 next_attempt=round(now + retry_in, 3), dsn=True if e.is_dsn else None,
                 operator=None, klass=why.kind if why else reply_class(res.reply),
             ))
-            self.events.emit(
-                Disposition.DEFERRED, queue_id=e.queue_id, org=e.org, account=e.account,
+            lines.append((Disposition.DEFERRED, dict(
+                queue_id=e.queue_id, org=e.org, account=e.account,
                 upstream=upstream.id, egress=source.address, recipient=res.recipient,
                 attempt=attempts, reply=str(res.reply), paused=why.kind if why else None,
                 next_step=why.next_step if why else None, retry_in=retry_in,
-            )
+            )))
         await self.spool.update(e.queue_id, updates, upstream=upstream.id, events=rows)
+        self._say(lines)
+
+    def _say(self, lines: list[tuple[Disposition, dict[str, Any]]]) -> None:
+        """The mail-log lines (with their metrics and the operator's last hour) of an
+        outcome the spool has recorded. Not before: an outcome the spool could not record
+        is tried again, and its line would then say `delivered` twice, or for a message
+        the relay delivers again."""
+        for disposition, fields in lines:
+            self.events.emit(disposition, **fields)
 
     def next_state(
         self, e: Entry, res: RecipientResult, attempts: int, now: float
