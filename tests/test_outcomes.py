@@ -1,17 +1,20 @@
 """relay/scheduler/outcomes.py with a real spool and a real mail log: an outcome's mail-log
-line, its metric and the operator's last hour say only what the spool has recorded."""
+line, its metric and the operator's last hour come once the spool has answered."""
 
 from __future__ import annotations
 
 import json
 import random
+import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from relay.core.errors import SpoolError
 from relay.core.model import (
+    Disposition,
     EgressSource,
     Outcome,
     RecipientResult,
@@ -51,21 +54,40 @@ def _lines(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-async def test_the_mail_log_says_delivered_once_the_spool_has_it(tmp_path: Path) -> None:
+class _Watching(MailLog):
+    """A mail log that, as each line is emitted, reads the spool's own database (a separate
+    connection: it sees what has committed) for that message's pending recipients."""
+
+    def __init__(self, target: str, db: Path) -> None:
+        super().__init__(target)
+        self.db = db
+        self.seen: list[tuple[str, int | None]] = []
+
+    def emit(self, event: Disposition, **fields: Any) -> None:
+        with sqlite3.connect(self.db) as conn:
+            row = conn.execute("SELECT pending FROM messages WHERE queue_id = ?",
+                               (fields.get("queue_id"),)).fetchone()
+        self.seen.append((event.value, None if row is None else int(row[0])))
+        super().emit(event, **fields)
+
+
+async def test_a_mail_log_line_comes_once_the_spool_has_the_outcome(tmp_path: Path) -> None:
+    """Whoever reads `delivered` in the mail log and then asks the queue finds it there."""
     spool = await Spool.open(tmp_path / "spool")
-    log = MailLog(str(tmp_path / "mail.log"))
+    log = _Watching(str(tmp_path / "mail.log"), tmp_path / "spool" / "spool.db")
     try:
         recorder = Recorder(spool, log, RetryPolicy((60.0,)), clock=time.time,
                             rand=random.Random(1))
         e = await _entry(spool)
         out = await recorder.record(e, UPSTREAM, SOURCE, RESULTS, data=BODY)
+        # Both lines saw one recipient pending: x's delivery was recorded before either.
+        assert log.seen == [("delivered", 1), ("deferred", 1)]
         log.flush()
         lines = _lines(tmp_path / "mail.log")
         assert [(x["event"], x["recipient"]) for x in lines] == [
             ("delivered", "x@dest.test"), ("deferred", "y@dest.test")]
         assert lines[0]["reply"] == "250 2.0.0 queued as 7"
         assert out.next_due is not None and e.pending == {"y@dest.test": 1}
-        # ... and the spool has it: one recipient left.
         m = await spool.get(e.queue_id)
         assert m is not None and [r.rcpt for r in m.pending] == ["y@dest.test"]
     finally:
@@ -73,12 +95,11 @@ async def test_the_mail_log_says_delivered_once_the_spool_has_it(tmp_path: Path)
         await spool.close()
 
 
-async def test_an_outcome_the_spool_could_not_record_is_not_in_the_mail_log(
+async def test_an_attempt_the_spool_could_not_record_is_still_in_the_mail_log(
     tmp_path: Path,
 ) -> None:
-    """The scheduler tries such a message again (the spool still says pending): a line
-    written before the spool had it would say `delivered` twice for one delivery, or
-    `delivered` for a message the relay then delivers again."""
+    """The attempt happened (the operator should see it, e.g. while the spool is full); the
+    message stays pending in the spool and is tried again."""
     spool = await Spool.open(tmp_path / "spool")
     log = MailLog(str(tmp_path / "mail.log"))
     try:
@@ -91,7 +112,8 @@ async def test_an_outcome_the_spool_could_not_record_is_not_in_the_mail_log(
         with pytest.raises(SpoolError):  # an upstream that needs a person: the same
             await recorder.paused(e, UPSTREAM, SOURCE, RESULTS[1:], 60.0)
         log.flush()
-        assert _lines(tmp_path / "mail.log") == []
-        assert log.activity.totals["delivered"] == log.activity.totals["deferred"] == 0
+        assert [(x["event"], x["recipient"]) for x in _lines(tmp_path / "mail.log")] == [
+            ("delivered", "x@dest.test"), ("deferred", "y@dest.test"),
+            ("deferred", "y@dest.test")]
     finally:
         log.close()

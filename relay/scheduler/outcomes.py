@@ -1,7 +1,7 @@
 """Recording an attempt's outcome: each recipient's next state (delivered, bounced, expired,
 or pending with its next attempt), written to the spool in one update together with one
 event per recipient (relay.notify: in the same transaction), and one mail-log line each
-once that transaction has committed."""
+once the spool has answered."""
 
 from __future__ import annotations
 
@@ -143,8 +143,10 @@ class Recorder:
             if status is not RcptStatus.DELIVERED:
                 out.failed.append((res.recipient, status.value, res.reply))
                 out.classes[res.recipient] = klass
-        await self.spool.update(e.queue_id, updates, upstream=upstream.id, events=rows)
-        self._say(lines)
+        try:
+            await self.spool.update(e.queue_id, updates, upstream=upstream.id, events=rows)
+        finally:
+            self._say(lines)
         if self.suppressor is not None and not e.is_dsn and operator is None:
             for rcpt, _, reply in out.failed:
                 try:
@@ -189,14 +191,16 @@ class Recorder:
                 attempt=attempts, reply=str(res.reply), paused=why.kind if why else None,
                 next_step=why.next_step if why else None, retry_in=retry_in,
             )))
-        await self.spool.update(e.queue_id, updates, upstream=upstream.id, events=rows)
-        self._say(lines)
+        try:
+            await self.spool.update(e.queue_id, updates, upstream=upstream.id, events=rows)
+        finally:
+            self._say(lines)
 
     def _say(self, lines: list[tuple[Disposition, dict[str, Any]]]) -> None:
         """The mail-log lines (with their metrics and the operator's last hour) of an
-        outcome the spool has recorded. Not before: an outcome the spool could not record
-        is tried again, and its line would then say `delivered` twice, or for a message
-        the relay delivers again."""
+        attempt, once the spool has answered: whoever reads a line then finds the queue
+        saying the same. An outcome the spool could not record still gets its lines (the
+        attempt happened, and the operator should see it; the message is tried again)."""
         for disposition, fields in lines:
             self.events.emit(disposition, **fields)
 
