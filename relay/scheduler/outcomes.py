@@ -103,7 +103,7 @@ class Recorder:
         if e.via:
             base["failover"] = e.via  # which upstream took it instead, and why
         next_times: list[float] = []
-        lines: list[tuple[Disposition, dict[str, Any]]] = []  # the mail log's, once recorded
+        lines: list[tuple[Disposition, dict[str, Any]]] = []  # written once the spool has answered
         answered = {r.recipient for r in results}
         out.some_unanswered = any(r not in answered for r in e.pending)
         for res in results:
