@@ -16,7 +16,7 @@ import pytest
 
 from relay.core.errors import SpoolError
 from relay.spool import RcptStatus, RecipientUpdate, Spool, SpoolRecipient, schema
-from relay.spool.bulk import Bulk, Item, Outcome, Put, _chunks, insert_rows
+from relay.spool.bulk import Bulk, Item, Put, Update, _chunks, insert_rows
 from relay.spool.segments import Segments
 from relay.spool.types import EventRow
 
@@ -87,10 +87,10 @@ def put(n: int, recipients: Sequence[str] = ("r@example.org",)) -> Put:
 
 
 def outcome(n: int, status: RcptStatus = RcptStatus.DELIVERED, rcpt: str = "r@example.org",
-            tag: str = "") -> Outcome:
+            tag: str = "") -> Update:
     qid = f"Q{n:04d}"
     update = RecipientUpdate(rcpt, status, 1, 2000.0 + n, f"250 ok {n}")
-    return Outcome(qid, {rcpt: update}, "v" if status is RcptStatus.PENDING else None,
+    return Update(qid, {rcpt: update}, "v" if status is RcptStatus.PENDING else None,
                    [event(n, qid, (status.value + tag)[:20])])
 
 

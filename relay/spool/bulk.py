@@ -50,7 +50,7 @@ class Put:
 
 
 @dataclass(slots=True)
-class Outcome:
+class Update:
     """Recipient states after an attempt (Spool.update): the message goes when none is
     pending; an unknown queue id is ignored, its events too."""
 
@@ -60,7 +60,7 @@ class Outcome:
     events: Sequence[EventRow] = ()
 
 
-Item = Put | Outcome
+Item = Put | Update
 
 
 @dataclass(slots=True)
@@ -112,7 +112,7 @@ class Bulk:
 
     def __call__(self, conn: sqlite3.Connection, items: Sequence[Item]) -> None:
         puts = [item for item in items if isinstance(item, Put)]
-        outcomes = [item for item in items if isinstance(item, Outcome)]
+        outcomes = [item for item in items if isinstance(item, Update)]
         segments = self._segments
         if puts:
             size = sum(len(p.data) for p in puts)
@@ -150,7 +150,7 @@ class Bulk:
             segments.released(r.segment, r.size)
 
     @staticmethod
-    def _outcome_rows(conn: sqlite3.Connection, outcomes: Sequence[Outcome]) -> dict[str, _Row]:
+    def _outcome_rows(conn: sqlite3.Connection, outcomes: Sequence[Update]) -> dict[str, _Row]:
         """The outcomes' messages, in one step (one JSON array: a row per step otherwise).
         Recipients are JSON text written by `encode_recipients`, so they carry no NUL."""
         ids = orjson.dumps(sorted({o.queue_id for o in outcomes})).decode()
@@ -167,7 +167,7 @@ class Bulk:
         return rows
 
     @staticmethod
-    def _apply(conn: sqlite3.Connection, outcomes: Sequence[Outcome],
+    def _apply(conn: sqlite3.Connection, outcomes: Sequence[Update],
                rows: dict[str, _Row]) -> tuple[list[_Row], set[int]]:
         """Each outcome on its message, in order: the rows that no recipient keeps, and
         the outcomes that found their message (by id())."""

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from relay.core.errors import SpoolError
 from relay.spool import recovery
-from relay.spool.bulk import Bulk, Outcome, Put
+from relay.spool.bulk import Bulk, Put, Update
 from relay.spool.eventlog import EventLog, insert
 from relay.spool.queue_id import new_queue_id
 from relay.spool.recovery import DueBatch
@@ -360,7 +360,7 @@ class Spool:
         self._forget_body(queue_id)
         if self._closed:
             raise SpoolError(reason="spool is closed")
-        item = Outcome(queue_id, {u.rcpt: u for u in updates}, upstream, events)
+        item = Update(queue_id, {u.rcpt: u for u in updates}, upstream, events)
         run = self._bulk
         await self._writer.submit(lambda conn: run(conn, [item]), bulk=item)
 
