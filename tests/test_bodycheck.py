@@ -169,3 +169,11 @@ async def test_a_stuffed_line_is_unstuffed_and_the_body_is_not_sent_as_received(
     assert plain.wire and plain.data.endswith(b"a.b\r\nlast\r\n")
     assert not dotted.wire
     assert dotted.data.endswith(b"\r\n.a line that starts with a dot\r\nlast\r\n")
+
+
+@pytest.mark.parametrize("body", [b"abc\r\n.x", b"abc\r\nx", b"\r\n.x\r\n", b"abc", b"a\rb\r\n"])
+def test_the_vector_scan_answers_python_bools(body: bytes) -> None:
+    """Both answers are `bool`, never numpy's `bool`: the functions say `bool`, and code
+    that trusts the annotation (a `mypyc` build checks it and raises TypeError) must get one."""
+    answers = bodycheck._vector_scan(body, MAX_LINE)
+    assert [type(a) for a in answers] == [bool, bool]

@@ -74,7 +74,7 @@ def _vector_scan(lines: bytes | bytearray, max_line: int) -> tuple[bool, bool]:
     if len(lfs) == 0:
         return n <= max_line - 2 and b"\r" not in lines, False
     dotted = bool((octets[lfs[:-1] + 1] == 46).any()) or (
-        int(lfs[-1]) + 1 < n and octets[int(lfs[-1]) + 1] == 46
+        int(lfs[-1]) + 1 < n and bool(octets[int(lfs[-1]) + 1] == 46)
     )
     if lfs[0] == 0 or np.count_nonzero(octets == 13) != len(lfs):
         return False, dotted
