@@ -103,6 +103,7 @@ def _mime_lines(size: int) -> bytes:
     return b"Subject: large\r\n\r\n" + b"".join(line + b"\r\n" for _ in range(count))
 
 
+@pytest.mark.interpreted  # patches bodycheck._vector_scan
 def test_the_large_body_path_is_the_vector_screen(monkeypatch: pytest.MonkeyPatch) -> None:
     """A body from VECTOR_FROM bytes on goes through the numpy screen, a smaller one not;
     a body the screen does not pass goes to the line reader, which decides (and the stuffed

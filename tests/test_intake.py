@@ -30,6 +30,7 @@ class HangingLimiter:
     def connection_closed(self, client: str) -> None: ...
 
 
+@pytest.mark.interpreted  # an Intake without a Scheduler
 async def test_a_hanging_policy_step_fails_closed_in_time(tmp_path: Path) -> None:
     config = load_config(str(RelayConfig(tmp_path / "relay").write()))
     spool = await Spool.open(tmp_path / "spool")
@@ -51,6 +52,7 @@ async def test_a_hanging_policy_step_fails_closed_in_time(tmp_path: Path) -> Non
         await spool.close()
 
 
+@pytest.mark.interpreted  # an Intake without a Scheduler
 async def test_allowlist_answers_are_remembered_and_bounded(tmp_path: Path) -> None:
     # Asked at connect and at MAIL for every message, so the answer per address is kept;
     # a scan of many addresses must not grow the memory without end.

@@ -71,6 +71,7 @@ class _Watching(MailLog):
         super().emit(event, **fields)
 
 
+@pytest.mark.interpreted  # subclasses MailLog
 async def test_a_mail_log_line_comes_once_the_spool_has_the_outcome(tmp_path: Path) -> None:
     """Whoever reads `delivered` in the mail log and then asks the queue finds it there."""
     spool = await Spool.open(tmp_path / "spool")

@@ -371,6 +371,7 @@ async def put_due(
     return qid
 
 
+@pytest.mark.interpreted  # patches Scheduler._admit (watch_memory)
 async def test_a_queue_larger_than_memory_is_delivered_in_due_order_after_a_restart(
     make_sink: Any, rig_factory: Any
 ) -> None:
@@ -404,6 +405,7 @@ async def queue_empties(rig: Rig, within: float = 10.0, leaving: int = 0) -> Non
         await asyncio.sleep(0.02)
 
 
+@pytest.mark.interpreted  # patches Scheduler._admit (watch_memory)
 async def test_intake_past_the_cap_waits_in_the_spool_and_is_all_delivered(
     make_sink: Any, rig_factory: Any
 ) -> None:
@@ -435,6 +437,7 @@ async def test_new_mail_displaces_messages_waiting_for_a_later_retry(
     assert None not in [await rig.spool.get(q) for q in later]  # still queued
 
 
+@pytest.mark.interpreted  # patches Scheduler._admit (watch_memory)
 async def test_operator_retry_and_release_reach_messages_not_in_memory(
     make_sink: Any, rig_factory: Any
 ) -> None:
@@ -506,6 +509,7 @@ async def test_bounce_of_a_message_not_in_memory(make_sink: Any, rig_factory: An
     await rig.wait_event("bounced")
 
 
+@pytest.mark.interpreted  # patches Scheduler._admit (watch_memory)
 async def test_a_paused_upstream_filling_memory_does_not_starve_another(
     make_sink: Any, rig_factory: Any
 ) -> None:

@@ -79,6 +79,24 @@ class AccessDenied(PermanentError):
     client_text = "Relay access denied"
 
 
+# The address errors of relay/smtp/addresses.py live here: that module is compiled in the
+# compiled build, and mypyc drops a compiled subclass's class-level values (docs/architecture.md).
+class AddressError(PermanentError):
+    """A well-formed argument naming a mailbox the relay will not accept."""
+
+    code = 553
+    enhanced = "5.1.3"
+    client_text = "Bad destination mailbox address syntax"
+
+
+class AddressSyntaxError(AddressError):
+    """The MAIL/RCPT argument is not even syntactically an SMTP path."""
+
+    code = 501
+    enhanced = "5.5.4"
+    client_text = "Syntax error in parameters or arguments"
+
+
 def to_reply(exc: BaseException, queue_id: str | None = None) -> str:
     """The single chokepoint: any exception → one SMTP reply line. Unknown errors fail closed."""
     if isinstance(exc, RelayError):

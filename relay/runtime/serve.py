@@ -9,8 +9,10 @@ import logging
 import signal
 import sys
 
+from relay import __version__ as relay_version
 from relay.config import ConfigErrors
 from relay.core.errors import SpoolError
+from relay.runtime import build
 from relay.runtime.logsetup import configure as configure_logging
 from relay.runtime.logsetup import remember_config_secrets
 from relay.runtime.node import Relay
@@ -53,6 +55,7 @@ async def run(location: str | None, slot: WorkerSlot | None = None) -> int:
     configure_logging(config.relay.log.level, config.relay.log.format)
     remember_config_secrets(config, [t for t in [admin_token(config)] if t])
     if slot is None:
+        log.info("egress-relay %s, %s", relay_version, build.describe())
         for w in config.warnings:  # a worker's supervisor has said them already
             log.warning("%s", w)
         if config.workers > 1:

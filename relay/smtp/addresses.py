@@ -18,7 +18,7 @@ import ipaddress
 import re
 import unicodedata
 
-from relay.core.errors import PermanentError
+from relay.core.errors import AddressError, AddressSyntaxError
 
 __all__ = [
     "AddressError",
@@ -38,22 +38,6 @@ _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 # RFC 5321 § 4.1.2: esmtp-value = 1*(%d33-60 / %d62-126), widened to UTF-8 by RFC 6531.
 _ESMTP_VALUE = re.compile(r"[^\x00-\x20=\x7f]+")
-
-
-class AddressError(PermanentError):
-    """A well-formed argument naming a mailbox the relay will not accept."""
-
-    code = 553
-    enhanced = "5.1.3"
-    client_text = "Bad destination mailbox address syntax"
-
-
-class AddressSyntaxError(AddressError):
-    """The MAIL/RCPT argument is not even syntactically an SMTP path."""
-
-    code = 501
-    enhanced = "5.5.4"
-    client_text = "Syntax error in parameters or arguments"
 
 
 # Unicode's Cc category, which is exactly these 65 code points (C0, DEL, C1): one regex
