@@ -1,6 +1,6 @@
 """The build. Pure Python by default. With RELAY_COMPILE=1 the hot-path modules listed in
 pyproject.toml ([tool.egress-relay.compiled]) are compiled to C extensions by mypyc: about
-8-10% less CPU per message (benchmarks/RESULTS.md §18). That build type-checks the package,
+8-9% less CPU per message (benchmarks/RESULTS.md §18). That build type-checks the package,
 so mypy and the stubs must be installed beside the relay's dependencies and the build must
 see them (`pip install '.[compile]'`, then `RELAY_COMPILE=1 pip install --no-build-isolation
 --no-deps --force-reinstall .`; README "Compiled build")."""
